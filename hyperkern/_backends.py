@@ -1,0 +1,90 @@
+"""Which op backends this install can run, and the choice behind backend="auto".
+
+Backends:
+  "torch"  - the plain PyTorch composition (always available; the reference users know).
+  "cpp"    - the compiled extension hyperkern._C (CPU kernels; CUDA kernels when built with CUDA).
+  "triton" - Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "triton")
+
+try:  # importing the extension runs its TORCH_LIBRARY registrations
+    from hyperkern import _C  # noqa: F401
+
+    _CPP_ERROR: str | None = None
+except ImportError as exc:  # not built (pure-Python install) or built against another torch
+    _CPP_ERROR = f"the compiled extension hyperkern._C could not be imported ({exc})"
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except ImportError as exc:
+    _TRITON_ERROR = f"triton is not installed ({exc})"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cpp_reason(device_type: str) -> str | None:
+    """None when the extension can run on device_type, else why not."""
+    if _CPP_ERROR is not None:
+        return _CPP_ERROR
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        if torch._C._dispatch_has_kernel_for_dispatch_key("hyperkern::batch_ensemble_linear", "CUDA"):
+            return None
+        return "hyperkern._C was built without CUDA kernels (rebuild with a CUDA torch, nvcc and FORCE_CUDA=1)"
+    return f"the compiled extension has no kernels for device type {device_type!r}"
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device_type == "cpu":
+        if triton_interpreting():
+            return None
+        return "triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before importing hyperkern)"
+    return f"triton has no support for device type {device_type!r}"
+
+
+def backend_status(device_type: str | None = None) -> dict[str, str | None]:
+    """Map backend name -> None when usable on device_type, else the reason it is not.
+
+    device_type defaults to "cuda" when a GPU is visible, else "cpu".
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"torch": None, "cpp": _cpp_reason(device_type), "triton": _triton_reason(device_type)}
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Backends this install can run on device_type (default: cuda when visible, else cpu)."""
+    return [name for name, reason in backend_status(device_type).items() if reason is None]
+
+
+def resolve_backend(backend: str, device: torch.device, prefer_on_cuda: tuple[str, ...] = ("triton", "cpp")) -> str:
+    """Turn a user's backend argument into a concrete, runnable backend or raise ValueError."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    status = backend_status(device.type)
+    if backend == "auto":
+        order = prefer_on_cuda if device.type == "cuda" else ("cpp",)
+        for name in order:
+            if status[name] is None:
+                return name
+        return "torch"
+    reason = status[backend]
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}; "
+                         f"available: {[n for n, r in status.items() if r is None]}")
+    return backend

@@ -1,0 +1,160 @@
+"""Input validation at the public op boundary. Kernels assume what is checked here."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def check_tensor(name: str, t, ndim: int | None = None, optional: bool = False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or float16), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_shape(name: str, t, expected: tuple[int, ...], what: str):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def check_same(named: dict):
+    """All given tensors share x's dtype and device (x is the first entry)."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    ref_name, ref = items[0]
+    for name, t in items[1:]:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; all inputs must share one dtype")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must be on one device")
+
+
+def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
+    E = r.shape[0]
+    if E < 1:
+        raise ValueError(f"{r_name} must have at least one row (one per ensemble member), got shape {tuple(r.shape)}")
+    if x.shape[0] % E != 0:
+        raise ValueError(f"x.shape[0] = {x.shape[0]} must be divisible by the ensemble size E = {r_name}.shape[0] = {E} "
+                         "(rows are member-major: E blocks of B rows)")
+    return E
+
+
+def check_finite(name: str, t):
+    if t is None or _is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf; the hyperparameter embedding must be finite")
+
+
+def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
+                    hyper: bool = False) -> int:
+    """Validate the linear ops' arguments (DESIGN.md contract) and return the ensemble size E."""
+    check_tensor("x", x, 2)
+    check_tensor("weight", weight, 2)
+    check_tensor("r", r, 2)
+    check_tensor("s", s, 2)
+    check_tensor("bias", bias, 2, optional=True)
+    out_f, in_f = weight.shape
+    E = ensemble_size(x, r)
+    N = x.shape[0]
+    if x.shape[1] != in_f:
+        raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
+    check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
+    check_shape("bias", bias, (E, out_f), "(ensemble_size, out_features)")
+    named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
+    if hyper:
+        for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
+            check_tensor(name, t, 2)
+        check_tensor("delta_bias", delta_bias, 2, optional=True)
+        check_tensor("e2", e2, 2, optional=True)
+        check_shape("delta", delta, (out_f, in_f), "same shape as weight (out_features, in_features)")
+        check_shape("u", u, (E, in_f), "(ensemble_size, in_features)")
+        check_shape("v", v, (E, out_f), "(ensemble_size, out_features)")
+        check_shape("e1", e1, (N, out_f), "(E*B, out_features): one embedding row per input row")
+        check_shape("delta_bias", delta_bias, (E, out_f), "(ensemble_size, out_features)")
+        check_shape("e2", e2, (N, out_f), "(E*B, out_features): one embedding row per input row")
+        if (delta_bias is None) != (e2 is None):
+            raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2), "
+                             f"got delta_bias={'None' if delta_bias is None else 'Tensor'}, e2={'None' if e2 is None else 'Tensor'}")
+        check_finite("e1", e1)
+        check_finite("e2", e2)
+        named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    check_same(named)
+    return E
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return (int(value[0]), int(value[1]))
+
+
+def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta=None, u=None, v=None, e1=None,
+                    delta_bias=None, e2=None, hyper: bool = False):
+    """Validate the conv ops' arguments; return (E, stride, padding, dilation, groups) normalised."""
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 4)
+    check_tensor("r", r, 2)
+    check_tensor("s", s, 2)
+    check_tensor("bias", bias, 2, optional=True)
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    out_c, cg, kh, kw = weight.shape
+    in_c = cg * groups
+    if out_c % groups != 0:
+        raise ValueError(f"weight.shape[0] = {out_c} output channels must be divisible by groups = {groups}")
+    E = ensemble_size(x, r)
+    N = x.shape[0]
+    if x.shape[1] != in_c:
+        raise ValueError(f"x must have {in_c} channels (weight {tuple(weight.shape)} with groups={groups}), "
+                         f"got x of shape {tuple(x.shape)}")
+    h_eff = x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_eff = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
+    if h_eff < 1 or w_eff < 1:
+        raise ValueError(f"x spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
+                         f"kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
+    check_shape("r", r, (E, in_c), "(ensemble_size, in_channels)")
+    check_shape("s", s, (E, out_c), "(ensemble_size, out_channels)")
+    check_shape("bias", bias, (E, out_c), "(ensemble_size, out_channels)")
+    named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
+    if hyper:
+        for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
+            check_tensor(name, t, 4 if name == "delta" else 2)
+        check_tensor("delta_bias", delta_bias, 2, optional=True)
+        check_tensor("e2", e2, 2, optional=True)
+        check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+        check_shape("u", u, (E, in_c), "(ensemble_size, in_channels)")
+        check_shape("v", v, (E, out_c), "(ensemble_size, out_channels)")
+        check_shape("e1", e1, (N, out_c), "(E*B, out_channels): one embedding row per image")
+        check_shape("delta_bias", delta_bias, (E, out_c), "(ensemble_size, out_channels)")
+        check_shape("e2", e2, (N, out_c), "(E*B, out_channels): one embedding row per image")
+        if (delta_bias is None) != (e2 is None):
+            raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2)")
+        check_finite("e1", e1)
+        check_finite("e2", e2)
+        named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    check_same(named)
+    return E, stride, padding, dilation, groups

@@ -1,0 +1,103 @@
+"""Rank-1 ensemble conv2d ops: the public functional API, validation and backend dispatch.
+
+x is member-major: (E*B, C, H, W), images k*B .. (k+1)*B-1 belong to member k, E = r.shape[0].
+r (and u) scale input channels, s (and v*e1) scale output channels, bias (and delta_bias*e2) shift
+them; all broadcast over the spatial positions. The fused backends live in
+hyperkern/ops/_cpp_conv.py and hyperkern/ops/_triton_conv.py with the same positional arguments
+(validated, stride/padding/dilation as int pairs).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from hyperkern._backends import resolve_backend
+from hyperkern.ops._validate import validate_conv2d
+
+__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
+
+_BACKEND_MODULES = {"cpp": "hyperkern.ops._cpp_conv", "triton": "hyperkern.ops._triton_conv"}
+# On CUDA tensors, "auto" takes the first available of these (the faster one measured on an H100).
+_CUDA_PREFERENCE = ("cpp", "triton")
+
+
+def _members(t: torch.Tensor, E: int) -> torch.Tensor:
+    """(E*B, C, ...) -> (E, B, C, 1, 1) broadcastable view of per-row channel vectors or (E, B, C, H, W)."""
+    return t.reshape(E, t.shape[0] // E, *t.shape[1:])
+
+
+def _chan(v: torch.Tensor) -> torch.Tensor:
+    """(E, C) -> (E, 1, C, 1, 1) for broadcasting against (E, B, C, H, W)."""
+    return v[:, None, :, None, None]
+
+
+def _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups):
+    E = r.shape[0]
+    xs = (_members(x, E) * _chan(r)).reshape(x.shape)
+    h = F.conv2d(xs, weight, None, stride, padding, dilation, groups)
+    y = _members(h, E) * _chan(s)
+    if bias is not None:
+        y = y + _chan(bias)
+    return y.reshape(h.shape)
+
+
+def _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
+                                       stride, padding, dilation, groups):
+    E = r.shape[0]
+    xm = _members(x, E)
+    h = F.conv2d((xm * _chan(r)).reshape(x.shape), weight, None, stride, padding, dilation, groups)
+    hd = F.conv2d((xm * _chan(u)).reshape(x.shape), delta, None, stride, padding, dilation, groups)
+    e1m = _members(e1, E)[..., None, None]
+    y = _members(h, E) * _chan(s) + _members(hd, E) * _chan(v) * e1m
+    if bias is not None:
+        y = y + _chan(bias)
+    if delta_bias is not None:
+        y = y + _chan(delta_bias) * _members(e2, E)[..., None, None]
+    return y.reshape(h.shape)
+
+
+def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                          bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
+                          backend: str = "auto") -> torch.Tensor:
+    """BatchEnsemble conv2d for all members at once:
+    y = conv2d(x * r_k[:, None, None], weight) * s_k[:, None, None] + bias_k[:, None, None].
+
+    Args:
+        x: (E*B, C_in, H, W) member-major images.
+        weight: (C_out, C_in/groups, kh, kw) shared weight (nn.Conv2d layout).
+        r: (E, C_in); s, bias: (E, C_out).
+        stride, padding, dilation: int or pair; groups: int.
+        backend: "auto" | "torch" | "cpp" | "triton".
+    Returns:
+        (E*B, C_out, H_out, W_out) member-major outputs.
+    """
+    _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
+    name = resolve_backend(backend, x.device, _CUDA_PREFERENCE)
+    if name == "torch":
+        return _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
+    return importlib.import_module(_BACKEND_MODULES[name]).batch_ensemble_conv2d(
+        x, weight, r, s, bias, stride, padding, dilation, groups)
+
+
+def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, e1: torch.Tensor,
+                                bias: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                                e2: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
+                                backend: str = "auto") -> torch.Tensor:
+    """Hyper-batch-ensemble conv2d (Wenzel et al. 2020, eq. 7, per channel) for all members at once:
+
+        y = s_k * conv(x * r_k, W) + (v_k * e1) * conv(x * u_k, delta) + bias_k + delta_bias_k * e2
+
+    with r_k, u_k on input channels; s_k, v_k, bias_k, delta_bias_k and the per-image embeddings
+    e1, e2 (E*B, C_out) on output channels, broadcast over the output's spatial positions.
+    """
+    _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
+                                                           delta, u, v, e1, delta_bias, e2, hyper=True)
+    name = resolve_backend(backend, x.device, _CUDA_PREFERENCE)
+    if name == "torch":
+        return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
+                                                  stride, padding, dilation, groups)
+    return importlib.import_module(_BACKEND_MODULES[name]).hyper_batch_ensemble_conv2d(
+        x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups)

@@ -1,0 +1,98 @@
+"""Rank-1 ensemble linear ops: the public functional API, validation and backend dispatch.
+
+Rows are member-major: x has E*B rows, rows k*B .. (k+1)*B-1 belong to member k, E = r.shape[0].
+
+The "torch" backend below is the plain composition. The fused backends live in
+hyperkern/ops/_cpp_linear.py and hyperkern/ops/_triton_linear.py; each exposes functions with the
+same positional arguments (already validated) as torch.library custom ops with fake and autograd
+registrations.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from hyperkern._backends import resolve_backend
+from hyperkern.ops._validate import validate_linear
+
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
+
+_BACKEND_MODULES = {"cpp": "hyperkern.ops._cpp_linear", "triton": "hyperkern.ops._triton_linear"}
+
+
+def _backend_module(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _members(t: torch.Tensor, E: int) -> torch.Tensor:
+    """(E*B, D) -> (E, B, D) view (or copy for non-viewable strides)."""
+    return t.reshape(E, t.shape[0] // E, t.shape[-1])
+
+
+def _torch_batch_ensemble_linear(x, weight, r, s, bias):
+    E = r.shape[0]
+    h = F.linear((_members(x, E) * r[:, None, :]).reshape(x.shape[0], -1), weight)
+    y = _members(h, E) * s[:, None, :]
+    if bias is not None:
+        y = y + bias[:, None, :]
+    return y.reshape(x.shape[0], -1)
+
+
+def _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2):
+    E = r.shape[0]
+    N = x.shape[0]
+    xm = _members(x, E)
+    h = _members(F.linear((xm * r[:, None, :]).reshape(N, -1), weight), E)
+    hd = _members(F.linear((xm * u[:, None, :]).reshape(N, -1), delta), E)
+    y = h * s[:, None, :] + hd * v[:, None, :] * _members(e1, E)
+    if bias is not None:
+        y = y + bias[:, None, :]
+    if delta_bias is not None:
+        y = y + delta_bias[:, None, :] * _members(e2, E)
+    return y.reshape(N, -1)
+
+
+def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """BatchEnsemble linear layer for all members at once: y = ((x * r_k) @ weight^T) * s_k + bias_k.
+
+    Args:
+        x: (E*B, in) member-major rows.
+        weight: (out, in), shared slow weight (nn.Linear layout).
+        r: (E, in) input fast weights; s: (E, out) output fast weights; bias: (E, out) or None.
+        backend: "auto" | "torch" | "cpp" | "triton" (see hyperkern.available_backends()).
+    Returns:
+        (E*B, out) member-major outputs.
+    """
+    validate_linear(x, weight, r, s, bias)
+    name = resolve_backend(backend, x.device)
+    if name == "torch":
+        return _torch_batch_ensemble_linear(x, weight, r, s, bias)
+    return _backend_module(name).batch_ensemble_linear(x, weight, r, s, bias)
+
+
+def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, e1: torch.Tensor,
+                                bias: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                                e2: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Hyper-batch-ensemble linear layer (Wenzel et al. 2020, eq. 7) for all members at once:
+
+        y = s_k * ((x * r_k) @ weight^T) + (v_k * e1) * ((x * u_k) @ delta^T) + bias_k + delta_bias_k * e2
+
+    Args:
+        x: (E*B, in) member-major rows.
+        weight, delta: (out, in) shared weights.
+        r, u: (E, in); s, v: (E, out) fast weights.
+        e1: (E*B, out) per-row embedding of each row's hyperparameters (kernel part).
+        bias, delta_bias: (E, out) or None; e2: (E*B, out) per-row embedding (bias part), given with delta_bias.
+        backend: "auto" | "torch" | "cpp" | "triton".
+    Returns:
+        (E*B, out) member-major outputs.
+    """
+    validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True)
+    name = resolve_backend(backend, x.device)
+    if name == "torch":
+        return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    return _backend_module(name).hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
