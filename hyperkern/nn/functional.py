@@ -1,0 +1,61 @@
+"""Member-major helpers: tile a minibatch for all members, split outputs per member, per-row dropout.
+
+Member-major: a batch of E*B rows where rows k*B .. (k+1)*B-1 belong to ensemble member k.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tile", "untile", "rowwise_dropout"]
+
+
+def _check_e(ensemble_size) -> int:
+    if not isinstance(ensemble_size, int) or isinstance(ensemble_size, bool) or ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size!r}")
+    return ensemble_size
+
+
+def tile(x: torch.Tensor, ensemble_size: int) -> torch.Tensor:
+    """(B, ...) -> (E*B, ...): the same minibatch for every member, member-major ([x; x; ...; x]).
+
+    This is x.repeat(E, 1, ...): row k*B + b is x[b] for every member k (NOT [x1, x1, x2, x2, ...]).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
+    E = _check_e(ensemble_size)
+    return x.repeat(E, *([1] * (x.dim() - 1)))
+
+
+def untile(y: torch.Tensor, ensemble_size: int) -> torch.Tensor:
+    """(E*B, ...) member-major -> (E, B, ...): out[k] holds member k's rows (a view when possible)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    E = _check_e(ensemble_size)
+    if y.dim() < 1 or y.shape[0] % E:
+        raise ValueError(f"y.shape[0] must be divisible by ensemble_size={E} (member-major E*B rows), "
+                         f"got shape {tuple(y.shape)}")
+    return y.reshape(E, y.shape[0] // E, *y.shape[1:])
+
+
+def rowwise_dropout(x: torch.Tensor, rate: torch.Tensor, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with one rate per row: element x[i, ...] is zeroed with probability rate[i]
+    and kept ones are scaled by 1 / (1 - rate[i]), so E[output] = x for every row.
+
+    Args:
+        x: (N, ...) input.
+        rate: (N,) or (N, 1) per-row dropout probabilities in [0, 1).
+        training: identity when False.
+    """
+    if not training:
+        return x
+    if not isinstance(rate, torch.Tensor):
+        raise TypeError(f"rate must be a torch.Tensor of shape ({x.shape[0]},), got {type(rate).__name__}")
+    if rate.dim() == 2 and rate.shape[1] == 1:
+        rate = rate[:, 0]
+    if rate.dim() != 1 or rate.shape[0] != x.shape[0]:
+        raise ValueError(f"rate must have shape ({x.shape[0]},), one dropout rate per row of x, got {tuple(rate.shape)}")
+    rate = rate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    keep = torch.rand_like(x) >= rate
+    return x * keep / (1.0 - rate).clamp_min(1e-6)  # rate = 1 drops everything (0, not NaN)
