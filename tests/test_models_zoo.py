@@ -309,3 +309,14 @@ def test_bad_inputs_give_clear_errors():
         M.resnet20(variant="hyper")
     with pytest.raises(ValueError, match="^bn must be one of"):
         M.wrn28_10(variant="batch", bn="member")
+
+
+def test_image_signature_for_mlp_and_small_inputs_for_lenet():
+    mlp = M.mlp(10, in_channels=1, input_size=8, hidden_features=(6,), variant="batch", backend="torch")
+    assert mlp.in_features == 64
+    images = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(mlp(images), mlp(images.reshape(4, 64)))  # flattening = the vector input
+    lenet = M.lenet5(10, 1, input_size=8, conv2_padding=2, variant="plain", backend="torch")
+    assert lenet.fc1.in_features == 16 * 2 * 2 and lenet(images).shape == (4, 10)
+    with pytest.raises(ValueError, match="too small for LeNet-5"):
+        M.lenet5(10, 1, input_size=8)

@@ -17,6 +17,7 @@ __all__ = ["MLP", "mlp"]
 class MLP(EnsembleModel):
     """Flatten -> [linear -> ReLU -> dropout] * len(hidden_features) -> linear.
 
+    in_features: D, or an input shape (C, H, W); alternatively in_channels=C with input_size=H or (H, W).
     Inputs: (N, D) vectors or (N, C, H, W) images (flattened; C*H*W must equal in_features); rows
     member-major for the ensemble variants (N = E*B, rows k*B .. (k+1)*B-1 are member k).
     Output: logits (N, num_classes), same row order.
@@ -28,11 +29,17 @@ class MLP(EnsembleModel):
     """
 
     def __init__(self, num_classes: int = 10, in_features: int | Sequence[int] = 784, *, variant: str = "plain",
-                 ensemble_size: int = 4, hidden_features: Sequence[int] = (200, 200), dropout: float = 0.0,
+                 ensemble_size: int = 4, in_channels: int | None = None, input_size=None,
+                 hidden_features: Sequence[int] = (200, 200), dropout: float = 0.0,
                  l2_range=(1e-3, 1e3), dropout_range=(1e-3, 0.9), backend: str = "auto", fast_init: str = "normal",
                  fast_init_std: float | None = None, tie_fast_weights: bool = True, embedding_std: float = 1e-4,
                  device=None, dtype=None):
         super().__init__()
+        if in_channels is not None:  # the image models' signature: in_features = C * H * W
+            if input_size is None:
+                raise ValueError("in_channels needs input_size (H or (H, W)) to give in_features = C * H * W")
+            hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            in_features = (int(in_channels), *hw)
         if not isinstance(in_features, int):
             in_features = math.prod(int(d) for d in in_features)
         hidden_features = tuple(int(h) for h in hidden_features)
@@ -76,5 +83,6 @@ class MLP(EnsembleModel):
 
 def mlp(num_classes: int = 10, in_features: int | Sequence[int] = 784, *, variant: str = "plain",
         ensemble_size: int = 4, **kwargs) -> MLP:
-    """The paper's MLP: see MLP. in_features may be an int or an input shape such as (1, 28, 28)."""
+    """The paper's MLP: see MLP. in_features may be an int or an input shape such as (1, 28, 28); or give
+    in_channels= and input_size= as for the image models."""
     return MLP(num_classes, in_features, variant=variant, ensemble_size=ensemble_size, **kwargs)
