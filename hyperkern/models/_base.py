@@ -33,7 +33,6 @@ from hyperkern.nn.norm import EnsembleBatchNorm2d
 VARIANTS = ("plain", "batch", "hyper_batch")
 BN_MODES = ("shared", "per_member")
 _RANK1 = (BatchEnsembleLinear, BatchEnsembleConv2d)
-_HYPER = (HyperBatchEnsembleLinear, HyperBatchEnsembleConv2d)
 
 
 def call_layer(layer: nn.Module, x: torch.Tensor, hparams: torch.Tensor | None) -> torch.Tensor:

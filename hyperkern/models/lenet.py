@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from hyperkern.models._base import EnsembleModel, call_layer, l2_space
