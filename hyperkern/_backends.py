@@ -32,17 +32,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _cpp_reason(device_type: str) -> str | None:
-    """None when the extension can run on device_type, else why not."""
+def _cpp_reason(device_type: str, op: str = "batch_ensemble_linear") -> str | None:
+    """None when the extension has a kernel for hyperkern::<op> on device_type, else why not."""
     if _CPP_ERROR is not None:
         return _CPP_ERROR
-    if device_type == "cpu":
-        return None
-    if device_type == "cuda":
-        if torch._C._dispatch_has_kernel_for_dispatch_key("hyperkern::batch_ensemble_linear", "CUDA"):
-            return None
-        return "hyperkern._C was built without CUDA kernels (rebuild with a CUDA torch, nvcc and FORCE_CUDA=1)"
-    return f"the compiled extension has no kernels for device type {device_type!r}"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return f"the compiled extension has no kernels for device type {device_type!r}"
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"hyperkern::{op}", key)
+    except RuntimeError:  # the op is not defined by this build of the extension
+        has_kernel = False
+    if not has_kernel:
+        if device_type == "cuda":
+            return (f"hyperkern._C has no CUDA kernel for {op} (rebuild with a CUDA torch, nvcc and "
+                    "FORCE_CUDA=1)")
+        return f"hyperkern._C has no CPU kernel for {op} (rebuild the extension from this source tree)"
+    return None
 
 
 def _triton_reason(device_type: str) -> str | None:
@@ -57,26 +63,32 @@ def _triton_reason(device_type: str) -> str | None:
     return f"triton has no support for device type {device_type!r}"
 
 
-def backend_status(device_type: str | None = None) -> dict[str, str | None]:
-    """Map backend name -> None when usable on device_type, else the reason it is not.
+def backend_status(device_type: str | None = None, op: str = "batch_ensemble_linear") -> dict[str, str | None]:
+    """Map backend name -> None when `op` can run on device_type with it, else the reason it cannot.
 
     device_type defaults to "cuda" when a GPU is visible, else "cpu".
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"torch": None, "cpp": _cpp_reason(device_type), "triton": _triton_reason(device_type)}
+    return {"torch": None, "cpp": _cpp_reason(device_type, op), "triton": _triton_reason(device_type)}
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
-    """Backends this install can run on device_type (default: cuda when visible, else cpu)."""
-    return [name for name, reason in backend_status(device_type).items() if reason is None]
+    """Backends this install can run every hyperkern op with on device_type (default: cuda when
+    visible, else cpu)."""
+    ops = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d",
+           "hyper_batch_ensemble_conv2d")
+    statuses = [backend_status(device_type, op) for op in ops]
+    return [name for name in ("torch", "cpp", "triton") if all(st[name] is None for st in statuses)]
 
 
-def resolve_backend(backend: str, device: torch.device, prefer_on_cuda: tuple[str, ...] = ("triton", "cpp")) -> str:
-    """Turn a user's backend argument into a concrete, runnable backend or raise ValueError."""
+def resolve_backend(backend: str, device: torch.device, op: str,
+                    prefer_on_cuda: tuple[str, ...] = ("triton", "cpp")) -> str:
+    """Turn a user's backend argument for hyperkern op `op` into a concrete, runnable backend or
+    raise ValueError."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    status = backend_status(device.type)
+    status = backend_status(device.type, op)
     if backend == "auto":
         order = prefer_on_cuda if device.type == "cuda" else ("cpp",)
         for name in order:

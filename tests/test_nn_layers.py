@@ -1,5 +1,4 @@
 """hyperkern.nn layers against the float64 member loops of hyperkern.ops.reference."""
-import importlib
 
 import pytest
 import torch
@@ -9,21 +8,6 @@ import hyperkern.nn as hnn
 from hyperkern.ops import reference as ref
 
 F64 = torch.float64
-
-
-def _backend_missing(name: str, family: str) -> str | None:
-    """Why `name` cannot run the `family` ("linear" | "conv") ops in this tree yet (its module has not
-    landed), else None; any other import failure is raised and fails the test."""
-    if name == "torch":
-        return None
-    mod = f"hyperkern.ops._{name}_{family}"
-    try:
-        importlib.import_module(mod)
-    except ModuleNotFoundError as exc:
-        if exc.name == mod:
-            return f"{mod} is not in this tree"
-        raise
-    return None
 
 
 def _randomise_(layer):
@@ -234,11 +218,11 @@ def test_layer_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpp", "triton"])
 def test_layers_run_on_every_available_backend(backend, family):
     """The layer code does not care which backend runs the op: same result as the member loop."""
-    if backend != "auto" and backend not in hyperkern.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} is not available here: {hyperkern.backend_status('cpu')[backend]}")
-    reason = _backend_missing(hyperkern._backends.resolve_backend(backend, torch.device("cpu")), family)
-    if reason:
-        pytest.skip(reason)
+    for op in (f"batch_ensemble_{family}", f"hyper_batch_ensemble_{family}"):
+        op = op.replace("_conv", "_conv2d")
+        reason = hyperkern.backend_status("cpu", op)[backend] if backend != "auto" else None
+        if reason is not None:
+            pytest.skip(f"backend {backend!r} cannot run {op} here: {reason}")
     E, B = 2, 2
     if family == "linear":
         lin = _randomise_(hnn.HyperBatchEnsembleLinear(16, 16, ensemble_size=E, num_hparams=2, backend=backend))

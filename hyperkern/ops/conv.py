@@ -74,7 +74,7 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         (E*B, C_out, H_out, W_out) member-major outputs.
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    name = resolve_backend(backend, x.device, _CUDA_PREFERENCE)
+    name = resolve_backend(backend, x.device, "batch_ensemble_conv2d", _CUDA_PREFERENCE)
     if name == "torch":
         return _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     return importlib.import_module(_BACKEND_MODULES[name]).batch_ensemble_conv2d(
@@ -95,7 +95,7 @@ def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: to
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
                                                            delta, u, v, e1, delta_bias, e2, hyper=True)
-    name = resolve_backend(backend, x.device, _CUDA_PREFERENCE)
+    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d", _CUDA_PREFERENCE)
     if name == "torch":
         return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
                                                   stride, padding, dilation, groups)

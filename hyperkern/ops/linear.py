@@ -67,7 +67,7 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         (E*B, out) member-major outputs.
     """
     validate_linear(x, weight, r, s, bias)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, "batch_ensemble_linear")
     if name == "torch":
         return _torch_batch_ensemble_linear(x, weight, r, s, bias)
     return _backend_module(name).batch_ensemble_linear(x, weight, r, s, bias)
@@ -92,7 +92,7 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
         (E*B, out) member-major outputs.
     """
     validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_linear")
     if name == "torch":
         return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
     return _backend_module(name).hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
