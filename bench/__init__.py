@@ -1,0 +1,1 @@
+"""hyperkern benchmarks and reports (run as python -m bench.<name> from the repository root)."""

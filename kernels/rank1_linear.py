@@ -1,0 +1,683 @@
+"""Triton kernels for the rank-1 ensemble linear ops (installed as hyperkern.kernels.rank1_linear).
+
+Rows are member-major: x has E*B rows and rows k*B .. (k+1)*B-1 belong to ensemble member k.
+Weights use the nn.Linear layout (out, in). The ops computed here (METHOD.md §1-2):
+
+    batch:  y = s_k * ((x * r_k) @ W^T) + b_k
+    hyper:  y = s_k * ((x * r_k) @ W^T) + (v_k * e1) * ((x * u_k) @ Delta^T) + b_k + b'_k * e2
+
+Pure @triton.jit code plus launch helpers; no autograd (hyperkern/ops/_triton_linear.py wraps these
+launchers in torch.library custom ops). Every pass is one launch for all members:
+
+- forward (`rank1_linear_forward_kernel`): grid over (row tiles, out tiles); a row tile never crosses a
+  member boundary (tiles are numbered per member, so B need not be a multiple of BLOCK_M). The x tile
+  is scaled by r_k (and u_k) in registers before tl.dot; W (and Delta) products accumulate in fp32
+  (fp64 for fp64 inputs) in one K loop -- the hyper op keeps two accumulators that share the x tile
+  loads -- and the epilogue applies s_k, v_k * e1, b_k, b'_k * e2 and stores in the output dtype.
+  It can also store the pre-scale Delta product (x * u_k) @ Delta^T, which the e1 gradient needs.
+- grad input (`rank1_linear_grad_input_kernel`): dx = ((g * s_k) @ W) * r_k [+ ((g * v_k * e1) @ Delta) * u_k],
+  the g scaling fused into the A-operand loads and the r_k / u_k scaling into the epilogue.
+- grad weight (`rank1_linear_grad_weight_kernel`): grid over (out tiles, in tiles), K loop over rows,
+  member by member. P_k = g_k^T x_k (unscaled) accumulates per member; at each member's end
+      dW   += P_k * (s_k r_k^T)
+      ds_k  = rowsum(W * P_k * r_k)      (= sum over member rows of g * ((x * r_k) @ W^T))
+      dr_k  = colsum(W * P_k * s_k)      (= sum over member rows of x * ((g * s_k) @ W))
+  so ds and dr come out of the weight-gradient GEMM without a second pass over the activations. For
+  the hyper op the same launch has a second program row (grid axis 1) that does this for Delta with
+  Q_k = (g * e1)_k^T x_k and (v_k, u_k): dDelta, dv, du. ds/dr (dv/du) are written as per-tile
+  partial sums (deterministic, no atomics) that the launcher sums over the few tiles.
+- grad row-wise (`rank1_linear_grad_rowwise_kernel`): db_k = sum of g over member rows,
+  db'_k = sum of g * e2, de1 = g * v_k * hd, de2 = g * b'_k, in one pass over g.
+
+Data types: bfloat16, float16 (fp32 accumulation), float32 (TF32 tensor cores: tl.dot
+input_precision "tf32" or "tf32x3" per torch.get_float32_matmul_precision(), see dot_precision())
+and float64. float64 has a dedicated path, not a fallback: tl.dot accepts fp64 operands (DMMA on
+sm_90, checked by the static report) with an fp64 accumulator, so the same kernels run with
+ACC_DTYPE = fp64 and fp64-sized tiles.
+
+`sm90_compile_specs()` lists every (kernel, dtype, constexprs, config) this module can launch on an
+H100, for bench/static_gpu_report.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Row-wise (bias / embedding gradient) tiles are fixed, so the launcher knows the partial-sum layout.
+ROWWISE_BLOCK_M = 16 if INTERPRET else 32
+ROWWISE_BLOCK_N = 32 if INTERPRET else 128
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to (pid_m, pid_n), walking GROUP_M row tiles per column sweep (L2 reuse)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def rank1_linear_forward_kernel(
+        x_ptr, w_ptr, r_ptr, s_ptr, bias_ptr,
+        delta_ptr, u_ptr, v_ptr, e1_ptr, delta_bias_ptr, e2_ptr,
+        y_ptr, delta_out_ptr,
+        E, B, IN, OUT,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_dn, stride_dk,
+        stride_e1m, stride_e1n, stride_e2m, stride_e2n,
+        HAS_BIAS: tl.constexpr, HYPER: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+        STORE_DELTA_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y (E*B, OUT), contiguous. r, s, bias, u, v, delta_bias: contiguous (E, IN|OUT).
+    delta_out (E*B, OUT) contiguous receives (x * u_k) @ Delta^T when STORE_DELTA_OUT."""
+    tiles_per_member = tl.cdiv(B, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), E * tiles_per_member, tl.cdiv(OUT, BLOCK_N), GROUP_M)
+    member = pid_m // tiles_per_member
+    row0 = (pid_m - member * tiles_per_member) * BLOCK_M  # first row of this tile inside its member
+    first_row = (member * B + row0).to(tl.int64)
+    first_col = pid_n * BLOCK_N
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = (row0 + offs_m) < B
+    col_mask = (first_col + offs_n) < OUT
+
+    x_ptrs = x_ptr + first_row * stride_xm + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # W^T tile (BLOCK_K, BLOCK_N): element [k, n] = W[first_col + n, k]
+    wt_ptrs = w_ptr + first_col.to(tl.int64) * stride_wn + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    r_ptrs = r_ptr + member * IN + offs_k
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if HYPER:
+        dt_ptrs = delta_ptr + first_col.to(tl.int64) * stride_dn + offs_n[None, :] * stride_dn + offs_k[:, None] * stride_dk
+        u_ptrs = u_ptr + member * IN + offs_k
+        acc_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+
+    for k0 in range(0, IN, BLOCK_K):
+        k_mask = (k0 + offs_k) < IN
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        r = tl.load(r_ptrs, mask=k_mask, other=0.0)
+        wt = tl.load(wt_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x * r[None, :], wt, acc, input_precision=DOT_PRECISION)
+        if HYPER:
+            u = tl.load(u_ptrs, mask=k_mask, other=0.0)
+            dt = tl.load(dt_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc_delta = tl.dot(x * u[None, :], dt, acc_delta, input_precision=DOT_PRECISION)
+            u_ptrs += BLOCK_K
+            dt_ptrs += BLOCK_K * stride_dk
+        x_ptrs += BLOCK_K * stride_xk
+        wt_ptrs += BLOCK_K * stride_wk
+        r_ptrs += BLOCK_K
+
+    # epilogue: per-member column scales and biases, per-row embeddings
+    out_offs = member * OUT + first_col + offs_n
+    s = tl.load(s_ptr + out_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    y = acc * s[None, :]
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    if HYPER:
+        v = tl.load(v_ptr + out_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        e1 = tl.load(e1_ptr + first_row * stride_e1m + offs_m[:, None] * stride_e1m
+                     + (first_col + offs_n)[None, :] * stride_e1n, mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        y += acc_delta * v[None, :] * e1
+        if STORE_DELTA_OUT:
+            d_ptrs = delta_out_ptr + first_row * OUT + offs_m[:, None] * OUT + (first_col + offs_n)[None, :]
+            tl.store(d_ptrs, acc_delta.to(delta_out_ptr.dtype.element_ty), mask=tile_mask)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + out_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        y += b[None, :]
+    if HAS_DELTA_BIAS:
+        db = tl.load(delta_bias_ptr + out_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        e2 = tl.load(e2_ptr + first_row * stride_e2m + offs_m[:, None] * stride_e2m
+                     + (first_col + offs_n)[None, :] * stride_e2n, mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        y += db[None, :] * e2
+    y_ptrs = y_ptr + first_row * OUT + offs_m[:, None] * OUT + (first_col + offs_n)[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: grad input
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def rank1_linear_grad_input_kernel(
+        g_ptr, w_ptr, r_ptr, s_ptr, delta_ptr, u_ptr, v_ptr, e1_ptr, dx_ptr,
+        E, B, IN, OUT,
+        stride_gm, stride_gn, stride_wn, stride_wk, stride_dn, stride_dk, stride_e1m, stride_e1n,
+        HYPER: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """dx (E*B, IN) contiguous = ((g * s_k) @ W) * r_k [+ ((g * v_k * e1) @ Delta) * u_k].
+    Here N runs over IN (the columns of dx) and K over OUT."""
+    tiles_per_member = tl.cdiv(B, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), E * tiles_per_member, tl.cdiv(IN, BLOCK_N), GROUP_M)
+    member = pid_m // tiles_per_member
+    row0 = (pid_m - member * tiles_per_member) * BLOCK_M
+    first_row = (member * B + row0).to(tl.int64)
+    first_col = pid_n * BLOCK_N
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = (row0 + offs_m) < B
+    col_mask = (first_col + offs_n) < IN
+
+    g_ptrs = g_ptr + first_row * stride_gm + offs_m[:, None] * stride_gm + offs_k[None, :] * stride_gn
+    # W tile (BLOCK_K, BLOCK_N): element [k, n] = W[k, first_col + n]
+    w_ptrs = w_ptr + first_col * stride_wk + offs_k[:, None] * stride_wn + offs_n[None, :] * stride_wk
+    s_ptrs = s_ptr + member * OUT + offs_k
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if HYPER:
+        e1_ptrs = e1_ptr + first_row * stride_e1m + offs_m[:, None] * stride_e1m + offs_k[None, :] * stride_e1n
+        d_ptrs = delta_ptr + first_col * stride_dk + offs_k[:, None] * stride_dn + offs_n[None, :] * stride_dk
+        v_ptrs = v_ptr + member * OUT + offs_k
+        acc_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+
+    for k0 in range(0, OUT, BLOCK_K):
+        k_mask = (k0 + offs_k) < OUT
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        g = tl.load(g_ptrs, mask=a_mask, other=0.0)
+        s = tl.load(s_ptrs, mask=k_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=b_mask, other=0.0)
+        acc = tl.dot(g * s[None, :], w, acc, input_precision=DOT_PRECISION)
+        if HYPER:
+            e1 = tl.load(e1_ptrs, mask=a_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=k_mask, other=0.0)
+            d = tl.load(d_ptrs, mask=b_mask, other=0.0)
+            acc_delta = tl.dot(g * e1 * v[None, :], d, acc_delta, input_precision=DOT_PRECISION)
+            e1_ptrs += BLOCK_K * stride_e1n
+            d_ptrs += BLOCK_K * stride_dn
+            v_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_gn
+        w_ptrs += BLOCK_K * stride_wn
+        s_ptrs += BLOCK_K
+
+    in_offs = member * IN + first_col + offs_n
+    r = tl.load(r_ptr + in_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    dx = acc * r[None, :]
+    if HYPER:
+        u = tl.load(u_ptr + in_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        dx += acc_delta * u[None, :]
+    dx_ptrs = dx_ptr + first_row * IN + offs_m[:, None] * IN + (first_col + offs_n)[None, :]
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: grad weight (+ the fast-weight gradients ds, dr / dv, du as fused reductions)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def rank1_linear_grad_weight_kernel(
+        g_ptr, x_ptr, w_ptr, r_ptr, s_ptr, delta_ptr, u_ptr, v_ptr, e1_ptr,
+        dw_ptr, ddelta_ptr, ds_part_ptr, dr_part_ptr, dv_part_ptr, du_part_ptr,
+        E, B, IN, OUT, n_part_in, n_part_out,
+        stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dn, stride_dk,
+        stride_e1m, stride_e1n,
+        HYPER: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grid (tiles of (OUT, IN), 2 if HYPER else 1). Program axis 1 = 0 computes
+    dW (OUT, IN) contiguous = sum_k (g_k * s_k)^T (x_k * r_k) and the partial sums
+    ds_part (E, n_part_in, OUT), dr_part (E, n_part_out, IN) (ACC_DTYPE; slot pid_i / pid_o; the
+    launcher sums axis 1, unused slots stay zero). Axis 1 = 1 (hyper op) does the same for Delta with
+    g * e1 in place of g and (v, u) in place of (s, r): dDelta, dv_part, du_part."""
+    pid_o, pid_i = _grouped_tile(tl.program_id(0), tl.cdiv(OUT, BLOCK_O), tl.cdiv(IN, BLOCK_I), GROUP_M)
+    weight_ptr, scale_o_ptr, scale_i_ptr, grad_ptr = w_ptr, s_ptr, r_ptr, dw_ptr
+    part_o_ptr, part_i_ptr, stride_on, stride_ik = ds_part_ptr, dr_part_ptr, stride_wn, stride_wk
+    e1_rows = B * tl.program_id(1)  # member rows whose e1 scales g: B for Delta programs, 0 for W programs
+    if HYPER:
+        if tl.program_id(1) == 1:
+            weight_ptr, scale_o_ptr, scale_i_ptr, grad_ptr = delta_ptr, v_ptr, u_ptr, ddelta_ptr
+            part_o_ptr, part_i_ptr, stride_on, stride_ik = dv_part_ptr, du_part_ptr, stride_dn, stride_dk
+
+    first_o = pid_o * BLOCK_O
+    first_i = pid_i * BLOCK_I
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_r = tl.arange(0, BLOCK_R)
+    o_mask = (first_o + offs_o) < OUT
+    i_mask = (first_i + offs_i) < IN
+    # loop-invariant tile offsets; the row position lives in the scalar base pointers
+    gt_offs = offs_r[None, :] * stride_gm + (first_o + offs_o)[:, None] * stride_gn  # g^T tile (BLOCK_O, BLOCK_R)
+    x_offs = offs_r[:, None] * stride_xm + (first_i + offs_i)[None, :] * stride_xk   # x tile (BLOCK_R, BLOCK_I)
+    if HYPER:
+        e1t_offs = offs_r[None, :] * stride_e1m + (first_o + offs_o)[:, None] * stride_e1n
+
+    grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC_DTYPE)
+    for member in range(0, E):
+        first_row = (member * B).to(tl.int64)
+        g_base = g_ptr + first_row * stride_gm
+        x_base = x_ptr + first_row * stride_xm
+        if HYPER:
+            e1_base = e1_ptr + first_row * stride_e1m
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC_DTYPE)  # P_k = g_k^T x_k (or (g * e1)_k^T x_k)
+        for m0 in range(0, B, BLOCK_R):
+            m_mask = (m0 + offs_r) < B
+            gt = tl.load(g_base + gt_offs, mask=o_mask[:, None] & m_mask[None, :], other=0.0)
+            x = tl.load(x_base + x_offs, mask=m_mask[:, None] & i_mask[None, :], other=0.0)
+            if HYPER:  # e1 scales g for the Delta programs; the W programs read no e1 rows, only ones
+                e1_mask = o_mask[:, None] & ((m0 + offs_r) < e1_rows)[None, :]
+                e1t = tl.load(e1_base + e1t_offs, mask=e1_mask, other=1.0)
+                gt = gt * e1t
+                e1_base += BLOCK_R * stride_e1m
+            acc = tl.dot(gt, x, acc, input_precision=DOT_PRECISION)
+            g_base += BLOCK_R * stride_gm
+            x_base += BLOCK_R * stride_xm
+        # member epilogue: ds_k, dr_k partials from P_k and the weight tile, then dW += P_k * (s_k r_k^T)
+        w = tl.load(weight_ptr + first_o.to(tl.int64) * stride_on + offs_o[:, None] * stride_on
+                    + (first_i + offs_i)[None, :] * stride_ik,
+                    mask=o_mask[:, None] & i_mask[None, :], other=0.0).to(ACC_DTYPE)
+        scale_o = tl.load(scale_o_ptr + member * OUT + first_o + offs_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
+        scale_i = tl.load(scale_i_ptr + member * IN + first_i + offs_i, mask=i_mask, other=0.0).to(ACC_DTYPE)
+        wp = w * acc
+        tl.store(part_o_ptr + (member * n_part_in + pid_i).to(tl.int64) * OUT + first_o + offs_o,
+                 tl.sum(wp * scale_i[None, :], axis=1), mask=o_mask)
+        tl.store(part_i_ptr + (member * n_part_out + pid_o).to(tl.int64) * IN + first_i + offs_i,
+                 tl.sum(wp * scale_o[:, None], axis=0), mask=i_mask)
+        grad += acc * scale_o[:, None] * scale_i[None, :]
+    out_offs = first_o.to(tl.int64) * IN + offs_o[:, None] * IN + (first_i + offs_i)[None, :]
+    tl.store(grad_ptr + out_offs, grad.to(grad_ptr.dtype.element_ty), mask=o_mask[:, None] & i_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: row-wise terms (bias sums, embedding gradients)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def rank1_linear_grad_rowwise_kernel(
+        g_ptr, delta_out_ptr, v_ptr, e2_ptr, delta_bias_ptr,
+        db_part_ptr, ddb_part_ptr, de1_ptr, de2_ptr,
+        E, B, OUT,
+        stride_gm, stride_gn, stride_e2m, stride_e2n,
+        BIAS_GRAD: tl.constexpr, E1_GRAD: tl.constexpr, DELTA_BIAS_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (E * cdiv(B, BLOCK_M), cdiv(OUT, BLOCK_N)); row tiles stay inside one member.
+    BIAS_GRAD: db_part[tile] = sum of g over the tile's rows (ACC_DTYPE, (E*T, OUT)).
+    E1_GRAD: de1 = g * v_k * delta_out (delta_out = (x * u_k) @ Delta^T, contiguous (E*B, OUT)).
+    DELTA_BIAS_GRAD: ddb_part[tile] = sum of g * e2 over the tile's rows; de2 = g * delta_bias_k.
+    de1, de2 are contiguous (E*B, OUT)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_per_member = tl.cdiv(B, BLOCK_M)
+    member = pid_m // tiles_per_member
+    row0 = (pid_m - member * tiles_per_member) * BLOCK_M
+    first_row = (member * B + row0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = (row0 + offs_m) < B
+    col_mask = offs_n < OUT
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = tl.load(g_ptr + first_row * stride_gm + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    if BIAS_GRAD:
+        tl.store(db_part_ptr + pid_m.to(tl.int64) * OUT + offs_n, tl.sum(g, axis=0), mask=col_mask)
+    contig = first_row * OUT + offs_m[:, None] * OUT + offs_n[None, :]
+    if E1_GRAD:
+        hd = tl.load(delta_out_ptr + contig, mask=mask, other=0.0).to(ACC_DTYPE)
+        v = tl.load(v_ptr + member * OUT + offs_n, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        tl.store(de1_ptr + contig, (g * v[None, :] * hd).to(de1_ptr.dtype.element_ty), mask=mask)
+    if DELTA_BIAS_GRAD:
+        e2 = tl.load(e2_ptr + first_row * stride_e2m + offs_m[:, None] * stride_e2m + offs_n[None, :] * stride_e2n,
+                     mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(ddb_part_ptr + pid_m.to(tl.int64) * OUT + offs_n, tl.sum(g * e2, axis=0), mask=col_mask)
+        db = tl.load(delta_bias_ptr + member * OUT + offs_n, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        tl.store(de2_ptr + contig, (g * db[None, :]).to(de2_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations (H100): one table, used by the autotuners and by the static sm_90 report
+# ----------------------------------------------------------------------------------------------
+# Kernel kinds: "forward" and "grad_input" tile (rows, columns, reduction) as BLOCK_M x BLOCK_N x
+# BLOCK_K; "grad_weight" tiles (out, in, rows) as BLOCK_O x BLOCK_I x BLOCK_R.
+_KIND_AXES = {"forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "grad_input": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+              "grad_weight": ("BLOCK_O", "BLOCK_I", "BLOCK_R")}
+
+# Tiles (M, N, K, num_warps, num_stages) per (kind, operand class, hyper op). Every entry compiles
+# for sm_90 without spills, within shared memory and, except fp64, with HGMMA (wgmma): checked by
+# `python -m bench.static_gpu_report --check` in CI; entries that spilled were removed (the hyper
+# forward keeps two register A operands next to two accumulators; grad_weight keeps the member and
+# the running accumulator plus a weight tile in its per-member epilogue; tf32x3 splits operands into
+# hi/lo parts). wgmma needs num_warps a multiple of 4 and 64-row warpgroup tiles; fp32 operands use
+# K = 32 so 3-4 stages fit in shared memory; fp64 runs on DMMA with small tiles.
+_ROW_16 = ((128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+           (128, 64, 64, 8, 3), (64, 128, 64, 8, 4))
+_ROW_TF32 = ((128, 128, 32, 4, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4),
+             (64, 64, 32, 8, 4))
+_ROW_TF32X3 = ((128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4), (64, 64, 32, 8, 4))
+_FP64_SMALL = ((32, 32, 32, 4, 2),)
+_TILES = {
+    ("forward", "16-bit", False): _ROW_16,
+    ("forward", "16-bit", True): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4)),
+    ("forward", "tf32", False): _ROW_TF32,
+    ("forward", "tf32", True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
+    ("forward", "tf32x3", False): _ROW_TF32X3,
+    ("forward", "tf32x3", True): ((64, 64, 32, 8, 4),),
+    ("forward", "fp64", False): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
+    ("forward", "fp64", True): _FP64_SMALL,
+    ("grad_input", "16-bit", False): _ROW_16,
+    ("grad_input", "16-bit", True): ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
+                                     (64, 128, 64, 8, 4)),
+    ("grad_input", "tf32", False): _ROW_TF32,
+    ("grad_input", "tf32", True): ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
+                                   (64, 64, 32, 8, 4)),
+    ("grad_input", "tf32x3", False): _ROW_TF32X3,
+    ("grad_input", "tf32x3", True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
+    ("grad_input", "fp64", False): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
+    ("grad_input", "fp64", True): _FP64_SMALL,
+    ("grad_weight", "16-bit", False): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
+    ("grad_weight", "16-bit", True): ((64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
+    ("grad_weight", "tf32", False): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32", True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32x3", False): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32x3", True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "fp64", False): _FP64_SMALL,
+    ("grad_weight", "fp64", True): _FP64_SMALL,
+}
+
+
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """"16-bit" (bf16, fp16), "tf32" / "tf32x3" (fp32 by dot precision) or "fp64"."""
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32x3" if precision == "tf32x3" else "tf32"
+    return "16-bit"
+
+
+def _interpreter_config(kind: str):
+    m, n, k = _KIND_AXES[kind]
+    if kind == "grad_weight":
+        return triton.Config({m: 32, n: 32, k: 16, "GROUP_M": 4}, num_warps=4, num_stages=1)
+    return triton.Config({m: 16, n: 32, k: 16, "GROUP_M": 4}, num_warps=4, num_stages=1)
+
+
+def _configs(kind: str) -> dict:
+    """{tile: triton.Config} for kind; the interpreter gets one small config (tile None)."""
+    if INTERPRET:
+        return {None: _interpreter_config(kind)}
+    m, n, k = _KIND_AXES[kind]
+    tiles = sorted({tile for (knd, _, _), group in _TILES.items() if knd == kind for tile in group}, reverse=True)
+    return {tile: triton.Config({m: tile[0], n: tile[1], k: tile[2], "GROUP_M": 8}, num_warps=tile[3],
+                                num_stages=tile[4]) for tile in tiles}
+
+
+_CONFIGS = {kind: _configs(kind) for kind in _KIND_AXES}
+
+
+def launchable_configs(kind: str, dtype: torch.dtype, hyper: bool, precision: str) -> list:
+    """The triton.Config objects the autotuner of kind ("forward", "grad_input", "grad_weight") may
+    launch for this input dtype, op (hyper or not) and tl.dot input precision."""
+    if INTERPRET:
+        return list(_CONFIGS[kind].values())
+    return [_CONFIGS[kind][tile] for tile in _TILES[(kind, operand_class(dtype, precision), bool(hyper))]]
+
+
+def _pruner(kind: str, tensor_arg: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        keep = {id(c) for c in launchable_configs(kind, args[tensor_arg].dtype, args["HYPER"], args["DOT_PRECISION"])}
+        return [c for c in configs if id(c) in keep]
+    return prune
+
+
+def _min_tile(kind: str, axis: int) -> int:
+    return min(c.kwargs[_KIND_AXES[kind][axis]] for c in _CONFIGS[kind].values())
+
+
+def _autotuned(kernel, kind: str, tensor_arg: str, **kwargs):
+    return triton.autotune(list(_CONFIGS[kind].values()), key=["E", "B", "IN", "OUT"],
+                           prune_configs_by={"early_config_prune": _pruner(kind, tensor_arg)}, **kwargs)(kernel)
+
+
+_forward = _autotuned(rank1_linear_forward_kernel, "forward", "x_ptr")
+_grad_input = _autotuned(rank1_linear_grad_input_kernel, "grad_input", "g_ptr")
+_grad_weight = _autotuned(rank1_linear_grad_weight_kernel, "grad_weight", "g_ptr",
+                          reset_to_zero=["ds_part_ptr", "dr_part_ptr", "dv_part_ptr", "du_part_ptr"])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (inputs validated by hyperkern.ops; x, weight, delta, e1, e2, grad may be strided;
+# the per-member vectors r, s, u, v, bias, delta_bias must be contiguous (E, width))
+# ----------------------------------------------------------------------------------------------
+def accumulator_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for this input dtype.
+
+    float32 follows torch.get_float32_matmul_precision(): "high"/"medium" allow TF32 ("tf32", one
+    tensor-core pass), "highest" (torch's default) asks for fp32 accuracy, which we serve with
+    "tf32x3" (three TF32 tensor-core passes with a hi/lo split, error close to fp32 FMA) rather than
+    the much slower FMA path. Other dtypes: "ieee" (the flag only affects fp32 operands)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check_vectors(*tensors):
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
+            raise ValueError("per-member vectors (r, s, u, v, bias, delta_bias) must be contiguous (E, width)")
+
+
+def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None, e1=None, delta_bias=None,
+                         e2=None, store_delta_out: bool = False):
+    """Launch the forward kernel. Returns (y, delta_out): y (E*B, out) in x.dtype; delta_out is the
+    pre-scale Delta product (x * u_k) @ Delta^T (E*B, out) when store_delta_out (hyper op), else None.
+    The hyper op is selected by passing delta (then u, v, e1 are required)."""
+    _check_vectors(r, s, bias, u, v, delta_bias)
+    hyper = delta is not None
+    N, IN = x.shape
+    OUT = weight.shape[0]
+    E = r.shape[0]
+    B = N // E
+    y = torch.empty((N, OUT), dtype=x.dtype, device=x.device)
+    delta_out = torch.empty((N, OUT), dtype=x.dtype, device=x.device) if (hyper and store_delta_out) else None
+    if N == 0 or OUT == 0:
+        return y, delta_out
+    dummy = y
+    grid = lambda meta: (E * triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)  # noqa: E731
+    _forward[grid](
+        x, weight, r, s, bias if bias is not None else dummy,
+        delta if hyper else dummy, u if hyper else dummy, v if hyper else dummy, e1 if hyper else dummy,
+        delta_bias if delta_bias is not None else dummy, e2 if e2 is not None else dummy,
+        y, delta_out if delta_out is not None else dummy,
+        E, B, IN, OUT,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        delta.stride(0) if hyper else 0, delta.stride(1) if hyper else 0,
+        e1.stride(0) if hyper else 0, e1.stride(1) if hyper else 0,
+        e2.stride(0) if e2 is not None else 0, e2.stride(1) if e2 is not None else 0,
+        HAS_BIAS=bias is not None, HYPER=hyper, HAS_DELTA_BIAS=hyper and delta_bias is not None,
+        STORE_DELTA_OUT=delta_out is not None, DOT_PRECISION=dot_precision(x.dtype),
+        ACC_DTYPE=accumulator_dtype(x.dtype))
+    return y, delta_out
+
+
+def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=None):
+    """dx (E*B, in) = ((grad * s_k) @ W) * r_k [+ ((grad * v_k * e1) @ Delta) * u_k] in grad.dtype."""
+    _check_vectors(r, s, u, v)
+    hyper = delta is not None
+    N, OUT = grad.shape
+    IN = weight.shape[1]
+    E = r.shape[0]
+    B = N // E
+    dx = torch.empty((N, IN), dtype=grad.dtype, device=grad.device)
+    if N == 0 or IN == 0:
+        return dx
+    if OUT == 0:
+        return dx.zero_()
+    dummy = dx
+    grid = lambda meta: (E * triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(IN, meta["BLOCK_N"]),)  # noqa: E731
+    _grad_input[grid](
+        grad, weight, r, s, delta if hyper else dummy, u if hyper else dummy, v if hyper else dummy,
+        e1 if hyper else dummy, dx,
+        E, B, IN, OUT,
+        grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
+        delta.stride(0) if hyper else 0, delta.stride(1) if hyper else 0,
+        e1.stride(0) if hyper else 0, e1.stride(1) if hyper else 0,
+        HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype))
+    return dx
+
+
+def rank1_linear_grad_weight(grad, x, weight, r, s, e1=None, delta=None, u=None, v=None):
+    """Weight-side gradients in one launch: returns (dW, dr, ds) for the batch op, and additionally
+    (dDelta, du, dv) for the hyper op (given delta, u, v, e1), each in the dtype of its input."""
+    _check_vectors(r, s, u, v)
+    hyper = delta is not None
+    N, OUT = grad.shape
+    IN = x.shape[1]
+    E = r.shape[0]
+    B = N // E
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    dev = grad.device
+    n_part_in = max(1, triton.cdiv(IN, _min_tile("grad_weight", 1)))
+    n_part_out = max(1, triton.cdiv(OUT, _min_tile("grad_weight", 0)))
+    dw = torch.empty((OUT, IN), dtype=weight.dtype, device=dev)
+    ds_part = torch.zeros((E, n_part_in, OUT), dtype=acc, device=dev)
+    dr_part = torch.zeros((E, n_part_out, IN), dtype=acc, device=dev)
+    ddelta = torch.empty((OUT, IN), dtype=delta.dtype, device=dev) if hyper else None
+    dv_part = torch.zeros((E, n_part_in, OUT), dtype=acc, device=dev) if hyper else ds_part
+    du_part = torch.zeros((E, n_part_out, IN), dtype=acc, device=dev) if hyper else dr_part
+    if OUT > 0 and IN > 0:
+        if N == 0:
+            dw.zero_()
+            if hyper:
+                ddelta.zero_()
+        else:
+            grid = lambda meta: (triton.cdiv(OUT, meta["BLOCK_O"]) * triton.cdiv(IN, meta["BLOCK_I"]),  # noqa: E731
+                                 2 if hyper else 1)
+            _grad_weight[grid](
+                grad, x, weight, r, s, delta if hyper else dw, u if hyper else dw, v if hyper else dw,
+                e1 if hyper else dw,
+                dw, ddelta if hyper else dw, ds_part, dr_part, dv_part, du_part,
+                E, B, IN, OUT, n_part_in, n_part_out,
+                grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                delta.stride(0) if hyper else 0, delta.stride(1) if hyper else 0,
+                e1.stride(0) if hyper else 0, e1.stride(1) if hyper else 0,
+                HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype))
+    out = (dw, dr_part.sum(1).to(r.dtype), ds_part.sum(1).to(s.dtype))
+    if hyper:
+        out += (ddelta, du_part.sum(1).to(u.dtype), dv_part.sum(1).to(v.dtype))
+    return out
+
+
+def rank1_linear_grad_rowwise(grad, E: int, bias_grad: bool, v=None, delta_out=None, e2=None, delta_bias=None):
+    """Row-wise gradient terms in one pass over grad: returns (dbias, de1, ddelta_bias, de2), each None
+    unless asked for: bias_grad -> dbias (E, out); delta_out (with v) -> de1 = grad * v_k * delta_out;
+    e2 (with delta_bias) -> ddelta_bias = member sums of grad * e2 and de2 = grad * delta_bias_k."""
+    _check_vectors(v, delta_bias)
+    N, OUT = grad.shape
+    B = N // E
+    e1_grad = delta_out is not None
+    db_grad = e2 is not None
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    dev = grad.device
+    T = triton.cdiv(B, ROWWISE_BLOCK_M) if B > 0 else 0
+    db_part = torch.zeros((E * T, OUT), dtype=acc, device=dev) if bias_grad else None
+    ddb_part = torch.zeros((E * T, OUT), dtype=acc, device=dev) if db_grad else None
+    de1 = torch.empty((N, OUT), dtype=grad.dtype, device=dev) if e1_grad else None
+    de2 = torch.empty((N, OUT), dtype=grad.dtype, device=dev) if db_grad else None
+    if (bias_grad or e1_grad or db_grad) and N > 0 and OUT > 0:
+        dummy = db_part if db_part is not None else (de1 if de1 is not None else de2)
+        grid = (E * T, triton.cdiv(OUT, ROWWISE_BLOCK_N))
+        rank1_linear_grad_rowwise_kernel[grid](
+            grad, delta_out if e1_grad else dummy, v if e1_grad else dummy, e2 if db_grad else dummy,
+            delta_bias if db_grad else dummy,
+            db_part if bias_grad else dummy, ddb_part if db_grad else dummy,
+            de1 if e1_grad else dummy, de2 if db_grad else dummy,
+            E, B, OUT, grad.stride(0), grad.stride(1),
+            e2.stride(0) if db_grad else 0, e2.stride(1) if db_grad else 0,
+            BIAS_GRAD=bias_grad, E1_GRAD=e1_grad, DELTA_BIAS_GRAD=db_grad, ACC_DTYPE=accumulator_dtype(grad.dtype),
+            BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N, num_warps=4)
+    dbias = db_part.view(E, T, OUT).sum(1).to(grad.dtype) if bias_grad else None
+    ddb = ddb_part.view(E, T, OUT).sum(1).to(grad.dtype) if db_grad else None
+    return dbias, de1, ddb, de2
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90 compile specs (bench/static_gpu_report.py)
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_divisible=()):
+    """(signature, constexprs, attrs) for triton.compile(ASTSource(...)) as a launch with contiguous
+    tensors specialises: arguments named in unit_args (inner strides) become the constant 1, pointers
+    and the remaining ints carry tt.divisibility=16 (16-byte aligned storage, widths and strides
+    multiples of 16) except the ints in not_divisible. pointer_dtypes maps each pointer argument to its
+    element type ("bf16", "fp32", ...); every other argument must be an int or in constexprs."""
+    consts = dict(constexprs or {})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in unit_args:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in pointer_dtypes:
+            signature[name] = "*" + pointer_dtypes[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name not in not_divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_dk", "stride_e1n", "stride_e2n", "stride_gn")
+_PARTIAL_POINTERS = ("ds_part_ptr", "dr_part_ptr", "dv_part_ptr", "du_part_ptr", "db_part_ptr", "ddb_part_ptr")
+
+
+def sm90_compile_specs() -> list:
+    """Every kernel of this module at every config it can launch with on an H100, per input dtype
+    (bf16, fp16, fp32 as tf32 and as tf32x3, fp64), with all optional features of each variant on
+    (bias, delta_bias/e2, stored Delta product) and contiguous-tensor specialisation.
+    Keys: name, fn, signature, constexprs, attrs, num_warps, num_stages, dtype, gemm, expect_hgmma, config."""
+    variants = []  # (name, fn, kind, hyper, feature constexprs)
+    for hyper in (False, True):
+        tag = "hyper" if hyper else "batch"
+        variants.append((f"rank1_linear_forward[{tag}]", rank1_linear_forward_kernel, "forward", hyper,
+                         dict(HAS_BIAS=True, HYPER=hyper, HAS_DELTA_BIAS=hyper, STORE_DELTA_OUT=hyper)))
+        variants.append((f"rank1_linear_grad_input[{tag}]", rank1_linear_grad_input_kernel, "grad_input", hyper,
+                         dict(HYPER=hyper)))
+        variants.append((f"rank1_linear_grad_weight[{tag}]", rank1_linear_grad_weight_kernel, "grad_weight", hyper,
+                         dict(HYPER=hyper)))
+    precisions = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"),
+                  (torch.float32, "tf32x3"), (torch.float64, "ieee"))
+    specs = []
+    for dtype, precision in precisions:
+        elem = _TRITON_DTYPE[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        dtype_name = elem if dtype != torch.float32 else f"fp32/{precision}"
+        expect_hgmma = dtype != torch.float64
+        for name, fn, kind, hyper, features in variants:
+            pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
+            for cfg in launchable_configs(kind, dtype, hyper, precision):
+                consts = dict(features, DOT_PRECISION=precision, ACC_DTYPE=accumulator_dtype(dtype), **cfg.kwargs)
+                signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible=("E",))
+                m, n, k = _KIND_AXES[kind]
+                specs.append(dict(name=name, fn=fn, signature=signature, constexprs=consts, attrs=attrs,
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype_name, gemm=True,
+                                  expect_hgmma=expect_hgmma,
+                                  config=f"{cfg.kwargs[m]}x{cfg.kwargs[n]}x{cfg.kwargs[k]} w{cfg.num_warps} "
+                                         f"s{cfg.num_stages}"))
+        fn = rank1_linear_grad_rowwise_kernel
+        pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
+        consts = dict(BIAS_GRAD=True, E1_GRAD=True, DELTA_BIAS_GRAD=True, ACC_DTYPE=accumulator_dtype(dtype),
+                      BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N)
+        if precision != "tf32x3":  # no dot: the fp32 build is the same for both precisions
+            signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible=("E",))
+            specs.append(dict(name="rank1_linear_grad_rowwise[hyper]", fn=fn, signature=signature, constexprs=consts,
+                              attrs=attrs, num_warps=4, num_stages=1, dtype=elem, gemm=False, expect_hgmma=False,
+                              config=f"{ROWWISE_BLOCK_M}x{ROWWISE_BLOCK_N} w4"))
+    return specs
