@@ -1,0 +1,297 @@
+"""hyperkern command line: `hyperkern compare` (the main job) and `hyperkern train`.
+
+hyperkern compare
+    Trains a single model, a deep ensemble, a batch ensemble, a hyper-deep ensemble and a hyper-batch
+    ensemble on one dataset (default: the embedded UCI digits, an MLP, E = 4) and prints a table like
+    the paper's (accuracy, NLL, ECE, Brier, parameters, training time); writes results.json and
+    reliability.png into --output-dir. Protocol (METHOD.md section 4): the hyper-deep random search
+    (--budget trials, fixed init seed) also tunes the baselines, as in the paper: the single model is
+    the search's best trial on validation NLL, the deep ensemble is that setting trained from E seeds
+    (the stratification of hyper-deep ensembles trains exactly these), the batch ensemble uses that
+    setting, and the hyper-batch ensemble starts its per-member distributions there. Run
+    directories under --output-dir/runs make the same command resume after an interruption.
+
+hyperkern train --method {single,deep,batch,hyper_deep,hyper_batch}
+    Trains one method (untuned defaults unless --hparams is given), prints its metrics and saves it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+__all__ = ["main", "build_parser", "run_compare", "run_train"]
+
+METHOD_LABELS = {
+    "single": "single model",
+    "deep": "deep ensemble",
+    "batch": "batch ensemble",
+    "hyper_deep": "hyper-deep ensemble",
+    "hyper_batch": "hyper-batch ensemble",
+}
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser):
+    from hyperkern.data import DATASETS
+
+    p.add_argument("--model", default="mlp", choices=["mlp", "lenet5", "resnet20", "wrn28_10"],
+                   help="network architecture (default: mlp)")
+    p.add_argument("--data", default="digits", choices=list(DATASETS),
+                   help="dataset; 'digits' is embedded, the others are read from --data-dir (default: digits)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset in torchvision's layout")
+    p.add_argument("--ensemble-size", "-E", type=_positive_int, default=4, help="ensemble size E (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and of all training (default: 0)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs per network (default: 40 on digits, 20 otherwise)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size per member (default: 64)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate, cosine-decayed (default: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction held out for validation (default: 0.2 on digits, whose 1,797 images "
+                        "leave a small validation set for greedy selection; 0.1 otherwise)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
+                   help="op backend of the rank-1 layers (default: auto)")
+    p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
+    p.add_argument("--executor", default="local", choices=["local", "process"],
+                   help="where independent trials run: this process or a process pool (default: local)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="process pool size (--executor process)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: 1 for digits, whose tiny networks only lose time to "
+                        "thread synchronisation; torch's default otherwise)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperkern", description="Deep, batch, hyper-deep and hyper-batch "
+                                     "ensembles (Wenzel et al., NeurIPS 2020).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare", help="train all methods on one dataset and compare them (the main job)",
+                             description=__doc__.split("hyperkern train")[0].split("hyperkern compare", 1)[1],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(compare)
+    compare.add_argument("--budget", type=_positive_int, default=16,
+                         help="hyper-deep random-search trials kappa (default: 16)")
+    compare.add_argument("--output-dir", default="hyperkern-compare", help="where results go (default: "
+                         "./hyperkern-compare)")
+    compare.add_argument("--hyper-batch-init", default="tuned", choices=["tuned", "range-mean"],
+                         help="centre of the hyper-batch distributions at start: the search's best setting "
+                              "(tuned, default) or the log-uniform mean of each full range (METHOD.md)")
+
+    train = sub.add_parser("train", help="train one method and report its metrics")
+    _add_common(train)
+    train.add_argument("--method", required=True, choices=list(METHOD_LABELS), help="which method")
+    train.add_argument("--budget", type=_positive_int, default=16, help="random-search trials (hyper_deep)")
+    train.add_argument("--hparams", default=None,
+                       help='JSON object of hyperparameters, e.g. \'{"dropout": 0.1, "l2_hidden1": 0.5}\' '
+                            "(single / deep / batch; hyper_batch: initial centres)")
+    train.add_argument("--output-dir", default="hyperkern-train", help="where the model and metrics go")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _setup(args):
+    import torch
+
+    from hyperkern.data import load_dataset
+    from hyperkern.ensembles import ModelSpec, TrainConfig
+
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.2 if args.data == "digits" else 0.1)
+    if not 0.0 < val_fraction < 1.0:
+        raise SystemExit(f"hyperkern: --val-fraction must lie in (0, 1), got {val_fraction}")
+    data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=val_fraction)
+    epochs = args.epochs or (40 if args.data == "digits" else 20)
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    kwargs = {"backend": args.backend}
+    if args.model == "lenet5" and data.input_shape[1] < 12:
+        raise SystemExit(f"hyperkern: lenet5 needs images of at least 12x12; {args.data} has {data.input_shape}")
+    spec = ModelSpec(args.model, data.num_classes, data.input_shape, kwargs)
+    executor = "local"
+    if args.executor == "process":
+        from hyperkern.ensembles import ProcessExecutor
+
+        executor = ProcessExecutor(max_workers=args.workers)
+    threads = args.threads or (1 if args.data == "digits" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    return data, spec, config, executor
+
+
+def _format_table(rows: list[dict]) -> str:
+    header = ["method", "accuracy", "NLL", "ECE", "Brier", "parameters", "train time"]
+    lines = [[r["label"], f"{r['accuracy']:.4f}", f"{r['nll']:.4f}", f"{r['ece']:.4f}", f"{r['brier']:.4f}",
+              f"{r['num_parameters']:,}", f"{r['train_seconds']:.1f} s"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = [" | ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    out.append("-+-".join("-" * w for w in widths))
+    for line in lines:
+        out.append(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(out)
+
+
+def _result_row(name, trainer, test, seconds):
+    metrics = trainer.evaluate(test)
+    return {"method": name, "label": METHOD_LABELS[name], **metrics, "train_seconds": float(seconds)}
+
+
+def _write_outputs(output_dir, payload, probs_by_label, labels, quiet_errors) -> list[str]:
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    path = os.path.join(output_dir, "results.json")
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    written.append(path)
+    try:
+        from hyperkern.metrics import reliability_diagram
+
+        written.append(reliability_diagram(probs_by_label, labels, os.path.join(output_dir, "reliability.png")))
+    except ImportError as exc:
+        quiet_errors.append(f"no reliability diagram: {exc}")
+    return written
+
+
+def run_compare(args) -> dict:
+    from hyperkern.ensembles import BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer, HyperDeepEnsemble
+
+    data, spec, config, executor = _setup(args)
+    progress = not args.no_progress
+    E = args.ensemble_size
+    runs = os.path.join(args.output_dir, "runs")
+    print(f"hyperkern compare: {data.describe()}; model {args.model}, E = {E}, budget {args.budget}, "
+          f"{config.epochs} epochs, seed {args.seed}", flush=True)
+
+    start = time.perf_counter()
+    hyper_deep = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed,
+                                   run_dir=os.path.join(runs, "hyper_deep"), executor=executor,
+                                   progress=progress).fit(data.train, data.val)
+    best = min(hyper_deep.search_trials, key=lambda t: t["val_nll"])
+    best_group = hyper_deep.stratified_members(best["trial_id"])
+    single = DeepEnsemble.from_trials(spec, [r for r in best_group if r["trial_id"] == best["trial_id"]], config)
+    deep = DeepEnsemble.from_trials(spec, best_group, config) if len(best_group) == E else None
+    hyper_deep_seconds = time.perf_counter() - start  # search + stratification (+ loading on resume)
+    tuned = dict(best["hparams"])
+
+    batch = BatchEnsembleTrainer(spec, E, hparams=tuned, config=config, seed=args.seed,
+                                 run_dir=os.path.join(runs, "batch"), progress=progress).fit(data.train, data.val)
+    hb_space = spec.build("hyper_batch", E).hparam_space
+    init = {k: v for k, v in tuned.items() if k in hb_space} if args.hyper_batch_init == "tuned" else None
+    hyper_batch = HyperBatchEnsembleTrainer(spec, E, config=config, seed=args.seed, init_hparams=init,
+                                            run_dir=os.path.join(runs, "hyper_batch"),
+                                            progress=progress).fit(data.train, data.val)
+
+    rows = [_result_row("single", single, data.test, single.train_seconds)]
+    if deep is not None:
+        rows.append(_result_row("deep", deep, data.test, deep.train_seconds))
+    rows.append(_result_row("batch", batch, data.test, batch.train_seconds))
+    rows.append(_result_row("hyper_deep", hyper_deep, data.test, hyper_deep.train_seconds))
+    rows.append(_result_row("hyper_batch", hyper_batch, data.test, hyper_batch.train_seconds))
+    trainers = {"single": single, "deep": deep, "batch": batch, "hyper_deep": hyper_deep, "hyper_batch": hyper_batch}
+
+    table = _format_table(rows)
+    print()
+    print(table)
+    notes = []
+    payload = {
+        "command": "compare", "dataset": data.name, "splits": {"train": len(data.train), "val": len(data.val),
+                                                                 "test": len(data.test)},
+        "model": args.model, "ensemble_size": E, "budget": args.budget, "seed": args.seed,
+        "train_config": config.to_dict(), "hyper_batch_init": args.hyper_batch_init,
+        "methods": {r["method"]: {k: v for k, v in r.items() if k not in ("method",)} for r in rows},
+        "tuned_hparams": tuned,
+        "hyper_deep": {"search_trials": hyper_deep.search_trials, "first_selection": hyper_deep.first_selection,
+                       "final_selection": hyper_deep.final_selection,
+                       "trained_trial_ids": hyper_deep.trained_trial_ids,
+                       "loaded_trial_ids": hyper_deep.loaded_trial_ids, "wall_seconds": hyper_deep_seconds},
+        "hyper_batch": {"member_hparams": hyper_batch.member_hparams()},
+        "table": table,
+    }
+    probs = {r["label"]: trainers[r["method"]].predict_proba(data.test.x) for r in rows}
+    written = _write_outputs(args.output_dir, payload, probs, data.test.y, notes)
+    for note in notes:
+        print(f"hyperkern: {note}", file=sys.stderr)
+    print("\nwrote " + ", ".join(written))
+    return payload
+
+
+def run_train(args) -> dict:
+    from hyperkern.ensembles import (BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer,
+                                     HyperDeepEnsemble)
+
+    data, spec, config, executor = _setup(args)
+    progress = not args.no_progress
+    E = args.ensemble_size
+    try:
+        hparams = json.loads(args.hparams) if args.hparams else {}
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"hyperkern: --hparams is not valid JSON ({exc})")
+    if not isinstance(hparams, dict) or not all(isinstance(v, (int, float)) for v in hparams.values()):
+        raise SystemExit("hyperkern: --hparams must be a JSON object of numbers")
+    run_dir = os.path.join(args.output_dir, "run")
+    print(f"hyperkern train {args.method}: {data.describe()}; model {args.model}, E = {E}, {config.epochs} epochs",
+          flush=True)
+    if args.method in ("single", "deep"):
+        trainer = DeepEnsemble(spec, 1 if args.method == "single" else E, hparams=hparams, config=config,
+                               seed=args.seed, run_dir=run_dir, executor=executor, progress=progress)
+    elif args.method == "batch":
+        trainer = BatchEnsembleTrainer(spec, E, hparams=hparams, config=config, seed=args.seed, run_dir=run_dir,
+                                       progress=progress)
+    elif args.method == "hyper_deep":
+        trainer = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed, run_dir=run_dir,
+                                    executor=executor, progress=progress)
+    else:
+        trainer = HyperBatchEnsembleTrainer(spec, E, config=config, seed=args.seed, init_hparams=hparams or None,
+                                            run_dir=run_dir, progress=progress)
+    trainer.fit(data.train, data.val)
+    seconds = trainer.train_seconds
+    row = _result_row(args.method, trainer, data.test, seconds)
+    table = _format_table([row])
+    print()
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    model_path = os.path.join(args.output_dir, f"{args.method}.pt")
+    trainer.save(model_path)
+    payload = {"command": "train", "method": args.method, "dataset": data.name, "model": args.model,
+               "ensemble_size": E, "seed": args.seed, "train_config": config.to_dict(), "hparams": hparams,
+               "metrics": row, "model_file": model_path, "table": table}
+    notes = []
+    written = _write_outputs(args.output_dir, payload, {METHOD_LABELS[args.method]: trainer.predict_proba(data.test.x)},
+                             data.test.y, notes)
+    for note in notes:
+        print(f"hyperkern: {note}", file=sys.stderr)
+    print("\nwrote " + ", ".join([model_path] + written))
+    return payload
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from hyperkern.data import DataFileError
+
+    try:
+        if args.command == "compare":
+            run_compare(args)
+        else:
+            run_train(args)
+    except (DataFileError, FileNotFoundError) as exc:
+        print(f"hyperkern: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"hyperkern: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

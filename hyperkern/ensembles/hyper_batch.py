@@ -1,0 +1,223 @@
+"""Hyper-batch ensembles (this paper; METHOD.md sections 2 and 3): a batch ensemble whose layers are
+conditioned on per-row hyperparameters, trained with the alternating bilevel loop:
+
+- every step, on the training split: lam ~ logU(a_k, b_k) per row (one sample per row, member k's
+  distribution for member k's rows, xi frozen); SGD with Nesterov momentum on every weight and the
+  embeddings; loss = mean of the members' cross-entropies + model.l2_penalty(lam) / n_train;
+- every config.val_every-th step (3), on a validation minibatch with the network in eval mode (batch
+  norm statistics frozen, dropout off): Adam on xi = (log a, log b) only, loss = NLL of the
+  averaged prediction (-log mean_k p_k, via logsumexp) - tau * mean entropy of the distributions,
+  then clip log a, log b into the ranges with log a < log b;
+- at test time member k uses the mean of its distribution, (b - a) / (log b - log a).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hyperkern.ensembles._common import seeded
+from hyperkern.ensembles._loop import _set_lr, member_log_probs, run_epochs
+from hyperkern.ensembles.batch import _SingleNetworkTrainer
+from hyperkern.nn.hparams import EnsembleLogUniform
+
+__all__ = ["HyperBatchEnsembleTrainer"]
+
+
+class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
+    """Trains a hyper-batch ensemble: model variant "hyper_batch" with E members and per-member
+    log-uniform distributions over the model's hyperparameters (model.hparam_space: the L2 strength
+    of every layer group and, for the MLP and LeNet-5, the dropout rate).
+
+    Args:
+        model: a hyperkern.models name or a ModelSpec. ensemble_size: E.
+        config: TrainConfig (val_every, hparam_lr, entropy_weight set the distribution step).
+        seed: init, data order and sampling seed.
+        val_batch_size: rows per validation step (default config.batch_size).
+        init_delta: half-width of the initial log-uniform intervals (EnsembleLogUniform, 0.2).
+        init_hparams: optional {name: value}: centre the initial intervals of those hyperparameters at
+            log(value) instead of the log-uniform mean of the full range (METHOD.md's init, which
+            for the MLP's L2 range [1e-3, 1e3] is about 72, far from where short runs can move).
+        clip_norm: optional gradient-norm clip of the distribution step (default None: as METHOD.md,
+            only the interval endpoints are clipped into the ranges).
+        run_dir: optional directory; run_dir/checkpoint.pt (model, both optimizers, the
+            distributions, data order and RNG state) is written after every epoch and fit resumes
+            from it.
+        num_classes, progress: as DeepEnsemble.
+
+    After fit: distributions (the EnsembleLogUniform), hparam_history (per epoch: the members' mean
+    hyperparameters), member_hparams() (each member's test-time hyperparameters).
+    """
+
+    variant = "hyper_batch"
+
+    def __init__(self, model="mlp", ensemble_size: int = 4, config=None, seed: int = 0,
+                 val_batch_size: int | None = None, init_delta: float = 0.2, init_hparams: dict | None = None,
+                 clip_norm: float | None = None,
+                 run_dir: str | None = None, num_classes: int | None = None, progress: bool = True):
+        self._init_common(model, ensemble_size, config, seed, run_dir, progress, num_classes)
+        if val_batch_size is not None and (not isinstance(val_batch_size, int) or val_batch_size < 1):
+            raise ValueError(f"val_batch_size must be a positive int, got {val_batch_size!r}")
+        self.val_batch_size = val_batch_size
+        self.init_delta = float(init_delta)
+        self.init_hparams = dict(init_hparams or {})
+        self.clip_norm = clip_norm
+        self.distributions = None
+        self.hparam_history: list[list[dict]] = []
+
+    def _new_distributions(self, space, recentre: bool = True):
+        g = torch.Generator().manual_seed(self.seed * 7919 + 1)
+        dist = EnsembleLogUniform(space, self.ensemble_size, init_delta=self.init_delta, generator=g)
+        if recentre and self.init_hparams:
+            unknown = [k for k in self.init_hparams if k not in space]
+            if unknown:
+                raise ValueError(f"init_hparams names {unknown} are not hyperparameters of this model "
+                                 f"({list(space.names)})")
+            default_centre = space.log_uniform_mean().log()
+            with torch.no_grad():
+                for name, value in self.init_hparams.items():
+                    j = space.index(name)
+                    shift = math.log(float(value)) - float(default_centre[j])
+                    dist.log_low[:, j] += shift
+                    dist.log_high[:, j] += shift
+                dist.clip_()
+        return dist
+
+    def fit(self, train, val, *, on_epoch_end=None):
+        """Train on train with the distribution steps on val (required). Returns self."""
+        if val is None:
+            raise ValueError("val is required: hyper-batch ensembles tune their hyperparameter distributions on it")
+        x, y, xv, yv = self._prepare(train, val)
+        config = self.config
+        device = torch.device(config.device)
+        E = self.ensemble_size
+        net = self._build().to(device)
+        space = net.hparam_space
+        dist = self._new_distributions(space).to(device)
+        x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+        n_train = x.shape[0]
+        fast = list(net.fast_parameters())
+        multiplier = float(config.fast_weight_lr_multiplier)
+        opt_w = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0)
+        opt_xi = torch.optim.Adam(dist.parameters(), lr=config.hparam_lr)
+        val_generator = torch.Generator().manual_seed(self.seed * 104_729 + 3)
+        vb = min(self.val_batch_size or config.batch_size, xv.shape[0])
+        tau = float(config.entropy_weight)
+        history: list[list[dict]] = []
+        log_e = math.log(E)
+
+        def weight_step(index, step, total, lr):
+            net.train()
+            _set_lr(opt_w, lr)
+            xb, yb = x[index], y[index]
+            b = xb.shape[0]
+            lam = dist.sample(b)  # (E*B, m) member-major, xi frozen
+            logits = net(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            loss = F.cross_entropy(logits, yb.repeat(E)) + net.l2_penalty(lam) / n_train
+            opt_w.zero_grad(set_to_none=True)
+            loss.backward()
+            if fast and multiplier != 1.0:
+                for p in fast:
+                    if p.grad is not None:
+                        p.grad.mul_(multiplier)
+            opt_w.step()
+            if (step + 1) % config.val_every == 0:
+                distribution_step()
+            return float(loss.detach())
+
+        def distribution_step():
+            net.eval()  # batch norm statistics frozen, dropout off
+            index = torch.randperm(xv.shape[0], generator=val_generator)[:vb].to(device)
+            xb, yb = xv[index], yv[index]
+            lam = dist.rsample(vb)  # reparameterised: gradients reach log a, log b
+            logits = net(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            log_probs = torch.log_softmax(logits, dim=-1).reshape(E, vb, -1)
+            picked = log_probs.gather(2, yb[None, :, None].expand(E, vb, 1)).squeeze(2)  # (E, B)
+            ensemble_nll = -(torch.logsumexp(picked, dim=0) - log_e).mean()
+            loss = ensemble_nll - tau * dist.entropy().mean()
+            grads = torch.autograd.grad(loss, [dist.log_low, dist.log_high])  # the network's grads untouched
+            opt_xi.zero_grad(set_to_none=True)
+            dist.log_low.grad, dist.log_high.grad = grads
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_([dist.log_low, dist.log_high], self.clip_norm)
+            opt_xi.step()
+            dist.clip_()
+            net.train()
+
+        def record_history(epoch):
+            history.append(self._member_means(dist, space))
+
+        def get_state():
+            return {"model": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_xi": opt_xi.state_dict(),
+                    "distributions": dist.state_dict(), "val_generator": val_generator.get_state(),
+                    "history": [[dict(m) for m in h] for h in history]}
+
+        def set_state(state):
+            net.load_state_dict(state["model"])
+            opt_w.load_state_dict(state["opt_w"])
+            opt_xi.load_state_dict(state["opt_xi"])
+            dist.load_state_dict(state["distributions"])
+            val_generator.set_state(state["val_generator"])
+            history[:] = state["history"]
+
+        start = time.perf_counter()
+        with seeded(self.seed * 1_000_003 + 11):
+            self.fit_info = run_epochs(n_train=n_train, config=config, data_seed=self.seed, step_fn=weight_step,
+                                       get_state=get_state, set_state=set_state,
+                                       checkpoint_path=self.checkpoint_path, on_epoch_end=on_epoch_end,
+                                       before_checkpoint=record_history,
+                                       progress=self.progress, desc="hyper-batch ensemble")
+        self.train_seconds = time.perf_counter() - start
+        self.network, self.distributions, self.hparam_history = net.eval(), dist, history
+        self.fitted = True
+        return self
+
+    @staticmethod
+    def _member_means(dist, space) -> list[dict]:
+        with torch.no_grad():
+            return [space.to_dict(row) for row in dist.mean().double()]
+
+    def member_hparams(self) -> list[dict]:
+        """Each member's test-time hyperparameters: the means of its distributions."""
+        self._check_fitted()
+        return self._member_means(self.distributions, self.network.hparam_space)
+
+    def member_log_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(E, N, C) member log-probabilities, member k at the mean of its distributions."""
+        self._check_fitted()
+        x = self._check_x(x)
+        space, dist = self.network.hparam_space, self.distributions
+        with torch.no_grad():
+            z_members = space.normalize(dist.mean())  # (E, m)
+
+        def hparams_for_rows(b):
+            return z_members.repeat_interleave(b, dim=0)  # member-major (E*B, m)
+
+        return member_log_probs(self.network, x, self.ensemble_size, self.config.eval_batch_size,
+                                hparams_for_rows=hparams_for_rows, device=self.config.device)
+
+    def num_parameters(self) -> int:
+        """Network parameters (the 2*E*m distribution parameters are not counted)."""
+        return super().num_parameters()
+
+    def _extra_state(self):
+        return {"distributions": self.distributions.state_dict(), "hparam_history": self.hparam_history,
+                "init_delta": self.init_delta, "init_hparams": self.init_hparams}
+
+    def _load_extra_state(self, extra):
+        self.init_delta = float(extra.get("init_delta", 0.2))
+        self.init_hparams = dict(extra.get("init_hparams", {}))
+        self.hparam_history = list(extra.get("hparam_history", []))
+        self._pending_dist = extra["distributions"]
+
+    @classmethod
+    def load(cls, path: str):
+        obj = super().load(path)
+        obj.distributions = obj._new_distributions(obj.network.hparam_space, recentre=False)
+        obj.distributions.load_state_dict(obj._pending_dist)
+        del obj._pending_dist
+        obj.val_batch_size, obj.clip_norm = None, None
+        return obj

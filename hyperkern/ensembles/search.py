@@ -1,0 +1,159 @@
+"""Trials and run directories: the resumable machinery behind deep and hyper-deep ensembles.
+
+A trial trains one plain network (hyperparameters, init seed, data-order seed) and returns its
+weights and validation log-probabilities. A run directory holds:
+
+    run.json                 what the run is (model, data fingerprint, training config, search
+                             settings); a different run in the same directory is refused
+    trials/<trial_id>.pt     one file per finished trial, written atomically (tmp + os.replace)
+    checkpoints/<id>.pt      the epoch checkpoint of a trial in progress (removed when it finishes)
+
+Running the same command with the same directory again skips every finished trial and resumes a
+trial in progress from its last epoch, so a killed search loses at most one epoch of one trial.
+Trial files are read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+
+import torch
+
+from hyperkern.ensembles._common import (ModelSpec, TrainConfig, atomic_save, count_parameters, load_checkpoint,
+                                         seeded)
+from hyperkern.ensembles._loop import member_log_probs, train_network
+
+__all__ = ["RunDirectory", "run_member_trial", "data_fingerprint"]
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short hash of the tensors' shapes, dtypes and bytes (identifies the data a run trained on)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class RunDirectory:
+    """A run directory (see the module docstring). identity: a JSON-able dict describing the run."""
+
+    def __init__(self, path: str, identity: dict):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.join(self.path, "trials"), exist_ok=True)
+        os.makedirs(os.path.join(self.path, "checkpoints"), exist_ok=True)
+        identity = json.loads(json.dumps(identity, sort_keys=True))  # normalise (tuples -> lists)
+        meta = os.path.join(self.path, "run.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                existing = json.load(f)
+            if existing != identity:
+                diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+                raise ValueError(f"{self.path} holds a different run (differs in {diff}); use another directory "
+                                 "or delete this one to start over")
+        else:
+            tmp = f"{meta}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(identity, f, indent=1, sort_keys=True)
+            os.replace(tmp, meta)
+        # temporary files of writers that were killed mid-write
+        for stale in glob.glob(os.path.join(self.path, "*", "*.tmp-*")):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
+
+    def trial_path(self, trial_id: str) -> str:
+        return os.path.join(self.path, "trials", f"{trial_id}.pt")
+
+    def checkpoint_path(self, trial_id: str) -> str:
+        return os.path.join(self.path, "checkpoints", f"{trial_id}.pt")
+
+    def finished(self) -> list[str]:
+        return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(self.path, "trials", "*.pt")))
+
+    def has(self, trial_id: str) -> bool:
+        return os.path.isfile(self.trial_path(trial_id))
+
+    def load(self, trial_id: str) -> dict:
+        return load_checkpoint(self.trial_path(trial_id))
+
+    def save(self, result: dict) -> None:
+        atomic_save(result, self.trial_path(result["trial_id"]))
+        ckpt = self.checkpoint_path(result["trial_id"])
+        if os.path.isfile(ckpt):
+            os.remove(ckpt)
+
+
+def make_task(trial_id: str, spec: ModelSpec, config: TrainConfig, hparams: dict, init_seed: int, data_seed: int,
+              *, checkpoint_path: str | None = None, progress: bool = False) -> dict:
+    """A trial description: plain data only (it travels to worker processes)."""
+    return {"trial_id": trial_id, "model": spec.to_dict(), "config": config.to_dict(),
+            "hparams": {k: float(v) for k, v in hparams.items()}, "init_seed": int(init_seed),
+            "data_seed": int(data_seed), "checkpoint_path": checkpoint_path, "progress": bool(progress)}
+
+
+def build_member(spec: ModelSpec, hparams: dict, init_seed: int | None = None):
+    """The plain network of one trial (dropout rate from hparams), initialised from init_seed."""
+    kwargs = {"dropout": float(hparams["dropout"])} if "dropout" in hparams else {}
+    if init_seed is None:
+        return spec.build("plain", 1, **kwargs)
+    with seeded(init_seed):
+        return spec.build("plain", 1, **kwargs)
+
+
+def run_member_trial(task: dict, shared: dict) -> dict:
+    """Train one plain network as task describes on shared["train"]; return its weights and its
+    validation log-probabilities (shared["val"]). Deterministic in the task (init and data seeds,
+    dropout from a seed derived from both), whatever process runs it."""
+    spec = ModelSpec.from_dict(task["model"])
+    config = TrainConfig.from_dict(task["config"])
+    hparams = task["hparams"]
+    (x, y), (xv, yv) = shared["train"], shared["val"]
+    start = time.perf_counter()
+    model = build_member(spec, hparams, task["init_seed"])
+    with seeded(task["init_seed"] * 1_000_003 + task["data_seed"]):
+        info = train_network(model, x, y, config, hparams, data_seed=task["data_seed"],
+                             checkpoint_path=task.get("checkpoint_path"), progress=task.get("progress", False),
+                             desc=task["trial_id"])
+    seconds = time.perf_counter() - start
+    val_lp = member_log_probs(model, xv, 1, config.eval_batch_size, device=config.device)[0]
+    return {"trial_id": task["trial_id"], "hparams": dict(hparams), "init_seed": task["init_seed"],
+            "data_seed": task["data_seed"], "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "val_log_probs": val_lp, "train_seconds": seconds, "num_parameters": count_parameters(model),
+            "resumed_from_epoch": info["resumed_from_epoch"], "pid": os.getpid(), "finished_at": time.time()}
+
+
+def run_trials(tasks: list[dict], shared: dict, executor, run_dir: RunDirectory | None, *, progress: bool,
+               desc: str) -> tuple[dict[str, dict], list[str], list[str]]:
+    """Run the tasks not yet finished in run_dir on executor, saving each as it finishes.
+
+    Returns ({trial_id: result}, ids trained by this call, ids loaded from run_dir)."""
+    from hyperkern.ensembles._common import progress_bar
+
+    results, loaded = {}, []
+    todo = []
+    for task in tasks:
+        if run_dir is not None and run_dir.has(task["trial_id"]):
+            results[task["trial_id"]] = run_dir.load(task["trial_id"])
+            loaded.append(task["trial_id"])
+        else:
+            if run_dir is not None:
+                task = dict(task, checkpoint_path=run_dir.checkpoint_path(task["trial_id"]))
+            todo.append(task)
+    trained = []
+    bar = progress_bar(total=len(tasks), initial=len(loaded), enabled=progress, desc=desc)
+    try:
+        for task, result in executor.run(run_member_trial, todo, shared):
+            if run_dir is not None:
+                run_dir.save(result)
+            results[task["trial_id"]] = result
+            trained.append(task["trial_id"])
+            bar.update(1)
+    finally:
+        bar.close()
+    return results, trained, loaded
