@@ -1,0 +1,235 @@
+"""hyperkern benchmark suite: one command, op-level and model-level, CPU or CUDA.
+
+    python -m bench                                   # both suites on the CPU, full repeats
+    python -m bench --suite models --quick --threads 2
+    python -m bench --device cuda --json gpu-results/bench.json
+    python -m bench --quick --tiny --json /tmp/b.json # the smoke test: tiny shapes, numbers meaningless
+
+Run from the repository root. Prints the environment (date, device and its name, dtype, threads,
+torch, hyperkern backends, load) and the shapes, then a markdown table per suite and the issue's
+targets with PASS / MISS; --json writes everything (environment, arguments, every row, targets).
+
+Suites:
+  ops     bench/ops.py (rank-1 linear ops) and bench/ops_conv.py (rank-1 conv2d ops) when present:
+          every backend against the plain composition, torch.compile of it, the peer layers and the
+          floor (plain F.linear / conv2d over the same E*B rows); forward and forward+backward.
+  models  bench/models.py: ResNet-20 and a WRN-28-k training step and inference, plain / batch /
+          peers / hyper_batch / deep ensemble (loop and vmap), images/s and peak memory.
+Timing: interleaved rounds, median (bench/common.py). The model suite always runs float32; --dtype
+sets the op suite's dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from bench.common import describe_environment
+
+_OP_MODULES = ("bench.ops", "bench.ops_conv")
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=["ops", "models", "all"], default="all")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
+                   help="op-suite dtype (default float32; the CUDA op suite runs float32 and bfloat16)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shapes, no torch.compile baselines")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test of the harness; numbers meaningless)")
+    p.add_argument("--ensemble-size", "-E", type=int, default=None, help="members (default 4; 2 with --tiny)")
+    p.add_argument("--per-member", "-B", type=int, default=None,
+                   help="model suite: images per member (default 32; 2 with --tiny)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median reported)")
+    p.add_argument("--no-memory", action="store_true", help="model suite: skip the peak-memory measurement")
+    p.add_argument("--json", metavar="PATH", default=None, help="write environment, rows and targets as JSON")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    for name in ("threads", "ensemble_size", "per_member", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.ensemble_size is None:
+        args.ensemble_size = 2 if args.tiny else 4
+    if args.per_member is None:
+        args.per_member = 2 if args.tiny else 32
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# op suite
+# ---------------------------------------------------------------------------------------------------------------
+def _op_dtypes(args) -> list[torch.dtype]:
+    if args.dtype:
+        return [getattr(torch, args.dtype)]
+    if args.device == "cuda" and not args.tiny:
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32]
+
+
+def linear_shapes(args, dtype) -> list[tuple[int, int, int, int]]:
+    """(E, B, in, out) shapes of the linear op rows."""
+    E = args.ensemble_size
+    if args.tiny:
+        return [(E, 8, 16, 16)]
+    if args.device == "cuda":
+        # large GEMM (compute-bound: the >= 90% of torch.mm target) and a thin, memory-bound one
+        # (the >= 2x the eager composition target)
+        large = (E, 2048, 4096, 4096) if dtype != torch.float32 else (E, 1024, 4096, 4096)
+        return [large, (E, 8192, 128, 128)] if not args.quick else [large]
+    return [(E, 256, 512, 512)] if args.quick else [(E, 256, 512, 512), (E, 256, 1024, 1024)]
+
+
+def run_op_suite(args, log=print) -> dict:
+    """Run every op benchmark module present in this tree; returns {"rows", "modules", "missing"}."""
+    device = torch.device(args.device)
+    rows, used, missing = [], [], []
+    for modname in _OP_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            missing.append(modname)
+            continue
+        used.append(modname)
+        for dtype in _op_dtypes(args):
+            dname = str(dtype).replace("torch.", "")
+            if modname == "bench.ops":
+                shapes = linear_shapes(args, dtype)
+                log(f"[ops] linear, {dname}, shapes (E, B, in, out): {shapes}")
+                kw = {"repeats": args.repeats or (3 if args.quick or args.tiny else 15),
+                      "inner": 1 if args.tiny else 3, "compile_": not (args.quick or args.tiny)}
+                new = mod.run_linear(shapes, dtype, device, **kw)
+            else:
+                new = mod.run_conv(args, dtype, device, log=log)
+            for r in new:
+                r = dict(r)
+                r.setdefault("dtype", dname)
+                r["suite"] = "ops"
+                r["source"] = modname
+                if isinstance(r.get("shape"), tuple):
+                    r["shape"] = list(r["shape"])
+                rows.append(r)
+    if missing:
+        log(f"[ops] not in this tree (skipped): {', '.join(missing)}")
+    return {"rows": rows, "modules": used, "missing": missing}
+
+
+def format_op_table(rows: list[dict]) -> str:
+    from bench.common import format_markdown_table
+
+    header = ["op", "shape", "dtype", "mode", "variant", "median ms", "x floor"]
+    body = [[r["op"], ", ".join(str(v) for v in r["shape"]), r["dtype"], r["mode"], r["variant"], f"{r['ms']:.3f}",
+             f"{r['ratio']:.3f}"] for r in rows]
+    return format_markdown_table(header, body, ["l", "l", "l", "l", "l", "r", "r"])
+
+
+def check_op_targets(rows: list[dict], device: str) -> list[dict]:
+    """GPU op targets: fused linear forward >= 90% of the floor's (torch.mm) throughput at the large
+    bf16 shape and >= 2x the eager composition at the memory-bound one; fused conv <= 1.15x cuDNN."""
+    if device != "cuda":
+        return []
+    out = []
+    fused = ("triton", "cpp")
+
+    def pick(op, shape, dtype, mode, variant):
+        for r in rows:
+            if (r["op"], list(r["shape"]), r["dtype"], r["mode"], r["variant"]) == (op, list(shape), dtype, mode, variant):
+                return r
+        return None
+
+    keys = {(r["op"], tuple(r["shape"]), r["dtype"]) for r in rows if r.get("source") == "bench.ops"}
+    for op, shape, dtype in sorted(keys):
+        if op != "batch_ensemble_linear" or dtype != "bfloat16":
+            continue
+        floor, eager = pick(op, shape, dtype, "fwd", "floor"), pick(op, shape, dtype, "fwd", "torch")
+        best = min((r for r in (pick(op, shape, dtype, "fwd", v) for v in fused) if r), key=lambda r: r["ms"],
+                   default=None)
+        if not (floor and eager and best):
+            continue
+        memory_bound = shape[2] * shape[3] <= 256 * 256
+        if memory_bound:
+            out.append({"target": f"linear fwd {shape} bf16: fused >= 2x eager composition",
+                        "value": f"{eager['ms'] / best['ms']:.2f}x ({best['variant']})",
+                        "ok": eager["ms"] / best["ms"] >= 2.0})
+        else:
+            out.append({"target": f"linear fwd {shape} bf16: fused >= 90% of torch.mm throughput",
+                        "value": f"{floor['ms'] / best['ms'] * 100:.0f}% ({best['variant']})",
+                        "ok": floor["ms"] / best["ms"] >= 0.9})
+    conv_rows = [r for r in rows if r.get("source") == "bench.ops_conv" and r["variant"] in fused]
+    for r in conv_rows:
+        out.append({"target": f"conv {r['op']} {r['mode']} {r['shape']} {r['dtype']}: {r['variant']} <= 1.15x cuDNN",
+                    "value": f"{r['ratio']:.3f}x", "ok": r["ratio"] <= 1.15})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    op_dtypes = _op_dtypes(args)
+    env = describe_environment(args.device, torch.float32)
+    env["dtype"] = {"ops": [str(d).replace("torch.", "") for d in op_dtypes], "models": "float32"}
+    print(f"# hyperkern benchmarks ({env['date']})")
+    print(f"device: {env['device']} ({env['device_name']}), threads: {env['threads']} of {env['cpu_count']} CPUs, "
+          f"dtype: ops {', '.join(env['dtype']['ops'])} / models float32, torch {env['torch']}, "
+          f"hyperkern backends: {env['hyperkern_backends']}"
+          + (f", load average (1 min): {env['load_average_1min']}" if "load_average_1min" in env else ""))
+    print(f"E = {args.ensemble_size} members, member-major rows; --quick={args.quick} --tiny={args.tiny}")
+    sys.stdout.flush()
+    result = {"environment": env, "args": vars(args), "suites": {}, "targets": []}
+    t0 = time.perf_counter()
+
+    if args.suite in ("ops", "all"):
+        ops_result = run_op_suite(args)
+        result["suites"]["ops"] = ops_result
+        print("\n## Op level\n")
+        print("floor = one plain F.linear / conv2d over the same E*B rows (2*out outputs for the hyper ops)")
+        print(format_op_table(ops_result["rows"]) if ops_result["rows"] else "(no op benchmark module in this tree)")
+        result["targets"] += check_op_targets(ops_result["rows"], args.device)
+
+    if args.suite in ("models", "all"):
+        from bench.models import check_model_targets, format_models_table, model_configs, run_models
+
+        configs = model_configs(args.device, quick=args.quick, tiny=args.tiny)
+        print("\n## Model level\n")
+        for c in configs:
+            print(f"{c['name']}: zoo.{c['arch']}({', '.join(f'{k}={v}' for k, v in c['kwargs'].items())}), input "
+                  f"{args.ensemble_size * args.per_member}x3x{c['image']}x{c['image']} "
+                  f"(E={args.ensemble_size} x B={args.per_member})")
+        sys.stdout.flush()
+        rows = run_models(args.device, E=args.ensemble_size, B=args.per_member, configs=configs, quick=args.quick,
+                          tiny=args.tiny, repeats=args.repeats, memory=not args.no_memory)
+        result["suites"]["models"] = {"rows": rows, "configs": configs}
+        print()
+        print(format_models_table(rows))
+        print("\nx plain: median step time / the plain network's at E*B rows; member-images/s = E*B / time; "
+              "peak MiB: bytes allocated above the level before the call (bench/common.py)")
+        if not args.tiny:
+            result["targets"] += check_model_targets(rows, args.device)
+
+    if result["targets"]:
+        print("\n## Targets\n")
+        for t in result["targets"]:
+            print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Model-level benchmarks: one training step and one inference pass of the zoo's ResNet-20 and Wide
+ResNet 28-k, every ensemble flavour, on the same number of member-images.
+
+    python -m bench --suite models [--device cpu|cuda] [--quick] [--json PATH]
+    python -m bench.models --help            # this suite alone, with more knobs
+
+E members, B images per member, rows member-major (rows k*B .. (k+1)*B-1 belong to member k).
+Every candidate processes E*B member-images per step:
+
+  plain               the plain network on E*B distinct images (the floor every ensemble is held to)
+  batch               hyperkern BatchEnsemble (variant="batch", backend="auto"): one minibatch of B
+                      images tiled E times (hyperkern.nn.tile), shared BatchNorm over the E*B rows
+  batch[torch]        the same with backend="torch" (only when "auto" resolves to another backend)
+  batch/tabm          the batch model's parameters computed TabM style (bench/peers.py: broadcast views)
+  batch/torch_unc     ... torch-uncertainty style (bench/peers.py: factors repeat_interleave'd per row)
+  hyper_batch         hyperkern hyper-batch ensemble: per-row lambdas sampled from the members'
+                      log-uniform distributions, forward(tile(x), normalize(lam)),
+                      loss = CE + model.l2_penalty(lam) / n_train
+  deep/loop           a deep ensemble of E plain networks (E times the parameters), a Python loop
+                      over members with B images each, one backward, one optimizer step
+  deep/vmap           the same E networks through torch.func.stack_module_state + vmap(functional_call)
+
+A training step is forward + cross-entropy (mean over the E*B rows) + backward + SGD(momentum 0.9,
+nesterov; weight decay 5e-4 for all but hyper_batch, whose L2 is its penalty) + zero_grad(set_to_none)
+(so every step starts without gradients and its peak memory counts the gradients it allocates).
+Inference is model.eval() under torch.inference_mode (hyper_batch at each member's distribution mean).
+Reported: median ms, member-images/s (E*B / time), the ratio to plain, the peak memory of one call
+above what exists before it (bench/common.py: activations, gradients, temporaries), and the bytes
+of parameters + buffers.
+
+BatchNorm under vmap: stack_module_state stacks the buffers too, so every member's running_mean /
+running_var is a batched tensor and F.batch_norm's in-place running-stat update is legal inside
+vmap (each member updates its own slice, as the loop does). torch.func.replace_all_batch_norm_modules_
+is only needed when the buffers are NOT batched, and it stops running-stat tracking altogether,
+which would make the vmap ensemble a different model from the loop; so it is not used here.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hyperkern
+import hyperkern.models as zoo
+from hyperkern._backends import resolve_backend
+from hyperkern.nn import EnsembleLogUniform, tile
+
+from bench.common import (MIB, describe_environment, format_markdown_table, params_bytes, peak_memory_bytes,
+                          time_interleaved)
+from bench.peers import swap_batch_ensemble_layers
+
+__all__ = ["model_configs", "build_candidates", "run_models", "format_models_table", "check_model_targets",
+           "ALL_VARIANTS"]
+
+ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch/tabm", "batch/torch_unc", "hyper_batch", "deep/loop",
+                "deep/vmap")
+N_TRAIN = 50_000  # CIFAR-10's training set: the hyper_batch penalty is divided by it (METHOD.md section 3)
+
+
+def model_configs(device: str, *, quick: bool = False, tiny: bool = False) -> list[dict]:
+    """The networks each suite runs: name, zoo factory, constructor kwargs, image size.
+
+    CPU: ResNet-20 and a reduced-width WRN-28-2 (WRN-28-10 is 36.5M parameters, minutes per CPU step).
+    CUDA: ResNet-20 and the full WRN-28-10. quick: ResNet-20 and a WRN-16-2 (CPU) / WRN-28-10 (CUDA).
+    tiny: a depth-8 width-4 ResNet and a WRN-10-1 on 8x8 images (the smoke test; numbers meaningless).
+    """
+    if tiny:
+        return [{"name": "resnet8-w4", "arch": "resnet20", "kwargs": {"depth": 8, "width": 4}, "image": 8},
+                {"name": "wrn10-1", "arch": "wrn28_10", "kwargs": {"depth": 10, "width": 1}, "image": 8}]
+    resnet = {"name": "resnet20", "arch": "resnet20", "kwargs": {}, "image": 32}
+    if device == "cuda":
+        return [resnet, {"name": "wrn28-10", "arch": "wrn28_10", "kwargs": {}, "image": 32}]
+    if quick:
+        return [resnet, {"name": "wrn16-2", "arch": "wrn28_10", "kwargs": {"depth": 16, "width": 2}, "image": 32}]
+    return [resnet, {"name": "wrn28-2", "arch": "wrn28_10", "kwargs": {"width": 2}, "image": 32}]
+
+
+@dataclass
+class Candidate:
+    name: str
+    train_step: Callable[[], object]
+    infer: Callable[[], object]
+    state_bytes: int  # parameters + buffers (+ the hyper_batch lambda distributions)
+    backend: str = "-"
+    notes: str = ""
+    modules: list = field(default_factory=list)  # put in train() / eval() mode before each phase
+    keep: list = field(default_factory=list)  # other objects the closures use (optimizers, ...)
+
+    def set_mode(self, mode: str):
+        for m in self.modules:
+            m.train(mode == "train")
+
+
+def _sgd(params, weight_decay):
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def _make(arch, kwargs, variant, E, device, dtype, backend="auto"):
+    factory = getattr(zoo, arch)
+    extra = {} if variant == "plain" else {"backend": backend}
+    return factory(num_classes=10, in_channels=3, variant=variant, ensemble_size=E, device=device, dtype=dtype,
+                   **kwargs, **extra)
+
+
+def _module_state_bytes(*modules):
+    return params_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
+
+
+def _conv_backend(model, device) -> str:
+    for m in model.modules():
+        if hasattr(m, "backend") and hasattr(m, "kernel_size"):
+            op = "hyper_batch_ensemble_conv2d" if hasattr(m, "delta") else "batch_ensemble_conv2d"
+            return resolve_backend(m.backend, torch.device(device), op)
+    return "-"
+
+
+def _rank1_candidate(name, model, x_one, y_one, E, device, backend_label, notes=""):
+    """batch-variant model (or a peer-swapped copy): B images tiled E times."""
+    opt = _sgd(model.parameters(), 5e-4)
+    y_rows = tile(y_one, E)
+
+    def train_step():
+        loss = F.cross_entropy(model(tile(x_one, E)), y_rows)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.inference_mode():
+            return model(tile(x_one, E))
+
+    return Candidate(name, train_step, infer, _module_state_bytes(model), backend_label, notes, [model], [opt])
+
+
+def build_candidates(arch: str, kwargs: dict, *, E: int, B: int, image: int, device, dtype,
+                     variants=ALL_VARIANTS, seed: int = 0) -> dict[str, Candidate]:
+    """The benchmark candidates for one network (see the module docstring); keys in ALL_VARIANTS order."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    x_rows = torch.randn(E * B, 3, image, image, device=device, dtype=dtype)  # E*B distinct images
+    y_rows = torch.randint(0, 10, (E * B,), device=device)
+    x_one, y_one = x_rows[:B].contiguous(), y_rows[:B].contiguous()  # one minibatch, tiled by the rank-1 models
+    out: dict[str, Candidate] = {}
+
+    if "plain" in variants:
+        model = _make(arch, kwargs, "plain", E, device, dtype)
+        opt = _sgd(model.parameters(), 5e-4)
+
+        def train_step(model=model, opt=opt):
+            F.cross_entropy(model(x_rows), y_rows).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def infer(model=model):
+            with torch.inference_mode():
+                return model(x_rows)
+
+        out["plain"] = Candidate("plain", train_step, infer, _module_state_bytes(model), "-",
+                                 f"{E * B} distinct images", [model], [opt])
+
+    if "batch" in variants:
+        model = _make(arch, kwargs, "batch", E, device, dtype)
+        be = _conv_backend(model, device)
+        out["batch"] = _rank1_candidate("batch", model, x_one, y_one, E, device, be, "auto backend")
+    if "batch[torch]" in variants:
+        probe = _make(arch, kwargs, "batch", E, "meta", dtype)
+        if _conv_backend(probe, device) != "torch":
+            model = _make(arch, kwargs, "batch", E, device, dtype, backend="torch")
+            out["batch[torch]"] = _rank1_candidate("batch[torch]", model, x_one, y_one, E, device, "torch")
+    for style, label in (("tabm", "batch/tabm"), ("torch_uncertainty", "batch/torch_unc")):
+        if label in variants:
+            model = swap_batch_ensemble_layers(_make(arch, kwargs, "batch", E, device, dtype), style)
+            out[label] = _rank1_candidate(label, model, x_one, y_one, E, device, "peer", f"bench/peers.py {style}")
+
+    if "hyper_batch" in variants:
+        model = _make(arch, kwargs, "hyper_batch", E, device, dtype)
+        space = model.hparam_space
+        dist = EnsembleLogUniform(space, E, dtype=dtype, device=device)
+        opt = _sgd(model.parameters(), 0.0)
+        y_tiled = tile(y_one, E)
+        test_lam = dist.mean(B).detach()
+        test_z = space.normalize(test_lam)
+
+        def train_step(model=model, opt=opt, dist=dist, space=space):
+            lam = dist.sample(B)  # (E*B, m) original scale, member-major
+            logits = model(tile(x_one, E), space.normalize(lam))
+            loss = F.cross_entropy(logits, y_tiled) + model.l2_penalty(lam) / N_TRAIN
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def infer(model=model):
+            with torch.inference_mode():
+                return model(tile(x_one, E), test_z)
+
+        out["hyper_batch"] = Candidate("hyper_batch", train_step, infer, _module_state_bytes(model, dist),
+                                       _conv_backend(model, device), "per-row lambdas + L2 penalty",
+                                       [model], [opt, dist])
+
+    if "deep/loop" in variants or "deep/vmap" in variants:
+        members = [_make(arch, kwargs, "plain", E, device, dtype) for _ in range(E)]
+        x_members = x_rows.view(E, B, *x_rows.shape[1:])
+        if "deep/loop" in variants:
+            opt = _sgd([p for m in members for p in m.parameters()], 5e-4)
+
+            def train_step(members=members, opt=opt):
+                loss = sum(F.cross_entropy(m(x_members[k]), y_rows[k * B:(k + 1) * B])
+                           for k, m in enumerate(members)) / E
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def infer(members=members):
+                with torch.inference_mode():
+                    return torch.cat([m(x_members[k]) for k, m in enumerate(members)])
+
+            out["deep/loop"] = Candidate("deep/loop", train_step, infer, _module_state_bytes(*members), "-",
+                                         f"{E} models x {B} images, Python loop", members, [opt])
+        if "deep/vmap" in variants:
+            from torch.func import functional_call, stack_module_state, vmap
+
+            vm_members = [copy.deepcopy(m) for m in members]
+            params, buffers = stack_module_state(vm_members)  # leaves with requires_grad; buffers batched
+            base = copy.deepcopy(vm_members[0]).to("meta")
+            del vm_members
+            opt = _sgd(list(params.values()), 5e-4)
+
+            def call(p, b, x):
+                return functional_call(base, (p, b), (x,))
+
+            batched = vmap(call)
+
+            def train_step(params=params, buffers=buffers, opt=opt, batched=batched):
+                F.cross_entropy(batched(params, buffers, x_members).flatten(0, 1), y_rows).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def infer(params=params, buffers=buffers, batched=batched):
+                with torch.inference_mode():
+                    return batched(params, buffers, x_members).flatten(0, 1)
+
+            out["deep/vmap"] = Candidate("deep/vmap", train_step, infer,
+                                         params_bytes(list(params.values()) + list(buffers.values())), "-",
+                                         "stack_module_state + vmap(functional_call)", [base], [params, buffers, opt])
+    return out
+
+
+def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, configs=None, quick: bool = False,
+               tiny: bool = False, repeats: int | None = None, warmup: int | None = None,
+               variants=ALL_VARIANTS, memory: bool = True, log=print) -> list[dict]:
+    """Time (and measure the memory of) every candidate of every config; returns result rows."""
+    device = torch.device(device)
+    if configs is None:
+        configs = model_configs(device.type, quick=quick, tiny=tiny)
+    repeats = repeats if repeats is not None else (3 if quick or tiny else 10)
+    warmup = warmup if warmup is not None else (1 if quick or tiny else 3)
+    rows = []
+    for cfg in configs:
+        cands = build_candidates(cfg["arch"], cfg["kwargs"], E=E, B=B, image=cfg["image"], device=device,
+                                 dtype=dtype, variants=variants)
+        shape = f"E={E}, B={B}, {E * B}x3x{cfg['image']}x{cfg['image']}"
+        log(f"[models] {cfg['name']} ({shape}): timing {', '.join(cands)}")
+        for mode in ("train", "infer"):
+            for c in cands.values():
+                c.set_mode(mode)
+            times = time_interleaved({n: (c.train_step if mode == "train" else c.infer) for n, c in cands.items()},
+                                     device, repeats=repeats, warmup=warmup)
+            plain_ms = times["plain"]["ms"] if "plain" in times else None
+            for name, t in times.items():
+                c = cands[name]
+                peak = None
+                if memory:
+                    peak = peak_memory_bytes(c.train_step if mode == "train" else c.infer, device)
+                rows.append({
+                    "suite": "models", "model": cfg["name"], "arch": cfg["arch"], "kwargs": cfg["kwargs"],
+                    "mode": mode, "variant": name, "backend": c.backend, "E": E, "B": B, "rows": E * B,
+                    "input": [E * B, 3, cfg["image"], cfg["image"]], "ms": t["ms"], "iqr_ms": t["iqr_ms"],
+                    "min_ms": t["min_ms"], "samples": t["samples"],
+                    "images_per_s": E * B / (t["ms"] / 1e3),
+                    "x_plain": (t["ms"] / plain_ms) if plain_ms else None,
+                    "peak_mib": None if peak is None else peak / MIB,
+                    "state_mib": c.state_bytes / MIB, "notes": c.notes,
+                })
+        del cands
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_models_table(rows: list[dict]) -> str:
+    header = ["model", "mode", "variant", "backend", "median ms", "member-images/s", "x plain", "peak MiB",
+              "params+buffers MiB"]
+    body = []
+    for r in rows:
+        if r.get("suite") != "models":
+            continue
+        body.append([r["model"], r["mode"], r["variant"], r["backend"], f"{r['ms']:.2f}", f"{r['images_per_s']:.0f}",
+                     "-" if r["x_plain"] is None else f"{r['x_plain']:.3f}",
+                     "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}", f"{r['state_mib']:.2f}"])
+    return format_markdown_table(header, body, ["l", "l", "l", "l", "r", "r", "r", "r", "r"])
+
+
+def check_model_targets(rows: list[dict], device: str) -> list[dict]:
+    """The issue's model-level targets for the ResNet-20 training step: [{target, value, ok}]."""
+    def ms(variant):
+        for r in rows:
+            if (r.get("suite") == "models" and r["arch"] == "resnet20" and r["mode"] == "train"
+                    and r["variant"] == variant):
+                return r["ms"]
+        return None
+
+    plain, batch, hyper, loop = ms("plain"), ms("batch"), ms("hyper_batch"), ms("deep/loop")
+    out = []
+    if plain and batch:
+        out.append({"target": "resnet20 train: batch <= 1.15x plain", "value": f"{batch / plain:.3f}x",
+                    "ok": batch / plain <= 1.15})
+    if device == "cuda":
+        if loop and batch:
+            out.append({"target": "resnet20 train: batch >= 1.5x faster than deep/loop",
+                        "value": f"{loop / batch:.2f}x faster", "ok": loop / batch >= 1.5})
+    else:
+        if loop and batch:
+            out.append({"target": "resnet20 train: batch no slower than deep/loop", "value": f"{batch / loop:.3f}x",
+                        "ok": batch <= loop})
+        if plain and hyper:
+            out.append({"target": "resnet20 train: hyper_batch <= 2.2x plain", "value": f"{hyper / plain:.3f}x",
+                        "ok": hyper / plain <= 2.2})
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="hyperkern model-level benchmarks (see python -m bench)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ensemble-size", "-E", type=int, default=4)
+    parser.add_argument("--per-member", "-B", type=int, default=32, help="images per member")
+    parser.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(ALL_VARIANTS))
+    parser.add_argument("--models", nargs="+", default=None, help="config names to keep (e.g. resnet20)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = describe_environment(args.device, torch.float32)
+    print(env)
+    configs = model_configs(args.device, quick=args.quick, tiny=args.tiny)
+    if args.models:
+        configs = [c for c in configs if c["name"] in args.models]
+    variants = tuple(v for v in ALL_VARIANTS if v in args.variants or v == "plain")
+    rows = run_models(args.device, E=args.ensemble_size, B=args.per_member, configs=configs, quick=args.quick,
+                      tiny=args.tiny, repeats=args.repeats, variants=variants, memory=not args.no_memory)
+    print(format_models_table(rows))
+    for t in check_model_targets(rows, args.device):
+        print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+
+
+if __name__ == "__main__":
+    main()

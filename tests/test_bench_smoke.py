@@ -1,0 +1,135 @@
+"""Smoke test of the benchmark suite (python -m bench): the --quick --tiny path runs end to end and
+writes valid JSON; the peer layers it compares against compute the BatchEnsemble layer; the memory
+helper sees a known allocation. Nothing here asserts a timing."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hyperkern.nn import BatchEnsembleConv2d, BatchEnsembleLinear
+from hyperkern.ops import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `bench` is a top-level folder of the repository, not an installed package
+
+from bench import common, peers  # noqa: E402
+
+
+def test_quick_tiny_run_writes_valid_json(tmp_path):
+    out = tmp_path / "nested" / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "--threads", "1", "--suite", "all",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+
+    envd = data["environment"]
+    for key in ("date", "device", "device_name", "dtype", "threads", "torch", "hyperkern_backends"):
+        assert key in envd, key
+    assert envd["device"] == "cpu" and envd["threads"] == 1
+    assert "threads: 1 of" in proc.stdout and envd["device_name"] in proc.stdout
+
+    rows = data["suites"]["models"]["rows"]
+    E, B = data["args"]["ensemble_size"], data["args"]["per_member"]
+    models = {r["model"] for r in rows}
+    assert len(models) == 2
+    for model in models:
+        for mode in ("train", "infer"):
+            got = {r["variant"] for r in rows if r["model"] == model and r["mode"] == mode}
+            assert {"plain", "batch", "batch/tabm", "batch/torch_unc", "hyper_batch", "deep/loop",
+                    "deep/vmap"} <= got, (model, mode, got)
+    for r in rows:
+        assert r["rows"] == E * B and r["input"][0] == E * B
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert r["images_per_s"] == pytest.approx(E * B / (r["ms"] / 1e3))
+        assert r["peak_mib"] is not None and r["peak_mib"] >= 0
+    # the deep ensemble holds E networks' parameters, the batch ensemble about one
+    by = {(r["model"], r["variant"]): r["state_mib"] for r in rows if r["mode"] == "train"}
+    for model in models:
+        assert by[(model, "deep/loop")] == pytest.approx(E * by[(model, "plain")], rel=1e-6)
+        assert by[(model, "plain")] <= by[(model, "batch")] < 1.5 * by[(model, "plain")]
+
+    ops = data["suites"]["ops"]
+    for r in ops["rows"]:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["suite"] == "ops"
+    assert "| model | mode | variant |" in proc.stdout
+
+
+def _fast(E, n):
+    return (torch.rand(E, n, dtype=torch.float64) + 0.5).requires_grad_(False)
+
+
+@pytest.mark.parametrize("fn", [peers.tabm_batch_ensemble_linear, peers.torch_uncertainty_batch_ensemble_linear])
+def test_peer_linear_matches_reference(fn):
+    E, B, fin, fout = 3, 5, 7, 4
+    x = torch.randn(E * B, fin, dtype=torch.float64)
+    w = torch.randn(fout, fin, dtype=torch.float64)
+    r, s, b = _fast(E, fin), _fast(E, fout), torch.randn(E, fout, dtype=torch.float64)
+    want = reference.batch_ensemble_linear_reference(x, w, r, s, b)
+    torch.testing.assert_close(fn(x, w, r, s, b), want)
+    torch.testing.assert_close(fn(x, w, r, s, None), reference.batch_ensemble_linear_reference(x, w, r, s, None))
+
+
+@pytest.mark.parametrize("fn", [peers.tabm_batch_ensemble_conv2d, peers.torch_uncertainty_batch_ensemble_conv2d])
+def test_peer_conv_matches_reference(fn):
+    E, B, cin, cout = 2, 3, 4, 6
+    x = torch.randn(E * B, cin, 7, 6, dtype=torch.float64)
+    w = torch.randn(cout, cin, 3, 3, dtype=torch.float64)
+    r, s, b = _fast(E, cin), _fast(E, cout), torch.randn(E, cout, dtype=torch.float64)
+    want = reference.batch_ensemble_conv2d_reference(x, w, r, s, b, stride=2, padding=1)
+    torch.testing.assert_close(fn(x, w, r, s, b, (2, 2), (1, 1)), want)
+
+
+@pytest.mark.parametrize("style", ["tabm", "torch_uncertainty"])
+def test_swapped_model_computes_the_same_function(style):
+    import hyperkern.models as zoo
+
+    torch.manual_seed(0)
+    model = zoo.resnet20(variant="batch", ensemble_size=2, depth=8, width=4, dtype=torch.float64).eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    want = model(x)
+    swapped = peers.swap_batch_ensemble_layers(model, style)
+    assert any(isinstance(m, peers.PEER_STYLES[style]) for m in swapped.modules())
+    assert not any(isinstance(m, (BatchEnsembleConv2d, BatchEnsembleLinear)) and not isinstance(p, peers._PeerLayer)
+                   for p in swapped.modules() for m in p.children())
+    torch.testing.assert_close(swapped(x), want)
+    with pytest.raises(ValueError, match="style"):
+        peers.swap_batch_ensemble_layers(model, "nope")
+    with pytest.raises(ValueError, match="variant='batch'"):
+        peers.swap_batch_ensemble_layers(zoo.resnet20(variant="plain", depth=8, width=4), style)
+
+
+def test_peak_memory_sees_a_known_allocation():
+    n = 1 << 18  # 1 MiB of float32
+
+    def alloc_two_free_one():
+        a = torch.ones(n)
+        b = torch.ones(2 * n)  # 3 MiB live here
+        del a
+        c = torch.ones(n)  # back to 3 MiB
+        return float(b[0] + c[0])
+
+    peak = common.peak_memory_bytes(alloc_two_free_one, "cpu")
+    assert 3 * 4 * n <= peak < 3 * 4 * n + (1 << 16)
+    assert common.peak_memory_bytes(lambda: None, "cpu") == 0
+
+
+def test_time_interleaved_reports_every_candidate_and_checks_arguments():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    out = common.time_interleaved({"a": make("a"), "b": make("b")}, "cpu", repeats=3, warmup=2, inner=2)
+    assert set(out) == {"a", "b"} and calls == {"a": 2 + 3 * 2, "b": 2 + 3 * 2}
+    assert all(v["samples"] == 3 and v["ms"] >= 0 and v["min_ms"] <= v["ms"] for v in out.values())
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_interleaved({"a": make("a")}, "cpu", repeats=0)
