@@ -1,7 +1,6 @@
 """Trainers: the batch-ensemble step against a hand-written member loop, the hyper-batch bilevel loop's
 modes and objectives, deep ensembles, save/load, mid-training resume, executors."""
 import os
-import pickle
 
 import pytest
 import torch

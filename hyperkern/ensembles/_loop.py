@@ -31,8 +31,13 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
     plus the generator and torch RNG states) and, if one exists when called, training resumes from
     it (set_state(payload)). before_checkpoint(epoch) runs at the end of each epoch before its
     checkpoint (bookkeeping that belongs in it); on_epoch_end(epoch) runs after the checkpoint.
-    Returns {"epochs_run": epochs run by this call, "resumed_from_epoch": e or 0, "last_loss": float}.
+    Returns {"epochs_run": epochs run by this call, "resumed_from_epoch": e or 0, "last_loss": float,
+    "train_seconds": training time of all epochs, those before a resume included}.
     """
+    import time
+
+    started = time.perf_counter()
+    earlier_seconds = 0.0
     generator = torch.Generator().manual_seed(int(data_seed))
     steps_per_epoch = len(batches(n_train, config.batch_size, None))
     total = steps_per_epoch * config.epochs
@@ -46,6 +51,7 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch = int(ckpt["epoch"])
+        earlier_seconds = float(ckpt.get("train_seconds", 0.0))
     last_loss = float("nan")
     bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, enabled=progress, desc=desc)
     try:
@@ -64,12 +70,14 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
             if checkpoint_path is not None:
                 atomic_save({"kind": "epoch-checkpoint", "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
                              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                             "train_seconds": earlier_seconds + time.perf_counter() - started,
                              "payload": get_state()}, checkpoint_path)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     finally:
         bar.close()
-    return {"epochs_run": config.epochs - start_epoch, "resumed_from_epoch": start_epoch, "last_loss": last_loss}
+    return {"epochs_run": config.epochs - start_epoch, "resumed_from_epoch": start_epoch, "last_loss": last_loss,
+            "train_seconds": earlier_seconds + time.perf_counter() - started}
 
 
 def l2_strengths(model: nn.Module, hparams: dict) -> dict:

@@ -3,7 +3,6 @@ trained on member-major tiled minibatches."""
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -128,12 +127,11 @@ class BatchEnsembleTrainer(_SingleNetworkTrainer):
         x, y, _, _ = self._prepare(train, val)
         self.hparams = {**default_hparams(self.model_spec), **self.hparams}
         self.network = self._build()
-        start = time.perf_counter()
         with seeded(self.seed * 1_000_003 + 7):
             self.fit_info = train_network(self.network, x, y, self.config, self.hparams, data_seed=self.seed,
                                           checkpoint_path=self.checkpoint_path, on_epoch_end=on_epoch_end,
                                           progress=self.progress, desc="batch ensemble")
-        self.train_seconds = time.perf_counter() - start
+        self.train_seconds = self.fit_info["train_seconds"]
         self.network.eval()
         self.fitted = True
         return self

@@ -3,7 +3,6 @@ the machinery shared with hyper-deep ensembles: a weighted set of independently 
 networks."""
 from __future__ import annotations
 
-import os
 
 import torch
 

@@ -13,7 +13,6 @@ conditioned on per-row hyperparameters, trained with the alternating bilevel loo
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -163,14 +162,13 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             val_generator.set_state(state["val_generator"])
             history[:] = state["history"]
 
-        start = time.perf_counter()
         with seeded(self.seed * 1_000_003 + 11):
             self.fit_info = run_epochs(n_train=n_train, config=config, data_seed=self.seed, step_fn=weight_step,
                                        get_state=get_state, set_state=set_state,
                                        checkpoint_path=self.checkpoint_path, on_epoch_end=on_epoch_end,
                                        before_checkpoint=record_history,
                                        progress=self.progress, desc="hyper-batch ensemble")
-        self.train_seconds = time.perf_counter() - start
+        self.train_seconds = self.fit_info["train_seconds"]
         self.network, self.distributions, self.hparam_history = net.eval(), dist, history
         self.fitted = True
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hyperkern.ensembles._common import ModelSpec, TrainConfig
+from hyperkern.ensembles._common import TrainConfig
 from hyperkern.ensembles.deep import _PlainMembers, default_search_space
 from hyperkern.ensembles.search import data_fingerprint, make_task, run_trials
 from hyperkern.ensembles.selection import greedy_selection

@@ -113,14 +113,13 @@ def run_member_trial(task: dict, shared: dict) -> dict:
     spec = ModelSpec.from_dict(task["model"])
     config = TrainConfig.from_dict(task["config"])
     hparams = task["hparams"]
-    (x, y), (xv, yv) = shared["train"], shared["val"]
-    start = time.perf_counter()
+    (x, y), (xv, _) = shared["train"], shared["val"]
     model = build_member(spec, hparams, task["init_seed"])
     with seeded(task["init_seed"] * 1_000_003 + task["data_seed"]):
         info = train_network(model, x, y, config, hparams, data_seed=task["data_seed"],
                              checkpoint_path=task.get("checkpoint_path"), progress=task.get("progress", False),
                              desc=task["trial_id"])
-    seconds = time.perf_counter() - start
+    seconds = info["train_seconds"]
     val_lp = member_log_probs(model, xv, 1, config.eval_batch_size, device=config.device)[0]
     return {"trial_id": task["trial_id"], "hparams": dict(hparams), "init_seed": task["init_seed"],
             "data_seed": task["data_seed"], "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
