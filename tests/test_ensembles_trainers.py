@@ -285,6 +285,10 @@ def test_resume_mid_training_is_exact(digits, tmp_path, cls):
         assert torch.equal(straight.distributions.log_low, resumed.distributions.log_low)
         assert straight.hparam_history == resumed.hparam_history
     assert torch.equal(straight.predict_proba(test.x), resumed.predict_proba(test.x))
+    # another run pointed at the same directory is refused rather than resumed from a foreign checkpoint
+    other = dict(kwargs, seed=8)
+    with pytest.raises(ValueError, match="holds a different run .*seed"):
+        cls(SPEC, 2, run_dir=str(run_dir), **other).fit(train, val)
 
 
 def test_process_executor_gives_the_same_members(digits):

@@ -49,6 +49,18 @@ class _SingleNetworkTrainer(EnsembleBase):
     def _build_kwargs(self) -> dict:
         return {}
 
+    def _claim_run_dir(self, x, y, xv, yv, settings: dict):
+        """Write / check run_dir/run.json so a checkpoint of a different run is never resumed."""
+        if self.run_dir is None:
+            return
+        from hyperkern.ensembles.search import RunDirectory, data_fingerprint
+
+        tensors = [t for t in (x, y, xv, yv) if t is not None]
+        RunDirectory(self.run_dir, {"method": type(self).__name__, "model": self.model_spec.to_dict(),
+                                    "config": self.config.to_dict(), "ensemble_size": self.ensemble_size,
+                                    "seed": self.seed, "data": data_fingerprint(*tensors), **settings},
+                     trials=False)
+
     @property
     def checkpoint_path(self) -> str | None:
         """run_dir/checkpoint.pt: written after every epoch; fit resumes from it when it exists."""
@@ -126,6 +138,7 @@ class BatchEnsembleTrainer(_SingleNetworkTrainer):
         each epoch's checkpoint. Returns self."""
         x, y, _, _ = self._prepare(train, val)
         self.hparams = {**default_hparams(self.model_spec), **self.hparams}
+        self._claim_run_dir(x, y, None, None, {"hparams": self.hparams})
         self.network = self._build()
         with seeded(self.seed * 1_000_003 + 7):
             self.fit_info = train_network(self.network, x, y, self.config, self.hparams, data_seed=self.seed,

@@ -89,6 +89,8 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         if val is None:
             raise ValueError("val is required: hyper-batch ensembles tune their hyperparameter distributions on it")
         x, y, xv, yv = self._prepare(train, val)
+        self._claim_run_dir(x, y, xv, yv, {"init_hparams": self.init_hparams, "init_delta": self.init_delta,
+                                           "val_batch_size": self.val_batch_size, "clip_norm": self.clip_norm})
         config = self.config
         device = torch.device(config.device)
         E = self.ensemble_size

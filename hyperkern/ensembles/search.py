@@ -40,12 +40,15 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
 
 
 class RunDirectory:
-    """A run directory (see the module docstring). identity: a JSON-able dict describing the run."""
+    """A run directory (see the module docstring). identity: a JSON-able dict describing the run;
+    trials=False for single-network trainers (only run.json and their checkpoint.pt)."""
 
-    def __init__(self, path: str, identity: dict):
+    def __init__(self, path: str, identity: dict, trials: bool = True):
         self.path = os.fspath(path)
-        os.makedirs(os.path.join(self.path, "trials"), exist_ok=True)
-        os.makedirs(os.path.join(self.path, "checkpoints"), exist_ok=True)
+        os.makedirs(self.path, exist_ok=True)
+        if trials:
+            os.makedirs(os.path.join(self.path, "trials"), exist_ok=True)
+            os.makedirs(os.path.join(self.path, "checkpoints"), exist_ok=True)
         identity = json.loads(json.dumps(identity, sort_keys=True))  # normalise (tuples -> lists)
         meta = os.path.join(self.path, "run.json")
         if os.path.isfile(meta):
@@ -61,7 +64,7 @@ class RunDirectory:
                 json.dump(identity, f, indent=1, sort_keys=True)
             os.replace(tmp, meta)
         # temporary files of writers that were killed mid-write
-        for stale in glob.glob(os.path.join(self.path, "*", "*.tmp-*")):
+        for stale in glob.glob(os.path.join(self.path, "*.tmp-*")) + glob.glob(os.path.join(self.path, "*", "*.tmp-*")):
             try:
                 os.remove(stale)
             except OSError:
