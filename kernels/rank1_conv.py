@@ -55,69 +55,119 @@ __all__ = ["rank1_conv2d_forward", "rank1_conv2d_input_grad", "rank1_conv2d_weig
 # ----------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------
-_SHARED_MEMORY_BYTES = 227 * 1024  # H100 (sm_90) opt-in shared memory per block
+# H100 (sm_90) opt-in shared memory per block, in bytes.
+SM90_MAX_SHARED = 232448
+
+# Tiles per kernel and op: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, precision classes it is
+# launched for). Classes: "16bit" (bf16 / fp16), "tf32", "tf32x3" (float32 with
+# torch.backends.cudnn.allow_tf32 off), "fp64". Every entry compiles for sm_90 without spills and with
+# HGMMA (DMMA for fp64) in its main loop (bench/static_gpu_report.py checks it: sm90_compile_specs()).
+_ALL = ("16bit", "tf32", "tf32x3")
+_T16 = ("16bit", "tf32")  # not tf32x3: its split operands spill at these tiles
+_TILES = {
+    ("forward", False): (
+        (128, 128, 32, 8, 3, _ALL),
+        (128, 128, 64, 8, 3, _T16),
+        (128, 64, 32, 4, 4, _T16),
+        (128, 64, 64, 8, 3, _T16),
+        (64, 128, 32, 4, 4, _ALL),
+        (64, 64, 64, 4, 4, _T16),
+        (64, 64, 32, 4, 3, _ALL),
+        (64, 64, 16, 4, 2, ("fp64",)),
+    ),
+    ("forward", True): (  # two accumulators, two weight tiles, x scaled twice
+        (128, 64, 64, 8, 3, _T16),
+        (128, 64, 32, 8, 4, _T16),
+        (64, 128, 64, 8, 3, ("16bit",)),
+        (64, 64, 64, 8, 3, _T16),
+        (64, 64, 32, 8, 4, _ALL),
+        (64, 64, 32, 4, 3, _ALL),
+        (32, 32, 16, 4, 2, ("fp64",)),
+    ),
+    ("input_grad", False): (
+        (128, 128, 32, 8, 3, _ALL),
+        (128, 128, 64, 8, 3, _T16),
+        (128, 64, 32, 4, 4, _T16),
+        (128, 64, 64, 8, 3, _T16),
+        (64, 128, 32, 4, 4, _T16),
+        (64, 64, 64, 4, 4, _T16),
+        (64, 64, 32, 4, 3, _ALL),
+        (64, 64, 16, 4, 2, ("fp64",)),
+    ),
+    ("input_grad", True): (
+        (128, 128, 32, 8, 3, ("16bit",)),
+        (128, 64, 64, 8, 3, ("16bit",)),
+        (128, 64, 32, 8, 4, _T16),
+        (64, 128, 64, 8, 3, ("16bit",)),
+        (64, 64, 64, 8, 3, _T16),
+        (64, 64, 32, 8, 4, _ALL),
+        (64, 64, 32, 4, 3, _T16),
+        (32, 32, 16, 4, 2, ("fp64",)),
+    ),
+    ("weight_grad", False): (  # M = output channels, N = (c, i, j) columns, K = pixels
+        (128, 128, 32, 8, 3, _ALL),
+        (128, 128, 64, 8, 3, _T16),
+        (128, 64, 64, 8, 3, _ALL),
+        (64, 128, 64, 8, 3, _ALL),
+        (64, 64, 64, 4, 4, _ALL),
+        (64, 64, 64, 8, 3, _ALL),
+        (64, 64, 32, 4, 3, _ALL),
+        (32, 32, 16, 4, 2, ("fp64",)),
+    ),
+    ("weight_grad", True): (  # three [BM, BN] register tiles: the image's G_n, sum G_n, sum e1 G_n
+        (128, 64, 64, 8, 3, ("16bit",)),
+        (64, 128, 64, 8, 3, ("16bit",)),
+        (64, 64, 64, 8, 3, _ALL),
+        (64, 64, 32, 8, 4, _ALL),
+        (32, 32, 16, 4, 2, ("fp64",)),
+    ),
+}
+# the interpreter runs one small config (tl.dot needs blocks >= 16)
+_INTERPRETER_TILE = (16, 16, 16, 4, 1, ("16bit", "tf32", "tf32x3", "fp64"))
 
 
-def _config(bm, bn, bk, warps, stages):
+def _config(tile) -> triton.Config:
+    bm, bn, bk, warps, stages, _ = tile
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-if INTERPRETING:  # the interpreter runs one config (blocks >= 16 for tl.dot)
-    _FORWARD_CONFIGS = _HYPER_FORWARD_CONFIGS = [_config(16, 16, 16, 4, 1)]
-    _INPUT_GRAD_CONFIGS = _HYPER_INPUT_GRAD_CONFIGS = [_config(16, 16, 16, 4, 1)]
-    _WEIGHT_GRAD_CONFIGS = _HYPER_WEIGHT_GRAD_CONFIGS = [_config(16, 16, 16, 4, 1)]
-else:  # H100: bf16 / tf32 tensor cores (wgmma needs BLOCK_M % 64 == 0 with 4 warps per 64 rows)
-    _FORWARD_CONFIGS = [
-        _config(128, 128, 32, 8, 3),
-        _config(128, 128, 64, 8, 3),
-        _config(128, 64, 32, 4, 4),
-        _config(128, 64, 64, 8, 3),
-        _config(64, 128, 32, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 4, 3),
-    ]
-    _HYPER_FORWARD_CONFIGS = [  # two accumulators and two weight tiles
-        _config(128, 64, 32, 8, 3),
-        _config(128, 128, 32, 8, 3),
-        _config(64, 128, 32, 4, 3),
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 4, 3),
-    ]
-    _INPUT_GRAD_CONFIGS = list(_FORWARD_CONFIGS)
-    _HYPER_INPUT_GRAD_CONFIGS = list(_HYPER_FORWARD_CONFIGS)
-    _WEIGHT_GRAD_CONFIGS = [  # M = output channels, N = (c, i, j), K = pixels
-        _config(128, 128, 32, 8, 3),
-        _config(128, 64, 64, 8, 3),
-        _config(64, 128, 64, 4, 3),
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 4, 3),
-    ]
-    _HYPER_WEIGHT_GRAD_CONFIGS = [  # three [BM, BN] fp32 register tiles (G, G_total, GD)
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 4, 3),
-        _config(128, 64, 32, 8, 3),
-        _config(64, 128, 32, 8, 3),
-    ]
+def _tiles(kernel: str, hyper: bool):
+    return (_INTERPRETER_TILE,) if INTERPRETING else _TILES[(kernel, hyper)]
 
 
-def _shared_memory_bytes(config: triton.Config, elem_bytes: int, b_tiles: int) -> int:
-    """Pipelined operand buffers: stages x (A tile [BM, BK] + b_tiles x B tile [BK, BN])."""
-    kw = config.kwargs
-    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] + b_tiles * kw["BLOCK_K"] * kw["BLOCK_N"]
-    return config.num_stages * per_stage * elem_bytes
+_CONFIGS = {key: [(_config(t), t) for t in _tiles(*key)] for key in _TILES}
 
 
-def _prune_for(b_tiles: int):
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32: TF32 tensor cores when cuDNN convolutions may use them (torch's default,
+    torch.backends.cudnn.allow_tf32), else 3xTF32 (about float32 accuracy); IEEE for the rest."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def _precision_class(dtype: torch.dtype, precision: str) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return precision
+    return "16bit"
+
+
+def launchable_configs(kernel: str, hyper: bool, dtype: torch.dtype, precision: str | None = None) -> list:
+    """The triton.Config objects the autotuner may launch for kernel ("forward", "input_grad",
+    "weight_grad"), op (hyper or not), input dtype and dot precision."""
+    cls = _precision_class(dtype, precision or _dot_precision(dtype))
+    return [c for c, tile in _CONFIGS[(kernel, hyper)] if cls in tile[5]]
+
+
+def _pruner(kernel: str, hyper: bool, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
-        elem = named_args["x_ptr"].element_size() if "x_ptr" in named_args else named_args["g_ptr"].element_size()
-        kept = [c for c in configs if _shared_memory_bytes(c, elem, b_tiles) <= _SHARED_MEMORY_BYTES]
-        return kept or configs[-1:]
+        keep = {id(c) for c in launchable_configs(kernel, hyper, named_args[tensor_arg].dtype,
+                                                  kwargs.get("DOT_PRECISION"))}
+        return [c for c in configs if id(c) in keep]
 
     return prune
-
-
-def _configs_for(configs, elem_bytes: int, b_tiles: int):
-    return [c for c in configs if _shared_memory_bytes(c, elem_bytes, b_tiles) <= _SHARED_MEMORY_BYTES] or configs[-1:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,27 +471,24 @@ def _rank1_conv2d_weight_grad_kernel(
         tl.atomic_add(du_ptr + member * C_in + ci, tl.sum(g_d * v_k[:, None], axis=0), mask=col_ok)
 
 
-def _forward_key_args():
-    return ["B", "Ho", "Wo", "CG_IN", "CG_OUT", "KH", "KW", "SH", "SW"]
-
-
-_forward = triton.autotune(_FORWARD_CONFIGS, key=_forward_key_args(),
-                           prune_configs_by={"early_config_prune": _prune_for(1)})(_rank1_conv2d_forward_kernel)
-_hyper_forward = triton.autotune(_HYPER_FORWARD_CONFIGS, key=_forward_key_args(),
-                                 prune_configs_by={"early_config_prune": _prune_for(2)})(_rank1_conv2d_forward_kernel)
-_input_grad = triton.autotune(_INPUT_GRAD_CONFIGS, key=_forward_key_args() + ["H", "W"],
-                              prune_configs_by={"early_config_prune": _prune_for(1)})(_rank1_conv2d_input_grad_kernel)
-_hyper_input_grad = triton.autotune(_HYPER_INPUT_GRAD_CONFIGS, key=_forward_key_args() + ["H", "W"],
-                                    prune_configs_by={"early_config_prune": _prune_for(2)})(
-                                        _rank1_conv2d_input_grad_kernel)
+_TUNING_KEY = ["B", "H", "W", "Ho", "Wo", "CG_IN", "CG_OUT", "KH", "KW", "SH", "SW", "DOT_PRECISION"]
 _WEIGHT_GRAD_OUTPUTS = ["dw_ptr", "dr_ptr", "ds_ptr", "dd_ptr", "du_ptr", "dv_ptr", "de1_ptr"]
-_weight_grad = triton.autotune(_WEIGHT_GRAD_CONFIGS, key=_forward_key_args() + ["PIXELS_PER_PROGRAM"],
-                               reset_to_zero=_WEIGHT_GRAD_OUTPUTS,
-                               prune_configs_by={"early_config_prune": _prune_for(1)})(_rank1_conv2d_weight_grad_kernel)
-_hyper_weight_grad = triton.autotune(_HYPER_WEIGHT_GRAD_CONFIGS, key=_forward_key_args() + ["PIXELS_PER_PROGRAM"],
-                                     reset_to_zero=_WEIGHT_GRAD_OUTPUTS,
-                                     prune_configs_by={"early_config_prune": _prune_for(1)})(
-                                         _rank1_conv2d_weight_grad_kernel)
+
+
+def _autotuned(kernel_fn, kernel: str, hyper: bool, tensor_arg: str, **kwargs):
+    return triton.autotune([c for c, _ in _CONFIGS[(kernel, hyper)]], key=list(_TUNING_KEY),
+                           prune_configs_by={"early_config_prune": _pruner(kernel, hyper, tensor_arg)},
+                           **kwargs)(kernel_fn)
+
+
+_forward = _autotuned(_rank1_conv2d_forward_kernel, "forward", False, "x_ptr")
+_hyper_forward = _autotuned(_rank1_conv2d_forward_kernel, "forward", True, "x_ptr")
+_input_grad = _autotuned(_rank1_conv2d_input_grad_kernel, "input_grad", False, "g_ptr")
+_hyper_input_grad = _autotuned(_rank1_conv2d_input_grad_kernel, "input_grad", True, "g_ptr")
+_weight_grad = _autotuned(_rank1_conv2d_weight_grad_kernel, "weight_grad", False, "x_ptr",
+                          reset_to_zero=_WEIGHT_GRAD_OUTPUTS)
+_hyper_weight_grad = _autotuned(_rank1_conv2d_weight_grad_kernel, "weight_grad", True, "x_ptr",
+                                reset_to_zero=_WEIGHT_GRAD_OUTPUTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,22 +501,23 @@ def conv2d_output_size(h, w, kh, kw, stride, padding, dilation):
     return ho, wo
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 when cuDNN convolutions may use it (torch's default), else IEEE."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _weight_layout(w):
-    """Weights go to the kernels channels-last, (C_out, kh, kw, C_in/groups) in memory, so a tile's
-    input channels are contiguous (vector loads); weight and delta then share strides."""
+    """The forward and weight-gradient kernels take weights channels-last, (C_out, kh, kw, C_in/groups)
+    in memory: the forward's [BLOCK_K input channels, BLOCK_N output channels] weight tile is then
+    contiguous along K, as tf32 wgmma wants it in shared memory. weight and delta then share strides."""
     return None if w is None else w.contiguous(memory_format=torch.channels_last)
+
+
+def _transposed_weight_layout(w):
+    """The input-gradient kernel takes weights as (kh, kw, C_in/groups, C_out) in memory (viewed with
+    the usual (C_out, C_in/groups, kh, kw) shape): its [BLOCK_K output channels, BLOCK_N input
+    channels] weight tile is then contiguous along K."""
+    return None if w is None else w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def _channels_fast(x) -> bool:
@@ -524,7 +572,7 @@ def rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, group
     Ho, Wo = grad.shape[2], grad.shape[3]
     B = N // E
     hyper = delta is not None
-    weight, delta = _weight_layout(weight), _weight_layout(delta)
+    weight, delta = _transposed_weight_layout(weight), _transposed_weight_layout(delta)
     kernel = _hyper_input_grad if hyper else _input_grad
     sh, sw = stride
     step_h = sh // math.gcd(sh, dilation[0])
@@ -601,3 +649,80 @@ def rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, g
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90 compile specs (bench/static_gpu_report.py)
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+_KERNEL_FNS = {"forward": _rank1_conv2d_forward_kernel, "input_grad": _rank1_conv2d_input_grad_kernel,
+               "weight_grad": _rank1_conv2d_weight_grad_kernel}
+# strides that are 1 in the fast layouts the ops pass (channels-last activations; weights (C_out, kh, kw,
+# C_in) for the forward and weight gradient, (kh, kw, C_in, C_out) for the input gradient)
+_UNIT_STRIDES = {"forward": ("sxc", "swc", "syc"), "input_grad": ("sgc", "swo", "sdc"),
+                 "weight_grad": ("sgc", "sxc", "swc")}
+# ints without a multiple-of-16 guarantee (channel counts and strides are taken as multiples of 16)
+_NOT_DIVISIBLE = ("B", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "STEP_H", "STEP_W",
+                  "PIXELS_PER_PROGRAM", "SPLITS")
+_ACCUMULATOR_POINTERS = ("dw_ptr", "dr_ptr", "ds_ptr", "dd_ptr", "du_ptr", "dv_ptr", "de1_ptr")
+_HYPER_ONLY_POINTERS = ("d_ptr", "u_ptr", "v_ptr", "e1_ptr", "db_ptr", "e2_ptr", "dd_ptr", "du_ptr", "dv_ptr",
+                        "de1_ptr")
+
+
+def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_divisible=()):
+    """(signature, constexprs, attrs) for triton.compile(ASTSource(...)) as a launch specialises:
+    arguments in unit_args become the constant 1, pointers and the other ints carry
+    tt.divisibility=16 except the ints in not_divisible."""
+    consts = dict(constexprs or {})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in unit_args:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in pointer_dtypes:
+            signature[name] = "*" + pointer_dtypes[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name not in not_divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def sm90_compile_specs() -> list:
+    """Every kernel of this module at every config it can launch with on an H100, per input dtype
+    (bf16, fp16, fp32 as tf32 and as tf32x3, fp64), for the batch and the hyper op with all optional
+    terms on (bias, delta_bias/e2), channels-last specialisation (unit channel strides), stride /
+    padding / dilation as runtime ints. Keys: name, fn, signature, constexprs, attrs, num_warps,
+    num_stages, dtype, gemm, expect_hgmma, config."""
+    precisions = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"),
+                  (torch.float32, "tf32x3"), (torch.float64, "ieee"))
+    specs = []
+    for dtype, precision in precisions:
+        elem = _TRITON_DTYPE[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        dtype_name = elem if dtype != torch.float32 else f"fp32/{precision}"
+        for kernel, fn in _KERNEL_FNS.items():
+            for hyper in (False, True):
+                features = dict(HYPER=hyper, ACC_FP64=dtype == torch.float64, DOT_PRECISION=precision)
+                if kernel == "forward":
+                    features.update(HAS_BIAS=True, HAS_DELTA_BIAS=hyper)
+                if kernel == "weight_grad":
+                    features.update(CHANNELS_FAST=True)
+                if not hyper:
+                    features.update({a: None for a in _HYPER_ONLY_POINTERS if a in fn.arg_names})
+                pointers = {a: (acc if a in _ACCUMULATOR_POINTERS else elem)
+                            for a in fn.arg_names if a.endswith("_ptr") and a not in features}
+                for cfg in launchable_configs(kernel, hyper, dtype, precision):
+                    consts = dict(features, **cfg.kwargs)
+                    signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES[kernel], consts,
+                                                              _NOT_DIVISIBLE)
+                    kw = cfg.kwargs
+                    specs.append(dict(
+                        name=f"rank1_conv2d_{kernel}[{'hyper' if hyper else 'batch'}]", fn=fn, signature=signature,
+                        constexprs=consts, attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        dtype=dtype_name, gemm=True, expect_hgmma=dtype != torch.float64,
+                        config=f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"))
+    return specs

@@ -15,9 +15,11 @@ kernel when x needs a gradient and the weight-gradient kernel (which also reduce
 hyper op dDelta, du, dv, de1) when any of those need one; bias gradients are per-image channel sums of
 the output gradient. Gradients the caller does not need come back as empty tensors and are None.
 
-float64 runs the same kernels with float64 accumulators and IEEE dots (on a GPU this is FMA/DMMA
-work, slow but exact, for gradcheck); float32 uses TF32 tensor cores when
-torch.backends.cudnn.allow_tf32 is set (torch's default for convolutions), bf16/fp16 accumulate in fp32.
+float64 runs the same kernels with float64 accumulators and IEEE dots (DMMA on an H100: exact, for
+gradcheck, not fast); float32 uses TF32 tensor cores when torch.backends.cudnn.allow_tf32 is set
+(torch's default for convolutions) and 3xTF32 (about float32 accuracy) when it is not; bf16 / fp16
+accumulate in float32. Weight-gradient reductions use float32 atomics, so the last bits of dW, dr, ds
+(and dDelta, du, dv, de1) can differ from run to run.
 """
 from __future__ import annotations
 
