@@ -453,22 +453,22 @@ def _rank1_conv2d_weight_grad_kernel(
             g_delta += acc * e1[:, None]
             d_tile = tl.load(d_ptr + weight_tile_off, mask=tile_ok, other=0.0).to(ACC_TYPE)
             de1 = tl.sum(acc * d_tile * u_k[None, :], axis=1) * v_k
-            tl.atomic_add(de1_ptr + n * C_out + oc, de1, mask=o_ok)
+            tl.atomic_add(de1_ptr + n * C_out + oc, de1, mask=o_ok, sem="relaxed")
         seg_start = seg_end
 
     s_k = tl.load(s_ptr + member * C_out + oc, mask=o_ok, other=0.0).to(ACC_TYPE)
     r_k = tl.load(r_ptr + member * C_in + ci, mask=col_ok, other=0.0).to(ACC_TYPE)
     w_tile = tl.load(w_ptr + weight_tile_off, mask=tile_ok, other=0.0).to(ACC_TYPE)
-    tl.atomic_add(dw_ptr + weight_tile_off, g_total * s_k[:, None] * r_k[None, :], mask=tile_ok)
+    tl.atomic_add(dw_ptr + weight_tile_off, g_total * s_k[:, None] * r_k[None, :], mask=tile_ok, sem="relaxed")
     g_w = g_total * w_tile
-    tl.atomic_add(ds_ptr + member * C_out + oc, tl.sum(g_w * r_k[None, :], axis=1), mask=o_ok)
-    tl.atomic_add(dr_ptr + member * C_in + ci, tl.sum(g_w * s_k[:, None], axis=0), mask=col_ok)
+    tl.atomic_add(ds_ptr + member * C_out + oc, tl.sum(g_w * r_k[None, :], axis=1), mask=o_ok, sem="relaxed")
+    tl.atomic_add(dr_ptr + member * C_in + ci, tl.sum(g_w * s_k[:, None], axis=0), mask=col_ok, sem="relaxed")
     if HYPER:
         d_tile = tl.load(d_ptr + weight_tile_off, mask=tile_ok, other=0.0).to(ACC_TYPE)
-        tl.atomic_add(dd_ptr + weight_tile_off, g_delta * v_k[:, None] * u_k[None, :], mask=tile_ok)
+        tl.atomic_add(dd_ptr + weight_tile_off, g_delta * v_k[:, None] * u_k[None, :], mask=tile_ok, sem="relaxed")
         g_d = g_delta * d_tile
-        tl.atomic_add(dv_ptr + member * C_out + oc, tl.sum(g_d * u_k[None, :], axis=1), mask=o_ok)
-        tl.atomic_add(du_ptr + member * C_in + ci, tl.sum(g_d * v_k[:, None], axis=0), mask=col_ok)
+        tl.atomic_add(dv_ptr + member * C_out + oc, tl.sum(g_d * u_k[None, :], axis=1), mask=o_ok, sem="relaxed")
+        tl.atomic_add(du_ptr + member * C_in + ci, tl.sum(g_d * v_k[:, None], axis=0), mask=col_ok, sem="relaxed")
 
 
 _TUNING_KEY = ["B", "H", "W", "Ho", "Wo", "CG_IN", "CG_OUT", "KH", "KW", "SH", "SW", "DOT_PRECISION"]
@@ -546,6 +546,8 @@ def rank1_conv2d_forward(x, weight, r, s, bias, stride, padding, dilation, group
     hyper = delta is not None
     weight, delta = _weight_layout(weight), _weight_layout(delta)
     kernel = _hyper_forward if hyper else _forward
+    if out.numel() == 0:
+        return out
 
     def grid(meta):
         return (E * triton.cdiv(B * Ho * Wo, meta["BLOCK_M"]), triton.cdiv(C_out // groups, meta["BLOCK_N"]), groups)
@@ -574,6 +576,8 @@ def rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, group
     hyper = delta is not None
     weight, delta = _transposed_weight_layout(weight), _transposed_weight_layout(delta)
     kernel = _hyper_input_grad if hyper else _input_grad
+    if dx.numel() == 0 or grad.numel() == 0:
+        return dx.zero_()
     sh, sw = stride
     step_h = sh // math.gcd(sh, dilation[0])
     step_w = sw // math.gcd(sw, dilation[1])
@@ -630,6 +634,8 @@ def rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, g
     if hyper:
         grads.update(delta=zeros_like(delta), u=zeros_like(u), v=zeros_like(v), e1=zeros_like(e1))
     kernel = _hyper_weight_grad if hyper else _weight_grad
+    if grad.numel() == 0 or x.numel() == 0:
+        return grads
     cg_out = C_out // groups
     columns = cg_in * kh * kw
     per_program, splits = _pixels_per_program(E, B, Ho, Wo, cg_out, columns, groups, hyper, x.device)
