@@ -81,9 +81,12 @@ def rank1_linear_forward_kernel(
         stride_e1m, stride_e1n, stride_e2m, stride_e2n,
         HAS_BIAS: tl.constexpr, HYPER: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
         STORE_DELTA_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """y (E*B, OUT), contiguous. r, s, bias, u, v, delta_bias: contiguous (E, IN|OUT).
-    delta_out (E*B, OUT) contiguous receives (x * u_k) @ Delta^T when STORE_DELTA_OUT."""
+    delta_out (E*B, OUT) contiguous receives (x * u_k) @ Delta^T when STORE_DELTA_OUT.
+    ALIGNED (here and in the other GEMM kernels) is the launcher's layout class (see
+    operand_layout_aligned); the code is the same, it keys the autotuner's tile table."""
     tiles_per_member = tl.cdiv(B, BLOCK_M)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), E * tiles_per_member, tl.cdiv(OUT, BLOCK_N), GROUP_M)
     member = pid_m // tiles_per_member
@@ -157,7 +160,8 @@ def rank1_linear_grad_input_kernel(
         E, B, IN, OUT,
         stride_gm, stride_gn, stride_wn, stride_wk, stride_dn, stride_dk, stride_e1m, stride_e1n,
         HYPER: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """dx (E*B, IN) contiguous = ((g * s_k) @ W) * r_k [+ ((g * v_k * e1) @ Delta) * u_k].
     Here N runs over IN (the columns of dx) and K over OUT."""
     tiles_per_member = tl.cdiv(B, BLOCK_M)
@@ -225,7 +229,8 @@ def rank1_linear_grad_weight_kernel(
         stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dn, stride_dk,
         stride_e1m, stride_e1n,
         HYPER: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+        ALIGNED: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """Grid (tiles of (OUT, IN), 2 if HYPER else 1). Program axis 1 = 0 computes
     dW (OUT, IN) contiguous = sum_k (g_k * s_k)^T (x_k * r_k) and the partial sums
     ds_part (E, n_part_in, OUT), dr_part (E, n_part_out, IN) (ACC_DTYPE; slot pid_i / pid_o; the
@@ -341,46 +346,78 @@ def rank1_linear_grad_rowwise_kernel(
 _KIND_AXES = {"forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "grad_input": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "grad_weight": ("BLOCK_O", "BLOCK_I", "BLOCK_R")}
 
-# Tiles (M, N, K, num_warps, num_stages) per (kind, operand class, hyper op). Every entry compiles
-# for sm_90 without spills, within shared memory and, except fp64, with HGMMA (wgmma): checked by
-# `python -m bench.static_gpu_report --check` in CI; entries that spilled were removed (the hyper
-# forward keeps two register A operands next to two accumulators; grad_weight keeps the member and
-# the running accumulator plus a weight tile in its per-member epilogue; tf32x3 splits operands into
-# hi/lo parts). wgmma needs num_warps a multiple of 4 and 64-row warpgroup tiles; fp32 operands use
-# K = 32 so 3-4 stages fit in shared memory; fp64 runs on DMMA with small tiles.
+# Tiles (M, N, K, num_warps, num_stages) per (kind, operand class, hyper op, aligned layout).
+# Every entry compiles for sm_90 without spills, within shared memory and, except fp64, with HGMMA
+# (wgmma): checked by `python -m bench.static_gpu_report --check` in CI; entries that spilled were
+# removed (the hyper forward keeps two register A operands next to two accumulators; grad_weight
+# keeps the member and the running accumulator plus a weight tile in its per-member epilogue;
+# tf32x3 splits operands into hi/lo parts). wgmma needs num_warps a multiple of 4 and 64-row
+# warpgroup tiles; fp32 operands use K = 32 so 3-4 stages fit in shared memory; fp64 runs on DMMA.
+# Aligned layouts (widths and row strides multiples of 16 elements, 16-byte base pointers) get
+# vectorised asynchronous copies and deep pipelines. Unaligned ones (e.g. in_features = 19) can only
+# use element-wise loads that go through registers, so they get small tiles and 2 stages.
 _ROW_16 = ((128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
            (128, 64, 64, 8, 3), (64, 128, 64, 8, 4))
 _ROW_TF32 = ((128, 128, 32, 4, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4),
              (64, 64, 32, 8, 4))
 _ROW_TF32X3 = ((128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4), (64, 64, 32, 8, 4))
 _FP64_SMALL = ((32, 32, 32, 4, 2),)
+_U_ROW = ((128, 64, 32, 8, 2), (64, 64, 32, 8, 2))  # unaligned, one accumulator
+_U_TWO = ((64, 64, 32, 8, 2), (64, 64, 16, 8, 2))  # unaligned, two accumulators / register operands
+_U_SMALL = ((64, 64, 16, 8, 2),)
+_U_FP64 = ((32, 32, 32, 4, 2), (64, 32, 16, 8, 2))
+_U_FP64_TWO = ((32, 32, 16, 4, 2), (64, 32, 16, 8, 2))
 _TILES = {
-    ("forward", "16-bit", False): _ROW_16,
-    ("forward", "16-bit", True): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4)),
-    ("forward", "tf32", False): _ROW_TF32,
-    ("forward", "tf32", True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
-    ("forward", "tf32x3", False): _ROW_TF32X3,
-    ("forward", "tf32x3", True): ((64, 64, 32, 8, 4),),
-    ("forward", "fp64", False): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
-    ("forward", "fp64", True): _FP64_SMALL,
-    ("grad_input", "16-bit", False): _ROW_16,
-    ("grad_input", "16-bit", True): ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
-                                     (64, 128, 64, 8, 4)),
-    ("grad_input", "tf32", False): _ROW_TF32,
-    ("grad_input", "tf32", True): ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
-                                   (64, 64, 32, 8, 4)),
-    ("grad_input", "tf32x3", False): _ROW_TF32X3,
-    ("grad_input", "tf32x3", True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
-    ("grad_input", "fp64", False): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
-    ("grad_input", "fp64", True): _FP64_SMALL,
-    ("grad_weight", "16-bit", False): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
-    ("grad_weight", "16-bit", True): ((64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
-    ("grad_weight", "tf32", False): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
-    ("grad_weight", "tf32", True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
-    ("grad_weight", "tf32x3", False): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
-    ("grad_weight", "tf32x3", True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
-    ("grad_weight", "fp64", False): _FP64_SMALL,
-    ("grad_weight", "fp64", True): _FP64_SMALL,
+    ("forward", "16-bit", False, True): _ROW_16,
+    ("forward", "16-bit", True, True): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4)),
+    ("forward", "tf32", False, True): _ROW_TF32,
+    ("forward", "tf32", True, True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
+    ("forward", "tf32x3", False, True): _ROW_TF32X3,
+    ("forward", "tf32x3", True, True): ((64, 64, 32, 8, 4),),
+    ("forward", "fp64", False, True): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
+    ("forward", "fp64", True, True): _FP64_SMALL,
+    ("grad_input", "16-bit", False, True): _ROW_16,
+    ("grad_input", "16-bit", True, True): ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
+                                           (64, 128, 64, 8, 4)),
+    ("grad_input", "tf32", False, True): _ROW_TF32,
+    ("grad_input", "tf32", True, True): ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
+                                         (64, 64, 32, 8, 4)),
+    ("grad_input", "tf32x3", False, True): _ROW_TF32X3,
+    ("grad_input", "tf32x3", True, True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
+    ("grad_input", "fp64", False, True): ((32, 64, 32, 4, 2),) + _FP64_SMALL,
+    ("grad_input", "fp64", True, True): _FP64_SMALL,
+    ("grad_weight", "16-bit", False, True): ((128, 64, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
+    ("grad_weight", "16-bit", True, True): ((64, 128, 64, 8, 4), (64, 64, 64, 8, 4)),
+    ("grad_weight", "tf32", False, True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32", True, True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32x3", False, True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "tf32x3", True, True): ((64, 64, 32, 8, 4), (64, 32, 32, 8, 4)),
+    ("grad_weight", "fp64", False, True): _FP64_SMALL,
+    ("grad_weight", "fp64", True, True): _FP64_SMALL,
+    ("forward", "16-bit", False, False): _U_ROW,
+    ("forward", "16-bit", True, False): _U_TWO,
+    ("forward", "tf32", False, False): _U_ROW,
+    ("forward", "tf32", True, False): _U_TWO,
+    ("forward", "tf32x3", False, False): _U_ROW,
+    ("forward", "tf32x3", True, False): _U_TWO,
+    ("forward", "fp64", False, False): _U_FP64,
+    ("forward", "fp64", True, False): _U_FP64_TWO,
+    ("grad_input", "16-bit", False, False): _U_ROW,
+    ("grad_input", "16-bit", True, False): _U_ROW,
+    ("grad_input", "tf32", False, False): _U_ROW,
+    ("grad_input", "tf32", True, False): _U_TWO,
+    ("grad_input", "tf32x3", False, False): _U_ROW,
+    ("grad_input", "tf32x3", True, False): _U_SMALL,
+    ("grad_input", "fp64", False, False): _U_FP64,
+    ("grad_input", "fp64", True, False): _U_FP64_TWO,
+    ("grad_weight", "16-bit", False, False): _U_TWO,
+    ("grad_weight", "16-bit", True, False): _U_TWO,
+    ("grad_weight", "tf32", False, False): _U_TWO,
+    ("grad_weight", "tf32", True, False): _U_SMALL,
+    ("grad_weight", "tf32x3", False, False): _U_TWO,
+    ("grad_weight", "tf32x3", True, False): _U_SMALL,
+    ("grad_weight", "fp64", False, False): _U_FP64_TWO,
+    ("grad_weight", "fp64", True, False): _U_FP64_TWO,
 }
 
 
@@ -405,7 +442,7 @@ def _configs(kind: str) -> dict:
     if INTERPRET:
         return {None: _interpreter_config(kind)}
     m, n, k = _KIND_AXES[kind]
-    tiles = sorted({tile for (knd, _, _), group in _TILES.items() if knd == kind for tile in group}, reverse=True)
+    tiles = sorted({tile for (knd, *_), group in _TILES.items() if knd == kind for tile in group}, reverse=True)
     return {tile: triton.Config({m: tile[0], n: tile[1], k: tile[2], "GROUP_M": 8}, num_warps=tile[3],
                                 num_stages=tile[4]) for tile in tiles}
 
@@ -413,18 +450,20 @@ def _configs(kind: str) -> dict:
 _CONFIGS = {kind: _configs(kind) for kind in _KIND_AXES}
 
 
-def launchable_configs(kind: str, dtype: torch.dtype, hyper: bool, precision: str) -> list:
+def launchable_configs(kind: str, dtype: torch.dtype, hyper: bool, precision: str, aligned: bool) -> list:
     """The triton.Config objects the autotuner of kind ("forward", "grad_input", "grad_weight") may
-    launch for this input dtype, op (hyper or not) and tl.dot input precision."""
+    launch for this input dtype, op (hyper or not), tl.dot input precision and layout class."""
     if INTERPRET:
         return list(_CONFIGS[kind].values())
-    return [_CONFIGS[kind][tile] for tile in _TILES[(kind, operand_class(dtype, precision), bool(hyper))]]
+    key = (kind, operand_class(dtype, precision), bool(hyper), bool(aligned))
+    return [_CONFIGS[kind][tile] for tile in _TILES[key]]
 
 
 def _pruner(kind: str, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        keep = {id(c) for c in launchable_configs(kind, args[tensor_arg].dtype, args["HYPER"], args["DOT_PRECISION"])}
+        keep = {id(c) for c in launchable_configs(kind, args[tensor_arg].dtype, args["HYPER"], args["DOT_PRECISION"],
+                                                  args["ALIGNED"])}
         return [c for c in configs if id(c) in keep]
     return prune
 
@@ -434,7 +473,7 @@ def _min_tile(kind: str, axis: int) -> int:
 
 
 def _autotuned(kernel, kind: str, tensor_arg: str, **kwargs):
-    return triton.autotune(list(_CONFIGS[kind].values()), key=["E", "B", "IN", "OUT"],
+    return triton.autotune(list(_CONFIGS[kind].values()), key=["E", "B", "IN", "OUT", "ALIGNED"],
                            prune_configs_by={"early_config_prune": _pruner(kind, tensor_arg)}, **kwargs)(kernel)
 
 
@@ -464,6 +503,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def unit_inner_stride(t):
+    """t itself when its last dimension has unit stride, else a contiguous copy. The GEMM kernels are
+    compiled (and checked by the static report) for unit inner strides only: a fully strided operand
+    would need element-wise address arithmetic and spills registers."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def operand_layout_aligned(ints, tensors) -> bool:
+    """The aligned layout class of a launch: every width / row stride in ints a multiple of 16
+    elements and every tensor's base pointer 16-byte aligned (inner strides are 1 by the launchers'
+    policy). Triton then specialises the kernel for vectorised asynchronous copies."""
+    return all(int(i) % 16 == 0 for i in ints) and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
+
+
 def _check_vectors(*tensors):
     for t in tensors:
         if t is not None and not t.is_contiguous():
@@ -476,6 +531,7 @@ def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None,
     pre-scale Delta product (x * u_k) @ Delta^T (E*B, out) when store_delta_out (hyper op), else None.
     The hyper op is selected by passing delta (then u, v, e1 are required)."""
     _check_vectors(r, s, bias, u, v, delta_bias)
+    x, weight, delta, e1, e2 = map(unit_inner_stride, (x, weight, delta, e1, e2))
     hyper = delta is not None
     N, IN = x.shape
     OUT = weight.shape[0]
@@ -486,6 +542,10 @@ def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None,
     if N == 0 or OUT == 0:
         return y, delta_out
     dummy = y
+    aligned = operand_layout_aligned(
+        (IN, OUT, x.stride(0), weight.stride(0)) + ((delta.stride(0), e1.stride(0)) if hyper else ())
+        + ((e2.stride(0),) if e2 is not None else ()),
+        (x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, y, delta_out))
     grid = lambda meta: (E * triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(OUT, meta["BLOCK_N"]),)  # noqa: E731
     _forward[grid](
         x, weight, r, s, bias if bias is not None else dummy,
@@ -499,13 +559,14 @@ def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None,
         e2.stride(0) if e2 is not None else 0, e2.stride(1) if e2 is not None else 0,
         HAS_BIAS=bias is not None, HYPER=hyper, HAS_DELTA_BIAS=hyper and delta_bias is not None,
         STORE_DELTA_OUT=delta_out is not None, DOT_PRECISION=dot_precision(x.dtype),
-        ACC_DTYPE=accumulator_dtype(x.dtype))
+        ACC_DTYPE=accumulator_dtype(x.dtype), ALIGNED=aligned)
     return y, delta_out
 
 
 def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=None):
     """dx (E*B, in) = ((grad * s_k) @ W) * r_k [+ ((grad * v_k * e1) @ Delta) * u_k] in grad.dtype."""
     _check_vectors(r, s, u, v)
+    grad, weight, delta, e1 = map(unit_inner_stride, (grad, weight, delta, e1))
     hyper = delta is not None
     N, OUT = grad.shape
     IN = weight.shape[1]
@@ -517,6 +578,9 @@ def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=N
     if OUT == 0:
         return dx.zero_()
     dummy = dx
+    aligned = operand_layout_aligned(
+        (IN, OUT, grad.stride(0), weight.stride(0)) + ((delta.stride(0), e1.stride(0)) if hyper else ()),
+        (grad, weight, r, s, delta, u, v, e1, dx))
     grid = lambda meta: (E * triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(IN, meta["BLOCK_N"]),)  # noqa: E731
     _grad_input[grid](
         grad, weight, r, s, delta if hyper else dummy, u if hyper else dummy, v if hyper else dummy,
@@ -525,7 +589,8 @@ def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=N
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
         delta.stride(0) if hyper else 0, delta.stride(1) if hyper else 0,
         e1.stride(0) if hyper else 0, e1.stride(1) if hyper else 0,
-        HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype))
+        HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype),
+        ALIGNED=aligned)
     return dx
 
 
@@ -533,6 +598,7 @@ def rank1_linear_grad_weight(grad, x, weight, r, s, e1=None, delta=None, u=None,
     """Weight-side gradients in one launch: returns (dW, dr, ds) for the batch op, and additionally
     (dDelta, du, dv) for the hyper op (given delta, u, v, e1), each in the dtype of its input."""
     _check_vectors(r, s, u, v)
+    grad, x, weight, delta, e1 = map(unit_inner_stride, (grad, x, weight, delta, e1))
     hyper = delta is not None
     N, OUT = grad.shape
     IN = x.shape[1]
@@ -554,6 +620,10 @@ def rank1_linear_grad_weight(grad, x, weight, r, s, e1=None, delta=None, u=None,
             if hyper:
                 ddelta.zero_()
         else:
+            aligned = operand_layout_aligned(
+                (IN, OUT, grad.stride(0), x.stride(0), weight.stride(0))
+                + ((delta.stride(0), e1.stride(0)) if hyper else ()),
+                (grad, x, weight, r, s, delta, u, v, e1, dw, ddelta))
             grid = lambda meta: (triton.cdiv(OUT, meta["BLOCK_O"]) * triton.cdiv(IN, meta["BLOCK_I"]),  # noqa: E731
                                  2 if hyper else 1)
             _grad_weight[grid](
@@ -564,7 +634,8 @@ def rank1_linear_grad_weight(grad, x, weight, r, s, e1=None, delta=None, u=None,
                 grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                 delta.stride(0) if hyper else 0, delta.stride(1) if hyper else 0,
                 e1.stride(0) if hyper else 0, e1.stride(1) if hyper else 0,
-                HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype))
+                HYPER=hyper, DOT_PRECISION=dot_precision(grad.dtype), ACC_DTYPE=accumulator_dtype(grad.dtype),
+                ALIGNED=aligned)
     out = (dw, dr_part.sum(1).to(r.dtype), ds_part.sum(1).to(s.dtype))
     if hyper:
         out += (ddelta, du_part.sum(1).to(u.dtype), dv_part.sum(1).to(v.dtype))
@@ -576,6 +647,7 @@ def rank1_linear_grad_rowwise(grad, E: int, bias_grad: bool, v=None, delta_out=N
     unless asked for: bias_grad -> dbias (E, out); delta_out (with v) -> de1 = grad * v_k * delta_out;
     e2 (with delta_bias) -> ddelta_bias = member sums of grad * e2 and de2 = grad * delta_bias_k."""
     _check_vectors(v, delta_bias)
+    grad, e2 = unit_inner_stride(grad), unit_inner_stride(e2)
     N, OUT = grad.shape
     B = N // E
     e1_grad = delta_out is not None
@@ -610,11 +682,13 @@ def rank1_linear_grad_rowwise(grad, E: int, bias_grad: bool, v=None, delta_out=N
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_divisible=()):
+def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_divisible=(),
+                   aligned_pointers: bool = True):
     """(signature, constexprs, attrs) for triton.compile(ASTSource(...)) as a launch with contiguous
     tensors specialises: arguments named in unit_args (inner strides) become the constant 1, pointers
     and the remaining ints carry tt.divisibility=16 (16-byte aligned storage, widths and strides
-    multiples of 16) except the ints in not_divisible. pointer_dtypes maps each pointer argument to its
+    multiples of 16) except the ints in not_divisible (and the pointers unless aligned_pointers).
+    pointer_dtypes maps each pointer argument to its
     element type ("bf16", "fp32", ...); every other argument must be an int or in constexprs."""
     consts = dict(constexprs or {})
     signature, attrs = {}, {}
@@ -626,7 +700,8 @@ def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_
             consts[name] = 1
         elif name in pointer_dtypes:
             signature[name] = "*" + pointer_dtypes[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if aligned_pointers:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
             if name not in not_divisible:
@@ -640,9 +715,13 @@ _PARTIAL_POINTERS = ("ds_part_ptr", "dr_part_ptr", "dv_part_ptr", "du_part_ptr",
 
 def sm90_compile_specs() -> list:
     """Every kernel of this module at every config it can launch with on an H100, per input dtype
-    (bf16, fp16, fp32 as tf32 and as tf32x3, fp64), with all optional features of each variant on
-    (bias, delta_bias/e2, stored Delta product) and contiguous-tensor specialisation.
-    Keys: name, fn, signature, constexprs, attrs, num_warps, num_stages, dtype, gemm, expect_hgmma, config."""
+    (bf16, fp16, fp32 as tf32 and as tf32x3, fp64) and layout class, with all optional features of
+    each variant on (bias, delta_bias/e2, stored Delta product). Layout classes (the launchers give
+    every 2-D operand a unit inner stride): "aligned" = widths, row strides and pointers divisible by
+    16 (the specialisation Triton makes for such launches); "unaligned" = no divisibility at all
+    (e.g. in_features = 19), the worst case of the other specialisations.
+    Keys (see bench/static_gpu_report.py): name, fn, signature, constexprs, attrs, num_warps,
+    num_stages, dtype, gemm, config."""
     variants = []  # (name, fn, kind, hyper, feature constexprs)
     for hyper in (False, True):
         tag = "hyper" if hyper else "batch"
@@ -655,29 +734,38 @@ def sm90_compile_specs() -> list:
     precisions = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"),
                   (torch.float32, "tf32x3"), (torch.float64, "ieee"))
     specs = []
+
+    def layout(fn, aligned):  # (ints without the divisibility hint, label)
+        return (("E",), "") if aligned else (tuple(fn.arg_names), " unaligned")
+
     for dtype, precision in precisions:
         elem = _TRITON_DTYPE[dtype]
         acc = "fp64" if dtype == torch.float64 else "fp32"
         dtype_name = elem if dtype != torch.float32 else f"fp32/{precision}"
-        expect_hgmma = dtype != torch.float64
-        for name, fn, kind, hyper, features in variants:
+        for aligned in (True, False):
+            for name, fn, kind, hyper, features in variants:
+                pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
+                not_divisible, label = layout(fn, aligned)
+                for cfg in launchable_configs(kind, dtype, hyper, precision, aligned):
+                    consts = dict(features, DOT_PRECISION=precision, ACC_DTYPE=accumulator_dtype(dtype),
+                                  ALIGNED=aligned, **cfg.kwargs)
+                    signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible,
+                                                              aligned_pointers=aligned)
+                    m, n, k = _KIND_AXES[kind]
+                    specs.append(dict(name=name, fn=fn, signature=signature, constexprs=consts, attrs=attrs,
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype_name + label,
+                                      gemm=True, config=f"{cfg.kwargs[m]}x{cfg.kwargs[n]}x{cfg.kwargs[k]} "
+                                                        f"w{cfg.num_warps} s{cfg.num_stages}"))
+            fn = rank1_linear_grad_rowwise_kernel
+            if precision == "tf32x3":  # no dot: the fp32 build is the same for both precisions
+                continue
             pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
-            for cfg in launchable_configs(kind, dtype, hyper, precision):
-                consts = dict(features, DOT_PRECISION=precision, ACC_DTYPE=accumulator_dtype(dtype), **cfg.kwargs)
-                signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible=("E",))
-                m, n, k = _KIND_AXES[kind]
-                specs.append(dict(name=name, fn=fn, signature=signature, constexprs=consts, attrs=attrs,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype_name, gemm=True,
-                                  expect_hgmma=expect_hgmma,
-                                  config=f"{cfg.kwargs[m]}x{cfg.kwargs[n]}x{cfg.kwargs[k]} w{cfg.num_warps} "
-                                         f"s{cfg.num_stages}"))
-        fn = rank1_linear_grad_rowwise_kernel
-        pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
-        consts = dict(BIAS_GRAD=True, E1_GRAD=True, DELTA_BIAS_GRAD=True, ACC_DTYPE=accumulator_dtype(dtype),
-                      BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N)
-        if precision != "tf32x3":  # no dot: the fp32 build is the same for both precisions
-            signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible=("E",))
+            consts = dict(BIAS_GRAD=True, E1_GRAD=True, DELTA_BIAS_GRAD=True, ACC_DTYPE=accumulator_dtype(dtype),
+                          BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N)
+            not_divisible, label = layout(fn, aligned)
+            signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible,
+                                                      aligned_pointers=aligned)
             specs.append(dict(name="rank1_linear_grad_rowwise[hyper]", fn=fn, signature=signature, constexprs=consts,
-                              attrs=attrs, num_warps=4, num_stages=1, dtype=elem, gemm=False, expect_hgmma=False,
+                              attrs=attrs, num_warps=4, num_stages=1, dtype=elem + label, gemm=False,
                               config=f"{ROWWISE_BLOCK_M}x{ROWWISE_BLOCK_N} w4"))
     return specs

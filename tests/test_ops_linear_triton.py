@@ -254,15 +254,21 @@ def test_dot_precision_follows_torch_matmul_precision():
 def test_sm90_tile_table_is_complete_and_wgmma_shaped():
     # Every (kernel, operand class, op) the launchers can reach has tiles; tensor-core tiles are
     # wgmma-shaped (warpgroups of 4 warps, 64-row blocks) -- the static report checks the SASS.
-    for kind in ("forward", "grad_input", "grad_weight"):
-        for cls in ("16-bit", "tf32", "tf32x3", "fp64"):
-            for hyper in (False, True):
-                tiles = kernels._TILES[(kind, cls, hyper)]
-                assert tiles, (kind, cls, hyper)
-                for m, n, k, warps, stages in tiles:
-                    assert warps % 4 == 0 and stages >= 1 and k >= 16 and n % 16 == 0
-                    if cls != "fp64":
-                        assert m % 64 == 0, (kind, cls, hyper, m)
+    import itertools
+
+    for key in itertools.product(("forward", "grad_input", "grad_weight"), ("16-bit", "tf32", "tf32x3", "fp64"),
+                                 (False, True), (False, True)):
+        tiles = kernels._TILES[key]
+        assert tiles, key
+        for m, n, k, warps, stages in tiles:
+            assert warps % 4 == 0 and stages >= 1 and k >= 16 and n % 16 == 0
+            if key[1] != "fp64":
+                assert m % 64 == 0, (key, m)
+    assert kernels.operand_layout_aligned((32, 48, 16), [_randn(4, 16)])
+    assert not kernels.operand_layout_aligned((32, 19), [])
+    assert not kernels.operand_layout_aligned((32,), [_randn(4, 17)[:, 1:]])  # 4-byte offset base pointer
+    t = _randn(8, 6).t()
+    assert kernels.unit_inner_stride(t).stride(-1) == 1 and torch.equal(kernels.unit_inner_stride(t), t)
     specs = kernels.sm90_compile_specs()
     names = {s["name"] for s in specs}
     assert {"rank1_linear_forward[batch]", "rank1_linear_forward[hyper]", "rank1_linear_grad_input[hyper]",
@@ -278,3 +284,34 @@ def test_bfloat16_on_gpu():
     _assert_matches_reference(_hyper_triton, ref.hyper_batch_ensemble_linear_reference, args, HYPER_NAMES,
                               rtol=5e-2, atol=5e-1)
 
+
+
+def test_static_gpu_report_verdicts_and_results_section(tmp_path):
+    # The compile itself runs in CI (python -m bench.static_gpu_report --check); here its judgement
+    # and the RESULTS.md section handling.
+    report = pytest.importorskip("bench.static_gpu_report")
+    clean = dict(module="m", name="k", dtype="bf16", config="c", mma="HGMMA", error=None, regs=200, stack=0, local=0,
+                 LDL=0, STL=0, shared=100_000, HGMMA=4, HMMA=0, DMMA=0)
+    assert report.problems(clean) == []
+    assert report.problems(dict(clean, stack=16, LDL=2, STL=3))[0].startswith("spills")
+    assert report.problems(dict(clean, HGMMA=0, HMMA=8)) == ["GEMM without HGMMA", "HMMA (Ampere mma) in a Hopper GEMM build"]
+    assert report.problems(dict(clean, shared=report.SM90_MAX_SHARED + 1))[0].startswith("shared memory")
+    assert report.problems(dict(clean, mma="DMMA", dtype="fp64", HGMMA=0, DMMA=0)) == ["GEMM without DMMA"]
+    assert report.problems(dict(clean, mma=None, HGMMA=0)) == []
+    assert report.problems(dict(clean, error="boom"))[0].startswith("compile error")
+    assert report.expected_mma(dict(gemm=True, dtype="fp64 strided")) == "DMMA"
+    assert report.expected_mma(dict(gemm=True, dtype="fp32/tf32")) == "HGMMA"
+    assert report.expected_mma(dict(gemm=False, dtype="bf16")) is None
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n\n## Op benchmark\n\nkeep me\n")
+    report.write_results("first table", str(results))
+    report.write_results("second table", str(results))
+    text = results.read_text()
+    assert text.count(report.SECTION) == 1 and "second table" in text and "first table" not in text
+    assert "## Op benchmark\n\nkeep me\n" in text
+    results.write_text(f"# results\n\n{report.SECTION}\n\nold\n\n## Later section\n\nkeep too\n")
+    report.write_results("new", str(results))
+    text = results.read_text()
+    assert "old" not in text and "new" in text and text.endswith("## Later section\n\nkeep too\n")
+    assert any(m.endswith(".rank1_linear") for m in report.kernel_modules())
