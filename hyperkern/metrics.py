@@ -233,7 +233,7 @@ def reliability_diagram(probs, labels, path, num_bins: int = 15, title: str | No
         filled = counts > 0
         ax.bar(centers[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
         ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width, edgecolor="tab:red",
-               color="tab:red", alpha=0.3, label="gap")
+               fill=False, hatch="///", linewidth=0.8, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
