@@ -16,5 +16,18 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(hyperkern, m) {
   // ---- rank-1 linear (csrc/cpu/rank1_linear.cpp, csrc/cuda/rank1_linear.cu) ----
+  // Rows of x (and e1, e2, the outputs) are member-major: rows k*B .. (k+1)*B-1 belong to member k.
+  // hyper_batch_ensemble_linear also returns delta_out = (x * u_k) @ delta^T, kept for its backward.
+  // The backward ops return an empty tensor in place of grad_x when compute_grad_x is false and in
+  // place of the bias / delta_bias / e2 gradients when those inputs are absent.
+  m.def("batch_ensemble_linear(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor? bias) -> Tensor");
+  m.def("batch_ensemble_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor r, Tensor s, "
+        "bool has_bias, bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("hyper_batch_ensemble_linear(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
+        "Tensor v, Tensor e1, Tensor? bias, Tensor? delta_bias, Tensor? e2) -> (Tensor, Tensor)");
+  m.def("hyper_batch_ensemble_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor delta, "
+        "Tensor r, Tensor s, Tensor u, Tensor v, Tensor e1, Tensor? delta_bias, Tensor? e2, Tensor delta_out, "
+        "bool has_bias, bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
   // ---- rank-1 conv2d (csrc/cpu/rank1_conv.cpp, csrc/cuda/rank1_conv.cu) ----
 }

@@ -1,0 +1,206 @@
+"""Op microbenchmark: the rank-1 ensemble linear ops on every available backend against baselines.
+
+    python bench/ops.py                                   # CPU: E=4, B=256, in=out=512 and 1024, fp32
+    python bench/ops.py --shapes 4,256,512,512 --dtype bfloat16 --repeats 30
+    python bench/ops.py --device cuda                     # adds the triton backend when available
+
+For each op, shape and mode ("fwd": forward under no_grad; "fwd+bwd": forward, then
+torch.autograd.grad for every input) it times:
+  floor        one plain F.linear over the same E*B rows (with 2*out outputs for the hyper op): the
+               GEMM work every variant has to do, and the number the fused backends are held to
+  torch        hyperkern.ops.* with backend="torch" (the plain composition)
+  torch.compile  torch.compile of that composition
+  tabm         a TabM-style layer: (x * r) broadcast over a (E, B, in) view, GEMM, * s, + b
+  cpp          hyperkern.ops.* with backend="cpp" (the compiled extension)
+  triton       hyperkern.ops.* with backend="triton" (CUDA tensors only)
+and prints the median time in ms and its ratio to the floor. Rows are member-major (rows
+k*B .. (k+1)*B-1 belong to member k). Variants are interleaved round by round so load changes on
+a shared machine hit them alike. Importable: run_linear(...) returns the rows, format_table prints them.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python bench/ops.py` from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hyperkern  # noqa: E402
+from hyperkern import ops  # noqa: E402
+
+DEFAULT_SHAPES = ((4, 256, 512, 512), (4, 256, 1024, 1024))
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, warmup: int = 3) -> dict:
+    """Median ms per call of every fn; rounds interleave the variants."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / inner * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _linear_inputs(op: str, E: int, B: int, fin: int, fout: int, dtype, device, requires_grad: bool):
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_(requires_grad)
+
+    x, w = t(E * B, fin), t(fout, fin, scale=fin ** -0.5)
+    r, s, b = t(E, fin), t(E, fout), t(E, fout)
+    if op == "batch_ensemble_linear":
+        return (x, w, r, s, b)
+    d, u, v = t(fout, fin, scale=fin ** -0.5), t(E, fin), t(E, fout)
+    e1, db, e2 = t(E * B, fout), t(E, fout), t(E * B, fout)
+    return (x, w, d, r, s, u, v, e1, b, db, e2)
+
+
+def _floor_inputs(op: str, E: int, B: int, fin: int, fout: int, dtype, device, requires_grad: bool):
+    width = fout if op == "batch_ensemble_linear" else 2 * fout
+    x = torch.randn(E * B, fin, dtype=dtype, device=device).requires_grad_(requires_grad)
+    w = (torch.randn(width, fin, dtype=dtype, device=device) * fin ** -0.5).requires_grad_(requires_grad)
+    b = torch.randn(width, dtype=dtype, device=device).requires_grad_(requires_grad)
+    return (x, w, b)
+
+
+def _tabm_batch_ensemble(x, w, r, s, b):
+    E = r.shape[0]
+    x3 = x.view(E, -1, x.shape[-1])
+    return ((x3 * r[:, None]) @ w.T * s[:, None] + b[:, None]).view(x.shape[0], -1)
+
+
+def _tabm_hyper(x, w, d, r, s, u, v, e1, b, db, e2):
+    E = r.shape[0]
+    x3 = x.view(E, -1, x.shape[-1])
+    e13, e23 = e1.view(E, -1, e1.shape[-1]), e2.view(E, -1, e2.shape[-1])
+    y = ((x3 * r[:, None]) @ w.T) * s[:, None] + ((x3 * u[:, None]) @ d.T) * (v[:, None] * e13) \
+        + b[:, None] + db[:, None] * e23
+    return y.view(x.shape[0], -1)
+
+
+def _variants(op: str, device: torch.device, compile_: bool) -> dict:
+    public = getattr(ops, op)
+    out = {"floor": F.linear, "torch": functools.partial(public, backend="torch")}
+    if compile_:
+        out["torch.compile"] = torch.compile(functools.partial(public, backend="torch"), dynamic=False)
+    out["tabm"] = _tabm_batch_ensemble if op == "batch_ensemble_linear" else _tabm_hyper
+    available = hyperkern.available_backends(device.type)
+    if "cpp" in available:
+        out["cpp"] = functools.partial(public, backend="cpp")
+    if device.type == "cuda" and "triton" in available:
+        out["triton"] = functools.partial(public, backend="triton")
+    return out
+
+
+def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats: int = 15, inner: int = 3,
+               compile_: bool = True, ops_to_run=("batch_ensemble_linear", "hyper_batch_ensemble_linear")) -> list:
+    """Time both linear ops; returns rows (op, shape, mode, variant, ms, ratio to the floor)."""
+    device = torch.device(device)
+    rows = []
+    for op in ops_to_run:
+        variants = _variants(op, device, compile_)
+        for (E, B, fin, fout) in shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                grad = mode == "fwd+bwd"
+                fns = {}
+                for name, fn in variants.items():
+                    make = _floor_inputs if name == "floor" else _linear_inputs
+                    args = make(op, E, B, fin, fout, dtype, device, grad)
+                    if grad:
+                        leaves = [a for a in args if a is not None]
+                        g = torch.randn(E * B, (2 * fout if (name == "floor" and op != "batch_ensemble_linear")
+                                                else fout), dtype=dtype, device=device)
+
+                        def step(fn=fn, args=args, leaves=leaves, g=g):
+                            torch.autograd.grad(fn(*args), leaves, g)
+                    else:
+                        def step(fn=fn, args=args):
+                            with torch.no_grad():
+                                fn(*args)
+                    fns[name] = step
+                times = time_variants(fns, device, repeats, inner)
+                floor = times["floor"]
+                for name, ms in times.items():
+                    rows.append({"op": op, "shape": (E, B, fin, fout), "mode": mode, "variant": name, "ms": ms,
+                                 "ratio": ms / floor})
+    return rows
+
+
+def describe_machine(device: torch.device, dtype) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                where = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return (f"device: {device.type} ({where}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
+            f"dtype: {str(dtype).replace('torch.', '')}, backends: {hyperkern.available_backends(device.type)}")
+
+
+def format_table(rows: list) -> str:
+    lines = ["| op | E, B, in, out | mode | variant | median ms | x floor |", "|---|---|---|---|---:|---:|"]
+    for row in rows:
+        E, B, fin, fout = row["shape"]
+        lines.append(f"| {row['op']} | {E}, {B}, {fin}, {fout} | {row['mode']} | {row['variant']} | "
+                     f"{row['ms']:.3f} | {row['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def _parse_shape(text: str):
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"a shape is E,B,in,out (four ints), got {text!r}")
+    return parts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=_parse_shape, nargs="+", default=list(DEFAULT_SHAPES),
+                        help="E,B,in,out per shape (default: 4,256,512,512 4,256,1024,1024)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds; the median is reported")
+    parser.add_argument("--inner", type=int, default=3, help="calls per timed sample")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--ops", nargs="+", default=["batch_ensemble_linear", "hyper_batch_ensemble_linear"],
+                        choices=["batch_ensemble_linear", "hyper_batch_ensemble_linear"])
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(describe_machine(device, dtype))
+    print("shapes (E, B, in, out): " + ", ".join(str(s) for s in args.shapes)
+          + "; floor = F.linear over the E*B rows (2*out outputs for the hyper op)")
+    rows = run_linear(args.shapes, dtype, device, args.repeats, args.inner, not args.no_compile, args.ops)
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

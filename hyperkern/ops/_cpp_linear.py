@@ -1,0 +1,120 @@
+"""The "cpp" backend of the rank-1 ensemble linear ops: torch.ops.hyperkern.* defined in C++.
+
+The schemas live in csrc/ops.cpp, the kernels in csrc/cpu/rank1_linear.cpp (CPU) and
+csrc/cuda/rank1_linear.cu (CUDA). This module adds what the compiler stack needs around them: fake
+(meta) implementations, so the ops trace under torch.compile(fullgraph=True), and autograd formulas
+that call the C++ backward ops.
+
+Rows are member-major: x is (E*B, in) and rows k*B .. (k+1)*B-1 belong to member k (E = r.shape[0]).
+The functions below take arguments already validated by hyperkern.ops.linear (they may be
+non-contiguous; the kernels copy what they need).
+
+hyperkern::hyper_batch_ensemble_linear returns (y, delta_out) with delta_out = (x * u_k) @ delta^T:
+the backward needs it per row (de1 = g * v_k * delta_out), so the forward keeps it instead of
+recomputing a GEMM. It is an internal, non-differentiable output; the public function returns y.
+"""
+from __future__ import annotations
+
+import torch
+
+from hyperkern import _C  # noqa: F401  (importing the extension registers the ops)
+
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
+
+_ops = torch.ops.hyperkern
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_ensemble_linear
+
+@torch.library.register_fake("hyperkern::batch_ensemble_linear")
+def _batch_ensemble_linear_fake(x, weight, r, s, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("hyperkern::batch_ensemble_linear_backward")
+def _batch_ensemble_linear_backward_fake(grad_out, x, weight, r, s, has_bias, compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
+    grad_bias = s.new_empty(s.shape) if has_bias else s.new_empty((0,))
+    return grad_x, weight.new_empty(weight.shape), r.new_empty(r.shape), s.new_empty(s.shape), grad_bias
+
+
+def _batch_ensemble_linear_setup_context(ctx, inputs, output):
+    x, weight, r, s, bias = inputs
+    ctx.save_for_backward(x, weight, r, s)
+    ctx.has_bias = bias is not None
+
+
+def _batch_ensemble_linear_backward(ctx, grad_out):
+    x, weight, r, s = ctx.saved_tensors
+    compute_grad_x = bool(ctx.needs_input_grad[0])
+    grad_x, grad_weight, grad_r, grad_s, grad_bias = _ops.batch_ensemble_linear_backward(
+        grad_out, x, weight, r, s, ctx.has_bias, compute_grad_x)
+    return (grad_x if compute_grad_x else None, grad_weight, grad_r, grad_s,
+            grad_bias if ctx.has_bias else None)
+
+
+torch.library.register_autograd("hyperkern::batch_ensemble_linear", _batch_ensemble_linear_backward,
+                                setup_context=_batch_ensemble_linear_setup_context)
+
+
+def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """y = ((x * r_k) @ weight^T) * s_k + bias_k on member-major rows; (E*B, out), via the C++ op."""
+    return _ops.batch_ensemble_linear(x, weight, r, s, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# hyper_batch_ensemble_linear
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear")
+def _hyper_batch_ensemble_linear_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear_backward")
+def _hyper_batch_ensemble_linear_backward_fake(grad_out, x, weight, delta, r, s, u, v, e1, delta_bias, e2,
+                                               delta_out, has_bias, compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
+    grad_bias = s.new_empty(s.shape) if has_bias else s.new_empty((0,))
+    has_delta_bias = delta_bias is not None
+    grad_delta_bias = s.new_empty(s.shape) if has_delta_bias else s.new_empty((0,))
+    grad_e2 = e1.new_empty(e1.shape) if has_delta_bias else e1.new_empty((0,))
+    return (grad_x, weight.new_empty(weight.shape), delta.new_empty(delta.shape), r.new_empty(r.shape),
+            s.new_empty(s.shape), u.new_empty(u.shape), v.new_empty(v.shape), e1.new_empty(e1.shape), grad_bias,
+            grad_delta_bias, grad_e2)
+
+
+def _hyper_setup_context(ctx, inputs, output):
+    x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2 = inputs
+    _, delta_out = output
+    ctx.mark_non_differentiable(delta_out)
+    ctx.save_for_backward(x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_out)
+    ctx.has_bias = bias is not None
+
+
+def _hyper_backward(ctx, grad_out, _grad_delta_out):
+    x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_out = ctx.saved_tensors
+    compute_grad_x = bool(ctx.needs_input_grad[0])
+    (grad_x, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1, grad_bias, grad_delta_bias,
+     grad_e2) = _ops.hyper_batch_ensemble_linear_backward(grad_out, x, weight, delta, r, s, u, v, e1, delta_bias, e2,
+                                                          delta_out, ctx.has_bias, compute_grad_x)
+    has_delta_bias = delta_bias is not None
+    return (grad_x if compute_grad_x else None, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1,
+            grad_bias if ctx.has_bias else None, grad_delta_bias if has_delta_bias else None,
+            grad_e2 if has_delta_bias else None)
+
+
+torch.library.register_autograd("hyperkern::hyper_batch_ensemble_linear", _hyper_backward,
+                                setup_context=_hyper_setup_context)
+
+
+def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, e1: torch.Tensor,
+                                bias: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                                e2: torch.Tensor | None) -> torch.Tensor:
+    """y = s_k*((x*r_k) @ weight^T) + (v_k*e1)*((x*u_k) @ delta^T) + bias_k + delta_bias_k*e2 on
+    member-major rows; (E*B, out), via the C++ op."""
+    y, _ = _ops.hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    return y
