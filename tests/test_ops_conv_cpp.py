@@ -158,9 +158,9 @@ def test_member_major_layout_is_respected():
 
 def test_gradcheck_fp64():
     geo = ([2, 1], [1, 0], [1, 2], 2)
-    x, w, r, s, b = (t.requires_grad_() for t in _be_args(2, 2, 4, 4, 2, (5, 6)))
+    x, w, r, s, b = (t.requires_grad_() for t in _be_args(2, 2, 4, 4, 2, (4, 5)))
     torch.autograd.gradcheck(lambda *a: torch.ops.hyperkern.batch_ensemble_conv2d(*a, *geo), (x, w, r, s, b))
-    args = [t.requires_grad_() for t in _hyper_args(2, 1, 4, 4, 2, (5, 6))]
+    args = [t.requires_grad_() for t in _hyper_args(2, 1, 2, 4, 2, (4, 5))]
     for save_hd in (True, False):  # hd kept from the forward, or recomputed in the backward
         torch.autograd.gradcheck(
             lambda *a: torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*a, *geo, save_hd)[0], args)
