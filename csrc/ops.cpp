@@ -30,4 +30,22 @@ TORCH_LIBRARY(hyperkern, m) {
         "bool has_bias, bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");
   // ---- rank-1 conv2d (csrc/cpu/rank1_conv.cpp, csrc/cuda/rank1_conv.cu) ----
+  // x (E*B, C, H, W) member-major, NCHW or channels-last (outputs follow x's format); weight, delta
+  // (O, C/groups, kh, kw); r, u (E, C); s, v, bias, delta_bias (E, O); e1, e2 (E*B, O).
+  m.def("batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // Gradients for (x, weight, r, s, bias) where output_mask is true, else empty tensors.
+  m.def("batch_ensemble_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor r, Tensor s, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[5] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (y, hd) with hd = conv(x * u_k, delta) * v_k kept for the backward when save_hd, else empty.
+  m.def("hyper_batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
+        "Tensor v, Tensor e1, Tensor? bias, Tensor? delta_bias, Tensor? e2, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor)");
+  // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask is true,
+  // else empty tensors; hd is the forward's (an empty tensor: recomputed when de1 is needed).
+  m.def("hyper_batch_ensemble_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor r, "
+        "Tensor s, Tensor u, Tensor v, Tensor e1, Tensor? delta_bias, Tensor? e2, Tensor hd, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool[11] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,521 @@
+// CPU kernels of the rank-1 ensemble conv2d ops (schemas in csrc/ops.cpp; fake kernels and autograd
+// in hyperkern/ops/_cpp_conv.py).
+//
+// x is member-major: images k*B .. (k+1)*B-1 of the (E*B, C, H, W) input belong to member k. NCHW and
+// channels-last inputs are both supported; every activation-sized output follows x's memory format.
+//
+// Design (numbers in bench/RESULTS.md):
+// - The fast weights are folded into the shared weight, W_k = W * s_k r_k^T per member (tiny: E times
+//   the weight), so member k is ONE plain convolution of its own B images with W_k (and bias_k fused
+//   into it): no activation-sized scaling pass before or after the convolution. The convolutions are
+//   ATen's (oneDNN for float32 / bfloat16).
+// - Members run in parallel, one member per thread (each convolution single-threaded inside the
+//   parallel region, which ATen and oneDNN detect): E convolutions of B images with no thread
+//   synchronisation inside them cost less than one multi-threaded convolution of E*B images at
+//   these sizes. Leftover members (E not a multiple of the thread count) run afterwards with all
+//   threads each.
+// - Backward: per member, ATen's convolution backward with the folded weight gives dx_k directly and
+//   the member's weight gradient G_k = dL/dW_k (together the same work as one conv backward of the
+//   E*B images). Then dW = sum_k G_k * s_k r_k^T, ds_k[o] = sum(G_k * W * r_k)[o, ...] and
+//   dr_k[c] = sum(G_k * W * s_k)[..., c, ...] are weight-sized reductions. Nothing activation-sized
+//   is saved beyond x, exactly what conv2d keeps.
+// - Hyper op: W_k and D_k = delta * v_k u_k^T are stacked into one weight with 2*O output channels
+//   (per group: W_k's rows, then D_k's rows), so each member is one convolution producing h and hd;
+//   a fused epilogue writes y = h + e1 * hd + bias + delta_bias * e2 (and hd itself when the
+//   backward needs it for de1[n, o] = sum_p g * hd). The backward feeds [g | g * e1] through the
+//   stacked weight's convolution backward: one pass gives dx and both weight gradients.
+#include "../rank1_conv.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace hyperkern {
+namespace rank1_conv {
+namespace {
+
+// Runs f(k) for every member k. With several threads, whole groups of `threads` members run in
+// parallel, one member per thread (nested ATen / oneDNN work inside f runs single-threaded); the
+// remaining E % threads members run one after another with all threads each.
+template <class F>
+void for_each_member(int64_t E, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || E <= 1 || at::in_parallel_region()) {
+    for (int64_t k = 0; k < E; ++k) f(k);
+    return;
+  }
+  const int64_t paired = (E / threads) * threads;
+  if (paired > 0) {
+    const at::ThreadLocalState tls;  // grad mode, dispatch keys, ... of the calling thread
+    at::parallel_for(0, paired, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(tls);
+#ifdef _OPENMP
+      // oneDNN sizes its primitives (and their internal barriers) by omp_get_max_threads() when it
+      // creates them; inside this region each member gets exactly one thread.
+      omp_set_num_threads(1);
+#endif
+      for (int64_t k = begin; k < end; ++k) f(k);
+    });
+  }
+  for (int64_t k = paired; k < E; ++k) f(k);
+}
+
+// out[k, o, c, i, j] = w[o, c, i, j] * scale_out[k, o] * scale_in[k, (o / Og) * cg + c]: the members'
+// folded weights, (E, O, cg, kh, kw) contiguous.
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
+                       const Dims& d) {
+  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
+  at::Tensor out = at::empty({d.E, d.O, d.cg, d.kh, d.kw}, w.options());
+  const int64_t K = d.kh * d.kw, row = d.cg * K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_fold_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* sop = so.const_data_ptr<scalar_t>();
+    const scalar_t* sip = si.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, d.E * d.O, std::max<int64_t>(1, 4096 / std::max<int64_t>(row, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t ko = b; ko < e; ++ko) {
+        const int64_t k = ko / d.O, o = ko % d.O;
+        const acc_t sk = static_cast<acc_t>(sop[ko]);
+        const scalar_t* r_in = sip + k * d.C + (o / d.Og) * d.cg;
+        const scalar_t* w_row = wp + o * row;
+        scalar_t* o_row = op + ko * row;
+        for (int64_t c = 0; c < d.cg; ++c) {
+          const acc_t f = sk * static_cast<acc_t>(r_in[c]);
+          for (int64_t i = 0; i < K; ++i) o_row[c * K + i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Stacks two folded weights (E, O, cg, kh, kw) into (E, 2*O, cg, kh, kw) where group g's output
+// channels are [a's rows of group g | b's rows of group g]: a grouped convolution then computes both.
+at::Tensor stack_per_group(const at::Tensor& a, const at::Tensor& b, const Dims& d) {
+  return at::stack({a.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw}), b.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw})}, 2)
+      .view({d.E, 2 * d.O, d.cg, d.kh, d.kw});
+}
+
+// Where member k's weight-gradient row for output channel o starts inside a gradient buffer:
+// base + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride; rows hold cg*kh*kw values.
+struct GradRows {
+  int64_t member_stride, group_stride, row_stride, offset;
+};
+
+// From the members' weight gradients G_k = dL/dW_k of the folded weights W_k = W * so_k si_k^T:
+//   dW = sum_k G_k * so_k si_k^T, dso[k, o] = sum_{c,i,j} G_k * W * si_k, dsi[k, c] = sum_{o,i,j} G_k * W * so_k
+// (each only when requested; results in W's dtype, accumulated in its op-math type).
+void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at::Tensor& weight,
+                        const at::Tensor& scale_out, const at::Tensor& scale_in, const Dims& d, bool need_w,
+                        bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
+                        at::Tensor& d_scale_in) {
+  if (!(need_w || need_so || need_si)) return;
+  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
+  const int64_t K = d.kh * d.kw, row = d.cg * K;
+  const auto opts = w.options();
+  if (need_w) d_weight = at::empty(w.sizes(), opts);
+  if (need_so) d_scale_out = at::empty({d.E, d.O}, opts);
+  if (need_si) d_scale_in = at::empty({d.E, d.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_reduce_weight_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grads.const_data_ptr<scalar_t>() + rows.offset;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* sop = so.const_data_ptr<scalar_t>();
+    const scalar_t* sip = si.const_data_ptr<scalar_t>();
+    scalar_t* dwp = need_w ? d_weight.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dsop = need_so ? d_scale_out.mutable_data_ptr<scalar_t>() : nullptr;
+    // dsi contributions per (k, o, c), summed over each group's output channels afterwards.
+    std::vector<acc_t> si_part(need_si ? d.E * d.O * d.cg : 0);
+    at::parallel_for(0, d.O, 1, [&](int64_t ob, int64_t oe) {
+      std::vector<acc_t> dw_acc(need_w ? row : 0);
+      for (int64_t o = ob; o < oe; ++o) {
+        const int64_t grp = o / d.Og;
+        const scalar_t* w_row = wp + o * row;
+        std::fill(dw_acc.begin(), dw_acc.end(), acc_t(0));
+        for (int64_t k = 0; k < d.E; ++k) {
+          const scalar_t* g_row = gp + k * rows.member_stride + grp * rows.group_stride + (o % d.Og) * rows.row_stride;
+          const acc_t sk = static_cast<acc_t>(sop[k * d.O + o]);
+          const scalar_t* r_in = sip + k * d.C + grp * d.cg;
+          acc_t so_acc = 0;
+          for (int64_t c = 0; c < d.cg; ++c) {
+            const acc_t rc = static_cast<acc_t>(r_in[c]);
+            acc_t gw = 0;
+            for (int64_t i = 0; i < K; ++i) gw += static_cast<acc_t>(g_row[c * K + i]) * static_cast<acc_t>(w_row[c * K + i]);
+            if (need_w) {
+              const acc_t f = sk * rc;
+              for (int64_t i = 0; i < K; ++i) dw_acc[c * K + i] += static_cast<acc_t>(g_row[c * K + i]) * f;
+            }
+            so_acc += gw * rc;
+            if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw * sk;
+          }
+          if (need_so) dsop[k * d.O + o] = static_cast<scalar_t>(so_acc);
+        }
+        if (need_w) {
+          for (int64_t i = 0; i < row; ++i) dwp[o * row + i] = static_cast<scalar_t>(dw_acc[i]);
+        }
+      }
+    });
+    if (need_si) {
+      scalar_t* dsip = d_scale_in.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, d.E * d.C, 256, [&](int64_t b, int64_t e) {
+        for (int64_t kc = b; kc < e; ++kc) {
+          const int64_t k = kc / d.C, c_all = kc % d.C, grp = c_all / d.cg, c = c_all % d.cg;
+          acc_t sum = 0;
+          for (int64_t o = grp * d.Og; o < (grp + 1) * d.Og; ++o) sum += si_part[(k * d.O + o) * d.cg + c];
+          dsip[kc] = static_cast<scalar_t>(sum);
+        }
+      });
+    }
+  });
+}
+
+at::Tensor empty_like_format(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(sizes, x.options().memory_format(fmt));
+}
+
+at::Tensor member_conv(const at::Tensor& xk, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+                       const Geometry& geo) {
+  return at::convolution(xk, wk, bk, geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups);
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch_ensemble_conv2d
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                                     const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  const at::MemoryFormat fmt = activation_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const std::optional<at::Tensor> bc = defined(bias) ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+  if (d.N == 0) return y;
+  for_each_member(d.E, [&](int64_t k) {
+    const std::optional<at::Tensor> bk = bc ? std::optional<at::Tensor>((*bc)[k]) : std::nullopt;
+    y.narrow(0, k * d.B, d.B).copy_(member_conv(xc.narrow(0, k * d.B, d.B), folded[k], bk, geo));
+  });
+  return y;
+}
+
+// Gradients for (x, weight, r, s, bias) where output_mask says so; the others are empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+    const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 5> output_mask) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
+  check_same_kind(x, grad_y, "grad_y");
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_r = output_mask[2], need_s = output_mask[3],
+             need_b = output_mask[4];
+  const bool need_g = need_w || need_r || need_s;
+  const at::MemoryFormat fmt = activation_format(x);
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
+  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const auto opts = x.options();
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor grads = need_g ? at::empty({d.E, d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
+  if (d.N == 0) {  // no images: every gradient is zero
+    if (need_g) grads.zero_();
+    if (need_b) db.zero_();
+  } else if (need_x || need_g || need_b) {
+    const std::vector<int64_t> bias_sizes{d.O};
+    for_each_member(d.E, [&](int64_t k) {
+      auto [dxk, gk, dbk] = at::convolution_backward(
+          g.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded[k],
+          need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), geo.stride, geo.padding,
+          geo.dilation, false, {0, 0}, geo.groups, {need_x, need_g, need_b});
+      if (need_x) dx.narrow(0, k * d.B, d.B).copy_(dxk);
+      if (need_g) grads[k].copy_(gk);
+      if (need_b) db[k].copy_(dbk);
+    });
+  }
+  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
+  const int64_t row = d.cg * d.kh * d.kw;
+  reduce_weight_grad(grads, GradRows{d.O * row, d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r, dw,
+                     ds, dr);
+  return {dx, dw, dr, ds, db};
+}
+
+// ---------------------------------------------------------------------------------------------
+// hyper_batch_ensemble_conv2d
+// ---------------------------------------------------------------------------------------------
+
+// y[n, o] = h[n, o] + e1[n, o] * hd[n, o] + bias[o] + delta_bias[o] * e2[n, o] for member k's images,
+// where both h (channel (o / Og) * 2 * Og + o % Og) and hd (that + Og) come from the stacked
+// convolution's output `both` (B, 2*O, Ho, Wo); also copies hd into hd_out when it is defined.
+void hyper_epilogue(const at::Tensor& both, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, int64_t k,
+                    const Dims& d, bool channels_last, at::Tensor& y_k, at::Tensor& hd_k) {
+  const int64_t P = d.Ho * d.Wo, O = d.O, Og = d.Og;
+  const bool save_hd = hd_k.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, both.scalar_type(), "rank1_conv_hyper_epilogue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = both.const_data_ptr<scalar_t>();
+    const scalar_t* e1p = e1.const_data_ptr<scalar_t>() + k * d.B * O;
+    const scalar_t* bp = bias ? bias->const_data_ptr<scalar_t>() + k * O : nullptr;
+    const scalar_t* dbp = delta_bias ? delta_bias->const_data_ptr<scalar_t>() + k * O : nullptr;
+    const scalar_t* e2p = e2 ? e2->const_data_ptr<scalar_t>() + k * d.B * O : nullptr;
+    scalar_t* yp = y_k.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = save_hd ? hd_k.mutable_data_ptr<scalar_t>() : nullptr;
+    auto shift = [&](int64_t n, int64_t o) -> acc_t {
+      acc_t a = bp ? static_cast<acc_t>(bp[o]) : acc_t(0);
+      if (dbp) a += static_cast<acc_t>(dbp[o]) * static_cast<acc_t>(e2p[n * O + o]);
+      return a;
+    };
+    if (!channels_last) {
+      at::parallel_for(0, d.B * O, std::max<int64_t>(1, 8192 / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t no = b; no < e; ++no) {
+          const int64_t n = no / O, o = no % O;
+          const scalar_t* h = src + (n * 2 * O + (o / Og) * 2 * Og + o % Og) * P;
+          const scalar_t* hd = h + Og * P;
+          const acc_t scale = static_cast<acc_t>(e1p[no]), add = shift(n, o);
+          scalar_t* out = yp + no * P;
+          for (int64_t p = 0; p < P; ++p) {
+            out[p] = static_cast<scalar_t>(static_cast<acc_t>(h[p]) + scale * static_cast<acc_t>(hd[p]) + add);
+          }
+          if (save_hd) std::copy(hd, hd + P, hp + no * P);
+        }
+      });
+    } else {
+      at::parallel_for(0, d.B, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> scale(O), add(O);
+        for (int64_t n = b; n < e; ++n) {
+          for (int64_t o = 0; o < O; ++o) {
+            scale[o] = static_cast<acc_t>(e1p[n * O + o]);
+            add[o] = shift(n, o);
+          }
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t* in = src + (n * P + p) * 2 * O;
+            scalar_t* out = yp + (n * P + p) * O;
+            scalar_t* hdo = save_hd ? hp + (n * P + p) * O : nullptr;
+            for (int64_t grp = 0; grp < d.G; ++grp) {
+              const scalar_t* h = in + grp * 2 * Og;
+              const scalar_t* hd = h + Og;
+              const int64_t o0 = grp * Og;
+              for (int64_t j = 0; j < Og; ++j) {
+                out[o0 + j] = static_cast<scalar_t>(static_cast<acc_t>(h[j]) + scale[o0 + j] * static_cast<acc_t>(hd[j]) + add[o0 + j]);
+              }
+              if (save_hd) std::copy(hd, hd + Og, hdo + o0);
+            }
+          }
+        }
+      });
+    }
+  });
+}
+
+std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// Returns (y, hd): hd = conv(x * u_k, delta) * v_k (without e1), saved for the backward's de1 when
+// save_hd, else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
+  const auto bc = contiguous_opt(bias), dbc = contiguous_opt(delta_bias), e2c = contiguous_opt(e2);
+  const at::Tensor both_w = stack_per_group(fold_weight(weight, s, r, d), fold_weight(delta, v, u, d), d);
+  at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+  at::Tensor hd = save_hd ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options());
+  if (d.N == 0) return {y, hd};
+  for_each_member(d.E, [&](int64_t k) {
+    const at::Tensor both = member_conv(xc.narrow(0, k * d.B, d.B), both_w[k], std::nullopt, geo).contiguous(fmt);
+    at::Tensor yk = y.narrow(0, k * d.B, d.B);
+    at::Tensor hdk = save_hd ? hd.narrow(0, k * d.B, d.B) : at::Tensor();
+    hyper_epilogue(both, e1c, bc, dbc, e2c, k, d, channels_last, yk, hdk);
+  });
+  return {y, hd};
+}
+
+// For member k's images: stacked[n] = [g | g * e1] per group (the gradient of the stacked
+// convolution's output), g_sum[n, o] = sum_p g and, when hd is given, g_hd[n, o] = sum_p g * hd.
+void hyper_grad_prep(const at::Tensor& g_k, const at::Tensor& e1, const at::Tensor& hd_k, int64_t k, const Dims& d,
+                     bool channels_last, at::Tensor& stacked, at::Tensor& g_sum, at::Tensor& g_hd) {
+  const int64_t P = d.Ho * d.Wo, O = d.O, Og = d.Og;
+  const bool with_hd = hd_k.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g_k.scalar_type(), "rank1_conv_hyper_grad_prep", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g_k.const_data_ptr<scalar_t>();
+    const scalar_t* e1p = e1.const_data_ptr<scalar_t>() + k * d.B * O;
+    const scalar_t* hp = with_hd ? hd_k.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = stacked.mutable_data_ptr<scalar_t>();
+    acc_t* sum_p = g_sum.mutable_data_ptr<acc_t>() + k * d.B * O;
+    acc_t* hd_p = with_hd ? g_hd.mutable_data_ptr<acc_t>() + k * d.B * O : nullptr;
+    if (!channels_last) {
+      at::parallel_for(0, d.B * O, std::max<int64_t>(1, 8192 / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t no = b; no < e; ++no) {
+          const int64_t n = no / O, o = no % O;
+          const scalar_t* g = gp + no * P;
+          scalar_t* to_h = sp + (n * 2 * O + (o / Og) * 2 * Og + o % Og) * P;
+          scalar_t* to_d = to_h + Og * P;
+          const acc_t scale = static_cast<acc_t>(e1p[no]);
+          acc_t sum = 0, sum_hd = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            const acc_t gv = static_cast<acc_t>(g[p]);
+            to_h[p] = g[p];
+            to_d[p] = static_cast<scalar_t>(gv * scale);
+            sum += gv;
+          }
+          if (with_hd) {
+            const scalar_t* h = hp + no * P;
+            for (int64_t p = 0; p < P; ++p) sum_hd += static_cast<acc_t>(g[p]) * static_cast<acc_t>(h[p]);
+            hd_p[no] = sum_hd;
+          }
+          sum_p[no] = sum;
+        }
+      });
+    } else {
+      at::parallel_for(0, d.B, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> scale(O), sum(O), sum_hd(with_hd ? O : 0);
+        for (int64_t n = b; n < e; ++n) {
+          for (int64_t o = 0; o < O; ++o) scale[o] = static_cast<acc_t>(e1p[n * O + o]);
+          std::fill(sum.begin(), sum.end(), acc_t(0));
+          std::fill(sum_hd.begin(), sum_hd.end(), acc_t(0));
+          for (int64_t p = 0; p < P; ++p) {
+            const scalar_t* g = gp + (n * P + p) * O;
+            scalar_t* to = sp + (n * P + p) * 2 * O;
+            for (int64_t grp = 0; grp < d.G; ++grp) {
+              const int64_t o0 = grp * Og;
+              scalar_t* to_h = to + grp * 2 * Og;
+              scalar_t* to_d = to_h + Og;
+              for (int64_t j = 0; j < Og; ++j) {
+                const acc_t gv = static_cast<acc_t>(g[o0 + j]);
+                to_h[j] = g[o0 + j];
+                to_d[j] = static_cast<scalar_t>(gv * scale[o0 + j]);
+                sum[o0 + j] += gv;
+              }
+            }
+            if (with_hd) {
+              const scalar_t* h = hp + (n * P + p) * O;
+              for (int64_t o = 0; o < O; ++o) sum_hd[o] += static_cast<acc_t>(g[o]) * static_cast<acc_t>(h[o]);
+            }
+          }
+          std::copy(sum.begin(), sum.end(), sum_p + n * O);
+          if (with_hd) std::copy(sum_hd.begin(), sum_hd.end(), hd_p + n * O);
+        }
+      });
+    }
+  });
+}
+
+// Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so;
+// the others (and the delta_bias / e2 ones when delta_bias is None) are empty tensors. hd is the
+// forward's saved hd, or an empty tensor to recompute it (only needed for de1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+                                         const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1,
+                                         const std::optional<at::Tensor>& delta_bias,
+                                         const std::optional<at::Tensor>& e2, const at::Tensor& hd,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, std::array<bool, 11> output_mask) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
+  check_same_kind(x, grad_y, "grad_y");
+  const bool have_hd = hd.dim() == 4;  // the forward returns a 1-D empty hd when it saved none
+  if (have_hd) {
+    check_shape(hd, {d.N, d.O, d.Ho, d.Wo}, "hd");
+    check_same_kind(x, hd, "hd");
+  }
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_delta = output_mask[2], need_r = output_mask[3],
+             need_s = output_mask[4], need_u = output_mask[5], need_v = output_mask[6], need_e1 = output_mask[7],
+             need_b = output_mask[8];
+  const bool has_db = defined(delta_bias);
+  const bool need_db = output_mask[9] && has_db, need_e2 = output_mask[10] && has_db;
+  const bool need_gw = need_w || need_r || need_s, need_gd = need_delta || need_u || need_v;
+  const bool need_g = need_gw || need_gd;
+  const bool need_sum = need_b || need_db || need_e2;
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto opts = x.options();
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt), e1c = e1.contiguous();
+  const at::Tensor hdc = have_hd ? hd.contiguous(fmt) : at::Tensor();
+  const at::Tensor folded_w = fold_weight(weight, s, r, d), folded_d = fold_weight(delta, v, u, d);
+  const at::Tensor both_w = stack_per_group(folded_w, folded_d, d);
+
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor grads = need_g ? at::empty({d.E, 2 * d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor g_sum = at::empty({d.N, d.O}, opts.dtype(acc_type));
+  at::Tensor g_hd = need_e1 ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
+  if (d.N == 0) {  // no images: every gradient is zero
+    if (need_g) grads.zero_();
+    g_sum.zero_();
+    if (need_e1) g_hd.zero_();
+  }
+  if (d.N > 0) {
+    for_each_member(d.E, [&](int64_t k) {
+      const at::Tensor xk = xc.narrow(0, k * d.B, d.B);
+      at::Tensor hdk;
+      if (need_e1) {
+        hdk = have_hd ? hdc.narrow(0, k * d.B, d.B) : member_conv(xk, folded_d[k], std::nullopt, geo).contiguous(fmt);
+      }
+      at::Tensor stacked = empty_like_format({d.B, 2 * d.O, d.Ho, d.Wo}, x, fmt);
+      hyper_grad_prep(g.narrow(0, k * d.B, d.B), e1c, hdk, k, d, channels_last, stacked, g_sum, g_hd);
+      if (need_x || need_g) {
+        auto [dxk, gk, unused] =
+            at::convolution_backward(stacked, xk, both_w[k], at::OptionalIntArrayRef(), geo.stride, geo.padding,
+                                     geo.dilation, false, {0, 0}, geo.groups, {need_x, need_g, false});
+        if (need_x) dx.narrow(0, k * d.B, d.B).copy_(dxk);
+        if (need_g) grads[k].copy_(gk);
+      }
+    });
+  }
+  const int64_t row = d.cg * d.kh * d.kw;
+  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
+  at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
+  // Member k's stacked gradient rows: group g's W_k rows start at g * 2 * Og, its D_k rows Og later.
+  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r,
+                     dw, ds, dr);
+  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, d.Og * row}, delta, v, u, d, need_delta,
+                     need_v, need_u, ddelta, dv, du);
+  at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
+  at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
+  if (need_sum) {
+    const at::Tensor sums = g_sum.view({d.E, d.B, d.O});
+    if (need_b) db = sums.sum(1).to(x.scalar_type());
+    if (need_db) ddb = (sums * e2->to(acc_type).view({d.E, d.B, d.O})).sum(1).to(x.scalar_type());
+    if (need_e2) de2 = (sums * delta_bias->to(acc_type).view({d.E, 1, d.O})).view({d.N, d.O}).to(x.scalar_type());
+  }
+  return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
+  m.impl("batch_ensemble_conv2d", &batch_ensemble_conv2d_cpu);
+  m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_cpu);
+  m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cpu);
+  m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cpu);
+}
+
+}  // namespace rank1_conv
+}  // namespace hyperkern

@@ -1,0 +1,686 @@
+// CUDA kernels of the rank-1 ensemble conv2d ops (schemas in csrc/ops.cpp; fake kernels and autograd
+// in hyperkern/ops/_cpp_conv.py). Same algorithm as csrc/cpu/rank1_conv.cpp:
+//
+// x is member-major: images k*B .. (k+1)*B-1 of the (E*B, C, H, W) input belong to member k; NCHW or
+// channels-last (every activation-sized output follows x's memory format).
+// - Member k's fast weights are folded into its own weight W_k = W * s_k r_k^T (a tiny kernel), so a
+//   member is one cuDNN convolution of its B images, written straight into its slice of the output
+//   (at::cudnn_convolution_out; no scaling pass over x and no copy of y). A vectorised kernel then
+//   adds the per-member bias in place. Without cuDNN: at::convolution per member plus a copy.
+// - Backward per member: ATen's convolution backward with the folded weight gives dx_k and the
+//   member's weight gradient G_k = dL/dW_k (together the work of one conv backward of E*B images);
+//   dW, ds, dr are weight-sized reductions of the G_k (reduction kernels). Nothing activation-sized is
+//   saved beyond x.
+// - Hyper op: W_k and D_k = delta * v_k u_k^T are stacked per group into one weight of 2*O output
+//   channels; each member's convolution writes [h | hd] into one (E*B, 2*O, Ho, Wo) buffer and a
+//   vectorised epilogue kernel computes y = h + e1 * hd + bias + delta_bias * e2 (and keeps hd when
+//   the backward needs it for de1). The backward's prep kernel builds [g | g * e1] and the per-image
+//   sums of g and g * hd (segmented reductions) in one pass over g.
+#include "../rank1_conv.h"
+
+#include <ATen/Context.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <vector>
+
+namespace hyperkern {
+namespace rank1_conv {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int blocks_for(int64_t work, int threads = kThreads) {
+  // grid-stride loops below cover any remainder; cap the grid at a few waves of the device.
+  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, threads), max_blocks)));
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// Elements per 16-byte vector for T, or 1 when `inner` (the run of elements sharing one channel in
+// NCHW, or one group's channels in channels-last) is not a multiple of it or a pointer is misaligned.
+template <typename T>
+int vector_width(int64_t inner, std::initializer_list<const void*> ptrs) {
+  const int vec = static_cast<int>(16 / sizeof(T));
+  if (vec <= 1 || inner % vec != 0) return 1;
+  for (const void* p : ptrs) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return vec;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// ---- weight folding and the weight-gradient reductions (weight-sized, E * O * cg * kh * kw) ----
+
+// out[k, o, c, i] = w[o, c, i] * so[k, o] * si[k, (o / Og) * cg + c]
+template <typename T>
+__global__ void fold_weight_kernel(const T* __restrict__ w, const T* __restrict__ so, const T* __restrict__ si,
+                                   T* __restrict__ out, int64_t E, int64_t O, int64_t C, int64_t cg, int64_t Og,
+                                   int64_t K) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t row = cg * K, total = E * O * row;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ko = idx / row, ci = idx % row, k = ko / O, o = ko % O, c = ci / K;
+    const acc_t f = static_cast<acc_t>(so[ko]) * static_cast<acc_t>(si[k * C + (o / Og) * cg + c]);
+    out[idx] = static_cast<T>(static_cast<acc_t>(w[o * row + ci]) * f);
+  }
+}
+
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
+                       const Dims& d) {
+  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
+  at::Tensor out = at::empty({d.E, d.O, d.cg, d.kh, d.kw}, w.options());
+  if (out.numel() == 0) return out;
+  const int64_t K = d.kh * d.kw;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_fold_weight_cuda", [&] {
+    fold_weight_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+        w.const_data_ptr<scalar_t>(), so.const_data_ptr<scalar_t>(), si.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), d.E, d.O, d.C, d.cg, d.Og, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor stack_per_group(const at::Tensor& a, const at::Tensor& b, const Dims& d) {
+  return at::stack({a.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw}), b.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw})}, 2)
+      .view({d.E, 2 * d.O, d.cg, d.kh, d.kw});
+}
+
+// Member k's gradient row for output channel o starts at
+// offset + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride (cg*kh*kw values).
+struct GradRows {
+  int64_t member_stride, group_stride, row_stride, offset;
+};
+
+struct ReduceDims {
+  int64_t E, O, C, cg, Og, K;
+};
+
+__device__ __forceinline__ int64_t grad_row(const GradRows& g, const ReduceDims& d, int64_t k, int64_t o) {
+  return g.offset + k * g.member_stride + (o / d.Og) * g.group_stride + (o % d.Og) * g.row_stride;
+}
+
+// dW[o, c, i] = sum_k G_k[o, c, i] * so[k, o] * si[k, (o / Og) * cg + c]
+template <typename T>
+__global__ void grad_weight_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ so,
+                                   const T* __restrict__ si, T* __restrict__ dw) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t row = d.cg * d.K, total = d.O * row;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = idx / row, ci = idx % row, c = ci / d.K;
+    const int64_t c_all = (o / d.Og) * d.cg + c;
+    acc_t sum = 0;
+    for (int64_t k = 0; k < d.E; ++k) {
+      sum += static_cast<acc_t>(G[grad_row(rows, d, k, o) + ci]) * static_cast<acc_t>(so[k * d.O + o]) *
+             static_cast<acc_t>(si[k * d.C + c_all]);
+    }
+    dw[idx] = static_cast<T>(sum);
+  }
+}
+
+// dso[k, o] = sum_{c, i} G_k[o, c, i] * w[o, c, i] * si[k, (o / Og) * cg + c]; one warp per (k, o).
+template <typename T>
+__global__ void grad_scale_out_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ w,
+                                      const T* __restrict__ si, T* __restrict__ dso) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t row = d.cg * d.K;
+  for (int64_t ko = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; ko < d.E * d.O;
+       ko += warps) {
+    const int64_t k = ko / d.O, o = ko % d.O;
+    const T* g = G + grad_row(rows, d, k, o);
+    const T* si_k = si + k * d.C + (o / d.Og) * d.cg;
+    acc_t sum = 0;
+    for (int64_t ci = lane; ci < row; ci += 32) {
+      sum += static_cast<acc_t>(g[ci]) * static_cast<acc_t>(w[o * row + ci]) * static_cast<acc_t>(si_k[ci / d.K]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) dso[ko] = static_cast<T>(sum);
+  }
+}
+
+// dsi[k, c_all] = sum_{o in c_all's group, i} G_k[o, c, i] * w[o, c, i] * so[k, o]; one warp per (k, c_all).
+template <typename T>
+__global__ void grad_scale_in_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ w,
+                                     const T* __restrict__ so, T* __restrict__ dsi) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t row = d.cg * d.K, span = d.Og * d.K;
+  for (int64_t kc = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; kc < d.E * d.C;
+       kc += warps) {
+    const int64_t k = kc / d.C, c_all = kc % d.C, grp = c_all / d.cg, c = c_all % d.cg;
+    acc_t sum = 0;
+    for (int64_t t = lane; t < span; t += 32) {
+      const int64_t o = grp * d.Og + t / d.K, i = t % d.K;
+      sum += static_cast<acc_t>(G[grad_row(rows, d, k, o) + c * d.K + i]) *
+             static_cast<acc_t>(w[o * row + c * d.K + i]) * static_cast<acc_t>(so[k * d.O + o]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) dsi[kc] = static_cast<T>(sum);
+  }
+}
+
+void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at::Tensor& weight,
+                        const at::Tensor& scale_out, const at::Tensor& scale_in, const Dims& d, bool need_w,
+                        bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
+                        at::Tensor& d_scale_in) {
+  if (!(need_w || need_so || need_si)) return;
+  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
+  const auto opts = w.options();
+  if (need_w) d_weight = at::empty(w.sizes(), opts);
+  if (need_so) d_scale_out = at::empty({d.E, d.O}, opts);
+  if (need_si) d_scale_in = at::empty({d.E, d.C}, opts);
+  const ReduceDims rd{d.E, d.O, d.C, d.cg, d.Og, d.kh * d.kw};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_reduce_weight_grad_cuda",
+                                  [&] {
+    const scalar_t* gp = grads.const_data_ptr<scalar_t>();
+    if (need_w && w.numel() > 0) {
+      grad_weight_kernel<scalar_t><<<blocks_for(w.numel()), kThreads, 0, stream>>>(
+          gp, rows, rd, so.const_data_ptr<scalar_t>(), si.const_data_ptr<scalar_t>(),
+          d_weight.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_so && d.E * d.O > 0) {
+      grad_scale_out_kernel<scalar_t><<<blocks_for(d.E * d.O * 32), kThreads, 0, stream>>>(
+          gp, rows, rd, w.const_data_ptr<scalar_t>(), si.const_data_ptr<scalar_t>(),
+          d_scale_out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_si && d.E * d.C > 0) {
+      grad_scale_in_kernel<scalar_t><<<blocks_for(d.E * d.C * 32), kThreads, 0, stream>>>(
+          gp, rows, rd, w.const_data_ptr<scalar_t>(), so.const_data_ptr<scalar_t>(),
+          d_scale_in.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+// ---- activation-sized elementwise kernels (vectorised along the contiguous inner run) -----------------
+
+// y[n, o, p] += bias[n / B, o]. NCHW: a vector holds VEC positions of one channel (P % VEC == 0);
+// channels-last: VEC consecutive channels of one position (O % VEC == 0).
+template <typename T, int VEC>
+__global__ void add_member_bias_kernel(T* __restrict__ y, const T* __restrict__ bias, int64_t vectors, int64_t O,
+                                       int64_t P, int64_t B, bool channels_last) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < vectors;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = idx * VEC;
+    int64_t n, o;
+    if (channels_last) {
+      n = e / (P * O);
+      o = e % O;
+    } else {
+      n = e / (O * P);
+      o = (e / P) % O;
+    }
+    const T* b = bias + (n / B) * O + o;
+    Vec<T, VEC> v = reinterpret_cast<Vec<T, VEC>*>(y)[idx];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v.v[j] = static_cast<T>(static_cast<acc_t>(v.v[j]) + static_cast<acc_t>(b[channels_last ? j : 0]));
+    }
+    reinterpret_cast<Vec<T, VEC>*>(y)[idx] = v;
+  }
+}
+
+void add_member_bias(at::Tensor& y, const at::Tensor& bias, const Dims& d, bool channels_last) {
+  if (y.numel() == 0) return;
+  const int64_t P = d.Ho * d.Wo;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "rank1_conv_add_member_bias_cuda", [&] {
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+    const int vec = vector_width<scalar_t>(channels_last ? d.O : P, {yp});
+    auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int64_t vectors = y.numel() / V;
+      add_member_bias_kernel<scalar_t, V><<<blocks_for(vectors), kThreads, 0, stream>>>(yp, bp, vectors, d.O, P,
+                                                                                          d.B, channels_last);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec == 8) launch(std::integral_constant<int, 8>{});
+    else if (vec == 4) launch(std::integral_constant<int, 4>{});
+    else if (vec == 2) launch(std::integral_constant<int, 2>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+}
+
+// y = h + e1 * hd + bias + delta_bias * e2 and (when hd_out) hd_out = hd, reading h and hd from the
+// stacked convolution output `both` (N, 2*O, Ho, Wo): channel o's h is (o / Og) * 2 * Og + o % Og and
+// its hd Og channels later. NCHW vectors run along positions (P % VEC == 0), channels-last vectors
+// along one group's channels (Og % VEC == 0).
+template <typename T, int VEC>
+__global__ void hyper_epilogue_kernel(const T* __restrict__ both, const T* __restrict__ e1, const T* __restrict__ bias,
+                                      const T* __restrict__ delta_bias, const T* __restrict__ e2, T* __restrict__ y,
+                                      T* __restrict__ hd_out, int64_t vectors, int64_t O, int64_t Og, int64_t P,
+                                      int64_t B, bool channels_last) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < vectors;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = idx * VEC;
+    int64_t n, o, src;
+    if (channels_last) {
+      const int64_t pos = e / O;  // n * P + p
+      o = e % O;
+      n = pos / P;
+      src = pos * 2 * O + (o / Og) * 2 * Og + o % Og;
+    } else {
+      n = e / (O * P);
+      o = (e / P) % O;
+      const int64_t p = e % P;
+      src = (n * 2 * O + (o / Og) * 2 * Og + o % Og) * P + p;
+    }
+    const int64_t hd_offset = channels_last ? Og : Og * P;
+    const Vec<T, VEC> h = *reinterpret_cast<const Vec<T, VEC>*>(both + src);
+    const Vec<T, VEC> hd = *reinterpret_cast<const Vec<T, VEC>*>(both + src + hd_offset);
+    const int64_t k = n / B;
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t oj = channels_last ? o + j : o;
+      acc_t add = bias != nullptr ? static_cast<acc_t>(bias[k * O + oj]) : acc_t(0);
+      if (delta_bias != nullptr) add += static_cast<acc_t>(delta_bias[k * O + oj]) * static_cast<acc_t>(e2[n * O + oj]);
+      out.v[j] = static_cast<T>(static_cast<acc_t>(h.v[j]) + static_cast<acc_t>(e1[n * O + oj]) * static_cast<acc_t>(hd.v[j]) + add);
+    }
+    reinterpret_cast<Vec<T, VEC>*>(y)[idx] = out;
+    if (hd_out != nullptr) reinterpret_cast<Vec<T, VEC>*>(hd_out)[idx] = hd;
+  }
+}
+
+void hyper_epilogue(const at::Tensor& both, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, const Dims& d,
+                    bool channels_last, at::Tensor& y, at::Tensor& hd) {
+  if (y.numel() == 0) return;
+  const int64_t P = d.Ho * d.Wo;
+  const bool save_hd = hd.defined();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "rank1_conv_hyper_epilogue_cuda", [&] {
+    const scalar_t* src = both.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = save_hd ? hd.mutable_data_ptr<scalar_t>() : nullptr;
+    const int vec = vector_width<scalar_t>(channels_last ? d.Og : P, {src, yp, hp});
+    auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int64_t vectors = y.numel() / V;
+      hyper_epilogue_kernel<scalar_t, V><<<blocks_for(vectors), kThreads, 0, stream>>>(
+          src, e1.const_data_ptr<scalar_t>(), bias ? bias->const_data_ptr<scalar_t>() : nullptr,
+          delta_bias ? delta_bias->const_data_ptr<scalar_t>() : nullptr, e2 ? e2->const_data_ptr<scalar_t>() : nullptr,
+          yp, hp, vectors, d.O, d.Og, P, d.B, channels_last);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec == 8) launch(std::integral_constant<int, 8>{});
+    else if (vec == 4) launch(std::integral_constant<int, 4>{});
+    else if (vec == 2) launch(std::integral_constant<int, 2>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+}
+
+// NCHW backward prep: one block per image-channel row (n, o) of P positions. Writes the stacked
+// gradient [g | g * e1[n, o]] and the row sums g_sum[n, o] = sum_p g, g_hd[n, o] = sum_p g * hd.
+template <typename T, int VEC>
+__global__ void hyper_grad_prep_nchw_kernel(const T* __restrict__ g, const T* __restrict__ e1, const T* __restrict__ hd,
+                                            T* __restrict__ stacked, at::opmath_type<T>* __restrict__ g_sum,
+                                            at::opmath_type<T>* __restrict__ g_hd, int64_t rows, int64_t O,
+                                            int64_t Og, int64_t P) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ acc_t shared_sum[kThreads / 32], shared_hd[kThreads / 32];
+  for (int64_t no = blockIdx.x; no < rows; no += gridDim.x) {
+    const int64_t n = no / O, o = no % O;
+    const T* g_row = g + no * P;
+    T* to_h = stacked + (n * 2 * O + (o / Og) * 2 * Og + o % Og) * P;
+    T* to_d = to_h + Og * P;
+    const acc_t scale = static_cast<acc_t>(e1[no]);
+    acc_t sum = 0, sum_hd = 0;
+    for (int64_t p = static_cast<int64_t>(threadIdx.x) * VEC; p < P; p += static_cast<int64_t>(blockDim.x) * VEC) {
+      const Vec<T, VEC> gv = *reinterpret_cast<const Vec<T, VEC>*>(g_row + p);
+      Vec<T, VEC> dv;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t x = static_cast<acc_t>(gv.v[j]);
+        dv.v[j] = static_cast<T>(x * scale);
+        sum += x;
+      }
+      *reinterpret_cast<Vec<T, VEC>*>(to_h + p) = gv;
+      *reinterpret_cast<Vec<T, VEC>*>(to_d + p) = dv;
+      if (hd != nullptr) {
+        const Vec<T, VEC> hv = *reinterpret_cast<const Vec<T, VEC>*>(hd + no * P + p);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum_hd += static_cast<acc_t>(gv.v[j]) * static_cast<acc_t>(hv.v[j]);
+      }
+    }
+    sum = warp_sum(sum);
+    sum_hd = warp_sum(sum_hd);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+      shared_sum[warp] = sum;
+      shared_hd[warp] = sum_hd;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t total = 0, total_hd = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
+        total += shared_sum[w];
+        total_hd += shared_hd[w];
+      }
+      g_sum[no] = total;
+      if (hd != nullptr) g_hd[no] = total_hd;
+    }
+    __syncthreads();
+  }
+}
+
+// Channels-last backward prep: block (32, 8) per (image n, 32 channels); threadIdx.x walks channels
+// (coalesced), threadIdx.y strides over positions; the per-channel sums are reduced across y.
+template <typename T>
+__global__ void hyper_grad_prep_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ e1, const T* __restrict__ hd,
+                                            T* __restrict__ stacked, at::opmath_type<T>* __restrict__ g_sum,
+                                            at::opmath_type<T>* __restrict__ g_hd, int64_t O, int64_t Og, int64_t P) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ acc_t shared_sum[8][33], shared_hd[8][33];
+  const int64_t n = blockIdx.x;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
+  acc_t sum = 0, sum_hd = 0;
+  if (o < O) {
+    const acc_t scale = static_cast<acc_t>(e1[n * O + o]);
+    const int64_t to_off = (o / Og) * 2 * Og + o % Og;
+    for (int64_t p = threadIdx.y; p < P; p += blockDim.y) {
+      const int64_t pos = n * P + p;
+      const T gv = g[pos * O + o];
+      const acc_t x = static_cast<acc_t>(gv);
+      stacked[pos * 2 * O + to_off] = gv;
+      stacked[pos * 2 * O + to_off + Og] = static_cast<T>(x * scale);
+      sum += x;
+      if (hd != nullptr) sum_hd += x * static_cast<acc_t>(hd[pos * O + o]);
+    }
+  }
+  shared_sum[threadIdx.y][threadIdx.x] = sum;
+  shared_hd[threadIdx.y][threadIdx.x] = sum_hd;
+  __syncthreads();
+  if (threadIdx.y == 0 && o < O) {
+    acc_t total = 0, total_hd = 0;
+    for (int y = 0; y < static_cast<int>(blockDim.y); ++y) {
+      total += shared_sum[y][threadIdx.x];
+      total_hd += shared_hd[y][threadIdx.x];
+    }
+    g_sum[n * O + o] = total;
+    if (hd != nullptr) g_hd[n * O + o] = total_hd;
+  }
+}
+
+void hyper_grad_prep(const at::Tensor& g, const at::Tensor& e1, const at::Tensor& hd, const Dims& d,
+                     bool channels_last, at::Tensor& stacked, at::Tensor& g_sum, at::Tensor& g_hd) {
+  if (d.N == 0 || d.O == 0) return;
+  const int64_t P = d.Ho * d.Wo;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "rank1_conv_hyper_grad_prep_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* hp = hd.defined() ? hd.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = stacked.mutable_data_ptr<scalar_t>();
+    acc_t* sum_p = g_sum.mutable_data_ptr<acc_t>();
+    acc_t* hd_p = hd.defined() ? g_hd.mutable_data_ptr<acc_t>() : nullptr;
+    if (channels_last) {
+      const dim3 block(32, 8);
+      const dim3 grid(static_cast<unsigned>(d.N), static_cast<unsigned>(ceil_div(d.O, 32)));
+      hyper_grad_prep_nhwc_kernel<scalar_t><<<grid, block, 0, stream>>>(gp, e1.const_data_ptr<scalar_t>(), hp, sp,
+                                                                        sum_p, hd_p, d.O, d.Og, P);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int vec = vector_width<scalar_t>(P, {gp, hp, sp});
+    const int64_t rows = d.N * d.O;
+    const int grid = static_cast<int>(std::min<int64_t>(rows, 65535 * 8));
+    auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      hyper_grad_prep_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+          gp, e1.const_data_ptr<scalar_t>(), hp, sp, sum_p, hd_p, rows, d.O, d.Og, P);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec == 8) launch(std::integral_constant<int, 8>{});
+    else if (vec == 4) launch(std::integral_constant<int, 4>{});
+    else if (vec == 2) launch(std::integral_constant<int, 2>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+}
+
+// ---- convolutions ----------------------------------------------------------------------------------
+
+bool use_cudnn(const at::Tensor& x) {
+  return at::globalContext().userEnabledCuDNN() && at::detail::getCUDAHooks().compiledWithCuDNN() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
+          x.scalar_type() == at::kDouble);
+}
+
+// out (contiguous in x's memory format) = conv(xk, wk), written in place by cuDNN when available.
+void member_conv_into(at::Tensor out, const at::Tensor& xk, const at::Tensor& wk, const Geometry& geo, bool cudnn) {
+  if (cudnn) {
+    auto& ctx = at::globalContext();
+    at::cudnn_convolution_out(out, xk, wk, geo.padding, geo.stride, geo.dilation, geo.groups, ctx.benchmarkCuDNN(),
+                              ctx.deterministicCuDNN() || ctx.deterministicAlgorithms(), ctx.allowTF32CuDNN());
+  } else {
+    out.copy_(at::convolution(xk, wk, std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0},
+                              geo.groups));
+  }
+}
+
+at::Tensor empty_like_format(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(sizes, x.options().memory_format(fmt));
+}
+
+std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// ---- batch_ensemble_conv2d ---------------------------------------------------------------------------
+
+at::Tensor batch_ensemble_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                                      const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = activation_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor folded = fold_weight(weight, s, r, d);
+  at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+  if (y.numel() == 0) return y;
+  const bool cudnn = use_cudnn(x);
+  for (int64_t k = 0; k < d.E; ++k) {
+    member_conv_into(y.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded[k], geo, cudnn);
+  }
+  if (defined(bias)) add_member_bias(y, bias->contiguous(), d, fmt == at::MemoryFormat::ChannelsLast);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+    const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 5> output_mask) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
+  check_same_kind(x, grad_y, "grad_y");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_r = output_mask[2], need_s = output_mask[3],
+             need_b = output_mask[4];
+  const bool need_g = need_w || need_r || need_s;
+  const at::MemoryFormat fmt = activation_format(x);
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
+  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const auto opts = x.options();
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor grads = need_g ? at::empty({d.E, d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
+  if (d.N == 0) {
+    if (need_g) grads.zero_();
+    if (need_b) db.zero_();
+  } else if (need_x || need_g || need_b) {
+    const std::vector<int64_t> bias_sizes{d.O};
+    for (int64_t k = 0; k < d.E; ++k) {
+      auto [dxk, gk, dbk] = at::convolution_backward(
+          g.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded[k],
+          need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), geo.stride, geo.padding,
+          geo.dilation, false, {0, 0}, geo.groups, {need_x, need_g, need_b});
+      if (need_x) dx.narrow(0, k * d.B, d.B).copy_(dxk);
+      if (need_g) grads[k].copy_(gk);
+      if (need_b) db[k].copy_(dbk);
+    }
+  }
+  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
+  const int64_t row = d.cg * d.kh * d.kw;
+  reduce_weight_grad(grads, GradRows{d.O * row, d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r, dw,
+                     ds, dr);
+  return {dx, dw, dr, ds, db};
+}
+
+// ---- hyper_batch_ensemble_conv2d ---------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = activation_format(x);
+  const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
+  const auto bc = contiguous_opt(bias), dbc = contiguous_opt(delta_bias), e2c = contiguous_opt(e2);
+  const at::Tensor both_w = stack_per_group(fold_weight(weight, s, r, d), fold_weight(delta, v, u, d), d);
+  at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+  at::Tensor hd = save_hd ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options());
+  if (y.numel() == 0) return {y, hd};
+  at::Tensor both = empty_like_format({d.N, 2 * d.O, d.Ho, d.Wo}, x, fmt);
+  const bool cudnn = use_cudnn(x);
+  for (int64_t k = 0; k < d.E; ++k) {
+    member_conv_into(both.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), both_w[k], geo, cudnn);
+  }
+  at::Tensor hd_out = save_hd ? hd : at::Tensor();
+  hyper_epilogue(both, e1c, bc, dbc, e2c, d, fmt == at::MemoryFormat::ChannelsLast, y, hd_out);
+  return {y, hd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+                                          const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1,
+                                          const std::optional<at::Tensor>& delta_bias,
+                                          const std::optional<at::Tensor>& e2, const at::Tensor& hd,
+                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                          int64_t groups, std::array<bool, 11> output_mask) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
+  check_same_kind(x, grad_y, "grad_y");
+  const bool have_hd = hd.dim() == 4;  // the forward returns a 1-D empty hd when it saved none
+  if (have_hd) {
+    check_shape(hd, {d.N, d.O, d.Ho, d.Wo}, "hd");
+    check_same_kind(x, hd, "hd");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_delta = output_mask[2], need_r = output_mask[3],
+             need_s = output_mask[4], need_u = output_mask[5], need_v = output_mask[6], need_e1 = output_mask[7],
+             need_b = output_mask[8];
+  const bool has_db = defined(delta_bias);
+  const bool need_db = output_mask[9] && has_db, need_e2 = output_mask[10] && has_db;
+  const bool need_g = need_w || need_r || need_s || need_delta || need_u || need_v;
+  const bool need_sum = need_b || need_db || need_e2;
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto opts = x.options();
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt), e1c = e1.contiguous();
+  const at::Tensor folded_w = fold_weight(weight, s, r, d), folded_d = fold_weight(delta, v, u, d);
+  const at::Tensor both_w = stack_per_group(folded_w, folded_d, d);
+
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor grads = need_g ? at::empty({d.E, 2 * d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor g_sum = at::zeros({d.N, d.O}, opts.dtype(acc_type));
+  at::Tensor g_hd = need_e1 ? at::zeros({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
+  if (d.N == 0) {
+    if (need_g) grads.zero_();
+  } else {
+    at::Tensor hd_used;
+    if (need_e1) {
+      if (have_hd) {
+        hd_used = hd.contiguous(fmt);
+      } else {  // not saved by the forward: recompute hd = conv(x, D_k) per member
+        hd_used = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+        const bool cudnn = use_cudnn(x);
+        for (int64_t k = 0; k < d.E; ++k) {
+          member_conv_into(hd_used.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded_d[k], geo, cudnn);
+        }
+      }
+    }
+    at::Tensor stacked = empty_like_format({d.N, 2 * d.O, d.Ho, d.Wo}, x, fmt);
+    hyper_grad_prep(g, e1c, hd_used, d, channels_last, stacked, g_sum, g_hd);
+    if (need_x || need_g) {
+      for (int64_t k = 0; k < d.E; ++k) {
+        auto [dxk, gk, unused] = at::convolution_backward(
+            stacked.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), both_w[k], at::OptionalIntArrayRef(),
+            geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x, need_g, false});
+        if (need_x) dx.narrow(0, k * d.B, d.B).copy_(dxk);
+        if (need_g) grads[k].copy_(gk);
+      }
+    }
+  }
+  const int64_t row = d.cg * d.kh * d.kw;
+  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
+  at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
+  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r,
+                     dw, ds, dr);
+  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, d.Og * row}, delta, v, u, d, need_delta,
+                     need_v, need_u, ddelta, dv, du);
+  at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
+  at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
+  if (need_sum) {
+    const at::Tensor sums = g_sum.view({d.E, d.B, d.O});
+    if (need_b) db = sums.sum(1).to(x.scalar_type());
+    if (need_db) ddb = (sums * e2->to(acc_type).view({d.E, d.B, d.O})).sum(1).to(x.scalar_type());
+    if (need_e2) de2 = (sums * delta_bias->to(acc_type).view({d.E, 1, d.O})).view({d.N, d.O}).to(x.scalar_type());
+  }
+  return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
+  m.impl("batch_ensemble_conv2d", &batch_ensemble_conv2d_cuda);
+  m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_cuda);
+  m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cuda);
+  m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cuda);
+}
+
+}  // namespace rank1_conv
+}  // namespace hyperkern

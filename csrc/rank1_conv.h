@@ -1,0 +1,139 @@
+// Shared by csrc/cpu/rank1_conv.cpp and csrc/cuda/rank1_conv.cu: the dimensions and memory-safety
+// checks of the rank-1 ensemble conv2d ops. hyperkern.ops validates every argument with readable
+// errors before a kernel runs; these TORCH_CHECKs only stop a direct torch.ops.hyperkern call with
+// inconsistent shapes from reading or writing out of bounds.
+//
+// Layout: x is (E*B, C, H, W), member-major (images k*B .. (k+1)*B-1 belong to member k), NCHW or
+// channels-last; weight and delta are (O, C/groups, kh, kw); r, u are (E, C); s, v, bias and
+// delta_bias are (E, O); e1, e2 are (E*B, O), one row per image. The output is (E*B, O, Ho, Wo) in
+// x's memory format.
+//
+// Folded weights: member k's effective weight is W_k[o, c, :, :] = W[o, c, :, :] * s[k, o] *
+// r[k, (o / Og) * cg + c] (Og = O / groups output and cg = C / groups input channels per group), so
+// conv(x_k * r_k, W) * s_k == conv(x_k, W_k).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+
+namespace hyperkern {
+namespace rank1_conv {
+
+struct Dims {
+  int64_t E, B, N;         // members, images per member, images
+  int64_t C, O, G, cg, Og; // input / output channels, groups, channels per group (in / out)
+  int64_t kh, kw, H, W, Ho, Wo;
+};
+
+struct Geometry {
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+};
+
+inline std::array<int64_t, 2> as_pair(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK(v.size() == 2, "hyperkern rank-1 conv2d: ", name, " must have 2 entries, got ", v);
+  return {v[0], v[1]};
+}
+
+inline Geometry make_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  Geometry g{as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(dilation, "dilation"), groups};
+  TORCH_CHECK(g.stride[0] >= 1 && g.stride[1] >= 1, "hyperkern rank-1 conv2d: stride must be >= 1, got ", stride);
+  TORCH_CHECK(g.padding[0] >= 0 && g.padding[1] >= 0, "hyperkern rank-1 conv2d: padding must be >= 0, got ",
+              padding);
+  TORCH_CHECK(g.dilation[0] >= 1 && g.dilation[1] >= 1, "hyperkern rank-1 conv2d: dilation must be >= 1, got ",
+              dilation);
+  TORCH_CHECK(groups >= 1, "hyperkern rank-1 conv2d: groups must be >= 1, got ", groups);
+  return g;
+}
+
+inline void check_same_kind(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "hyperkern rank-1 conv2d: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "hyperkern rank-1 conv2d: ", name, " is on ", t.device(),
+              " but x is on ", ref.device());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "hyperkern rank-1 conv2d: ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+// Checks the inputs shared by both ops and returns the problem's dimensions.
+inline Dims check_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
+                       const Geometry& geo) {
+  TORCH_CHECK(x.dim() == 4, "hyperkern rank-1 conv2d: x must be 4-D (E*B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "hyperkern rank-1 conv2d: weight must be 4-D (O, C/groups, kh, kw), got ",
+              weight.sizes());
+  TORCH_CHECK(r.dim() == 2 && r.size(0) >= 1, "hyperkern rank-1 conv2d: r must be (E, C) with E >= 1, got ",
+              r.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hyperkern rank-1 conv2d: x must be floating point, got ",
+              x.scalar_type());
+  Dims d;
+  d.E = r.size(0);
+  d.N = x.size(0);
+  TORCH_CHECK(d.N % d.E == 0, "hyperkern rank-1 conv2d: x.size(0) = ", d.N,
+              " must be divisible by the ensemble size E = r.size(0) = ", d.E);
+  d.B = d.N / d.E;
+  d.G = geo.groups;
+  d.O = weight.size(0);
+  d.cg = weight.size(1);
+  d.kh = weight.size(2);
+  d.kw = weight.size(3);
+  d.C = x.size(1);
+  TORCH_CHECK(d.C == d.cg * d.G, "hyperkern rank-1 conv2d: x has ", d.C, " channels but weight ", weight.sizes(),
+              " with groups = ", d.G, " expects ", d.cg * d.G);
+  TORCH_CHECK(d.O % d.G == 0, "hyperkern rank-1 conv2d: ", d.O, " output channels are not divisible by groups = ",
+              d.G);
+  d.Og = d.O / d.G;
+  d.H = x.size(2);
+  d.W = x.size(3);
+  const int64_t eff_h = d.H + 2 * geo.padding[0] - geo.dilation[0] * (d.kh - 1);
+  const int64_t eff_w = d.W + 2 * geo.padding[1] - geo.dilation[1] * (d.kw - 1);
+  TORCH_CHECK(eff_h >= 1 && eff_w >= 1, "hyperkern rank-1 conv2d: input ", x.sizes(), " with padding ",
+              at::IntArrayRef(geo.padding), " is smaller than the dilated kernel");
+  d.Ho = (eff_h - 1) / geo.stride[0] + 1;
+  d.Wo = (eff_w - 1) / geo.stride[1] + 1;
+  check_shape(r, {d.E, d.C}, "r");
+  check_shape(s, {d.E, d.O}, "s");
+  check_same_kind(x, weight, "weight");
+  check_same_kind(x, r, "r");
+  check_same_kind(x, s, "s");
+  return d;
+}
+
+inline void check_optional(const std::optional<at::Tensor>& t, const at::Tensor& x, at::IntArrayRef expected,
+                           const char* name) {
+  if (t.has_value() && t->defined()) {
+    check_shape(*t, expected, name);
+    check_same_kind(x, *t, name);
+  }
+}
+
+inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Checks the hyper op's extra inputs (delta, u, v, e1 and the optional delta_bias with e2).
+inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,
+                        const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1,
+                        const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2) {
+  check_shape(delta, weight.sizes(), "delta");
+  check_shape(u, {d.E, d.C}, "u");
+  check_shape(v, {d.E, d.O}, "v");
+  check_shape(e1, {d.N, d.O}, "e1");
+  check_same_kind(x, delta, "delta");
+  check_same_kind(x, u, "u");
+  check_same_kind(x, v, "v");
+  check_same_kind(x, e1, "e1");
+  check_optional(delta_bias, x, {d.E, d.O}, "delta_bias");
+  check_optional(e2, x, {d.N, d.O}, "e2");
+  TORCH_CHECK(defined(delta_bias) == defined(e2),
+              "hyperkern rank-1 conv2d: delta_bias and e2 must be given together");
+}
+
+// The memory format every output follows: x's (NCHW or channels-last).
+inline at::MemoryFormat activation_format(const at::Tensor& x) { return x.suggest_memory_format(); }
+
+}  // namespace rank1_conv
+}  // namespace hyperkern

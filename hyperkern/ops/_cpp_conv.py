@@ -1,0 +1,146 @@
+"""The "cpp" backend of the rank-1 ensemble conv2d ops: torch.library custom ops implemented in the
+compiled extension hyperkern._C (csrc/cpu/rank1_conv.cpp, csrc/cuda/rank1_conv.cu), with their fake
+(meta) kernels for torch.compile and their autograd formulas registered here.
+
+Layout: x is (E*B, C, H, W) member-major, images k*B .. (k+1)*B-1 belong to member k, NCHW or
+channels-last (outputs follow x's memory format). weight, delta: (O, C/groups, kh, kw); r, u: (E, C);
+s, v, bias, delta_bias: (E, O); e1, e2: (E*B, O), one row per image. Arguments arrive validated by
+hyperkern.ops.conv (stride, padding, dilation as int pairs).
+
+Gradients are first order (the backward ops have no autograd formula of their own).
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from hyperkern import _C  # noqa: F401  (registers the torch.ops.hyperkern schemas and kernels)
+
+__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
+
+_ops = torch.ops.hyperkern
+
+
+def _output_hw(x, weight, stride, padding, dilation):
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+def _activation(x, channels, hw):
+    """An empty (E*B, channels, *hw) tensor in x's memory format, as the kernels allocate it."""
+    return torch.empty((x.shape[0], channels, *hw), dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
+
+
+def _empty(x):
+    return x.new_empty((0,))
+
+
+# ---- batch_ensemble_conv2d ------------------------------------------------------------------------
+
+@torch.library.register_fake("hyperkern::batch_ensemble_conv2d")
+def _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups):
+    return _activation(x, weight.shape[0], _output_hw(x, weight, stride, padding, dilation))
+
+
+@torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
+def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, padding, dilation, groups, output_mask):
+    E, O = s.shape
+    shapes = (None, weight.shape, r.shape, (E, O), (E, O))
+    out = []
+    for i, (need, shape) in enumerate(zip(output_mask, shapes)):
+        if not need:
+            out.append(_empty(x))
+        elif i == 0:
+            out.append(torch.empty_like(x, memory_format=suggest_memory_format(x)))
+        else:
+            out.append(x.new_empty(shape))
+    return tuple(out)
+
+
+def _batch_ensemble_conv2d_setup(ctx, inputs, output):
+    x, weight, r, s, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, r, s)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _batch_ensemble_conv2d_backward(ctx, grad_y):
+    x, weight, r, s = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[i]) for i in range(4)] + [ctx.has_bias and bool(ctx.needs_input_grad[4])]
+    grads = _ops.batch_ensemble_conv2d_backward(grad_y, x, weight, r, s, *ctx.geometry, mask)
+    return tuple(g if need else None for g, need in zip(grads, mask)) + (None,) * 4
+
+
+torch.library.register_autograd("hyperkern::batch_ensemble_conv2d", _batch_ensemble_conv2d_backward,
+                                setup_context=_batch_ensemble_conv2d_setup)
+
+
+# ---- hyper_batch_ensemble_conv2d ------------------------------------------------------------------
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d")
+def _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                      dilation, groups, save_hd):
+    hw = _output_hw(x, weight, stride, padding, dilation)
+    y = _activation(x, weight.shape[0], hw)
+    return y, (_activation(x, weight.shape[0], hw) if save_hd else _empty(x))
+
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_backward")
+def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd, stride,
+                                               padding, dilation, groups, output_mask):
+    E, O = s.shape
+    has_db = delta_bias is not None
+    shapes = (None, weight.shape, weight.shape, r.shape, (E, O), r.shape, (E, O), e1.shape, (E, O), (E, O), e1.shape)
+    out = []
+    for i, (need, shape) in enumerate(zip(output_mask, shapes)):
+        if not need or (i >= 9 and not has_db):
+            out.append(_empty(x))
+        elif i == 0:
+            out.append(torch.empty_like(x, memory_format=suggest_memory_format(x)))
+        else:
+            out.append(x.new_empty(shape))
+    return tuple(out)
+
+
+def _hyper_batch_ensemble_conv2d_setup(ctx, inputs, output):
+    x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd = inputs
+    ctx.save_for_backward(x, weight, delta, r, s, u, v, e1, delta_bias, e2, output[1])
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.has_delta_bias = delta_bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _hyper_batch_ensemble_conv2d_backward(ctx, grad_y, grad_hd):
+    x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[i]) for i in range(8)] + [ctx.has_bias and bool(needs[8])] + \
+        [ctx.has_delta_bias and bool(needs[i]) for i in (9, 10)]
+    grads = _ops.hyper_batch_ensemble_conv2d_backward(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd,
+                                                      *ctx.geometry, mask)
+    return tuple(g if need else None for g, need in zip(grads, mask)) + (None,) * 5
+
+
+torch.library.register_autograd("hyperkern::hyper_batch_ensemble_conv2d", _hyper_batch_ensemble_conv2d_backward,
+                                setup_context=_hyper_batch_ensemble_conv2d_setup)
+
+
+# ---- entry points used by hyperkern.ops.conv (arguments validated there) ------------------------------
+
+def batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups):
+    """y = conv2d(x * r_k, weight) * s_k + bias_k per member k (member-major rows); see hyperkern.ops."""
+    return _ops.batch_ensemble_conv2d(x, weight, r, s, bias, list(stride), list(padding), list(dilation), groups)
+
+
+def hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
+                                groups):
+    """y = s_k * conv(x * r_k, W) + (v_k * e1) * conv(x * u_k, delta) + bias_k + delta_bias_k * e2 (member-major).
+
+    hd = conv(x * u_k, delta) * v_k is kept for the backward only when de1 will be needed (e1 requires
+    grad with grad mode on): it costs one output-sized tensor and saves re-running that convolution.
+    """
+    save_hd = torch.is_grad_enabled() and e1.requires_grad
+    y, _ = _ops.hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, list(stride),
+                                            list(padding), list(dilation), groups, save_hd)
+    return y
