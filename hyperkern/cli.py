@@ -62,9 +62,13 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="op backend of the rank-1 layers (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
-    p.add_argument("--executor", default="local", choices=["local", "process"],
-                   help="where independent trials run: this process or a process pool (default: local)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="process pool size (--executor process)")
+    p.add_argument("--executor", default="local", choices=["local", "process", "ray"],
+                   help="where independent trials run: this process, a process pool or Ray tasks (default: local)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="process pool size (--executor process); CPUs of a Ray started here (--executor ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run trials on (--executor ray), e.g. auto or ray://head:10001 (default: "
+                        "$RAY_ADDRESS, else a Ray started on this machine)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: 1 for digits, whose tiny networks only lose time to "
                         "thread synchronisation; torch's default otherwise)")
@@ -96,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON object of hyperparameters, e.g. \'{"dropout": 0.1, "l2_hidden1": 0.5}\' '
                             "(single / deep / batch; hyper_batch: initial centres)")
     train.add_argument("--output-dir", default="hyperkern-train", help="where the model and metrics go")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel training (batch / hyper_batch) under torchrun, e.g. torchrun "
+                            "--nproc_per_node=2 -m hyperkern train --method batch --distributed; --batch-size is "
+                            "the global batch (default: on when torchrun starts more than one process)")
     return parser
 
 
@@ -122,6 +130,10 @@ def _setup(args):
         from hyperkern.ensembles import ProcessExecutor
 
         executor = ProcessExecutor(max_workers=args.workers)
+    elif args.executor == "ray":
+        from hyperkern.ensembles import RayExecutor
+
+        executor = RayExecutor(address=args.ray_address, num_cpus=args.workers)
     threads = args.threads or (1 if args.data == "digits" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -233,11 +245,38 @@ def run_compare(args) -> dict:
 
 
 def run_train(args) -> dict:
+    data, spec, config, executor = _setup(args)
+    distributed = _distributed_context(args)
+    quiet = distributed is not None and not distributed.is_main  # ranks > 0 train and stay silent
+    try:
+        return _train(args, data, spec, config, executor, distributed, quiet)
+    finally:
+        if distributed is not None:
+            distributed.destroy()
+
+
+def _distributed_context(args):
+    """A DistributedContext for --distributed or a torchrun launch with several processes, else None."""
+    from hyperkern.ensembles.distributed import DistributedContext, launched_by_torchrun
+
+    if not (getattr(args, "distributed", False) or launched_by_torchrun()):
+        return None
+    if args.method not in ("batch", "hyper_batch"):
+        raise SystemExit(f"hyperkern: data-parallel training (--distributed, torchrun) is for --method batch and "
+                         f"hyper_batch; {args.method} trains independent networks: use --executor process or ray")
+    if args.device.startswith("cuda:"):
+        raise SystemExit("hyperkern: with --distributed use --device cuda (each rank uses cuda:LOCAL_RANK)")
+    try:
+        return DistributedContext.from_env()
+    except RuntimeError as exc:
+        raise SystemExit(f"hyperkern: --distributed: {exc}")
+
+
+def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
     from hyperkern.ensembles import (BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer,
                                      HyperDeepEnsemble)
 
-    data, spec, config, executor = _setup(args)
-    progress = not args.no_progress
+    progress = not args.no_progress and not quiet
     E = args.ensemble_size
     try:
         hparams = json.loads(args.hparams) if args.hparams else {}
@@ -246,8 +285,10 @@ def run_train(args) -> dict:
     if not isinstance(hparams, dict) or not all(isinstance(v, (int, float)) for v in hparams.values()):
         raise SystemExit("hyperkern: --hparams must be a JSON object of numbers")
     run_dir = os.path.join(args.output_dir, "run")
-    print(f"hyperkern train {args.method}: {data.describe()}; model {args.model}, E = {E}, {config.epochs} epochs",
-          flush=True)
+    if not quiet:
+        ranks = f", {distributed.world_size} data-parallel ranks ({distributed.backend})" if distributed else ""
+        print(f"hyperkern train {args.method}: {data.describe()}; model {args.model}, E = {E}, {config.epochs} "
+              f"epochs{ranks}", flush=True)
     if args.method in ("single", "deep"):
         trainer = DeepEnsemble(spec, 1 if args.method == "single" else E, hparams=hparams, config=config,
                                seed=args.seed, run_dir=run_dir, executor=executor, progress=progress)
@@ -260,7 +301,9 @@ def run_train(args) -> dict:
     else:
         trainer = HyperBatchEnsembleTrainer(spec, E, config=config, seed=args.seed, init_hparams=hparams or None,
                                             run_dir=run_dir, progress=progress)
-    trainer.fit(data.train, data.val)
+    trainer.fit(data.train, data.val, **({"distributed": distributed} if distributed is not None else {}))
+    if quiet:
+        return {"command": "train", "method": args.method, "rank": distributed.rank}
     seconds = trainer.train_seconds
     row = _result_row(args.method, trainer, data.test, seconds)
     table = _format_table([row])

@@ -23,7 +23,7 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
                get_state: Callable[[], dict], set_state: Callable[[dict], None],
                checkpoint_path: str | None = None, on_epoch_end: Callable[[int], None] | None = None,
                before_checkpoint: Callable[[int], None] | None = None, progress: bool = False,
-               desc: str = "train") -> dict:
+               desc: str = "train", checkpoint_io=None) -> dict:
     """Run config.epochs epochs of step_fn(batch_index, step, total_steps, lr) -> loss.
 
     Batches come from a permutation per epoch drawn with a generator seeded by data_seed. When
@@ -33,6 +33,9 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
     checkpoint (bookkeeping that belongs in it); on_epoch_end(epoch) runs after the checkpoint.
     Returns {"epochs_run": epochs run by this call, "resumed_from_epoch": e or 0, "last_loss": float,
     "train_seconds": training time of all epochs, those before a resume included}.
+    checkpoint_io: optional object with read_checkpoint(path) -> dict or None and
+    write_checkpoint(obj, path), replacing the local file reads and writes (data-parallel training:
+    rank 0 writes, every rank gets the same state; hyperkern.ensembles.distributed).
     """
     import time
 
@@ -42,8 +45,13 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
     steps_per_epoch = len(batches(n_train, config.batch_size, None))
     total = steps_per_epoch * config.epochs
     start_epoch = 0
-    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
-        ckpt = load_checkpoint(checkpoint_path)
+    ckpt = None
+    if checkpoint_path is not None:
+        if checkpoint_io is not None:
+            ckpt = checkpoint_io.read_checkpoint(checkpoint_path)
+        elif os.path.isfile(checkpoint_path):
+            ckpt = load_checkpoint(checkpoint_path)
+    if ckpt is not None:
         if ckpt.get("kind") != "epoch-checkpoint" or ckpt.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(f"{checkpoint_path}: checkpoint does not match this run (expected an epoch checkpoint "
                              f"with {steps_per_epoch} steps per epoch); delete it to start over")
@@ -68,10 +76,11 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
             if before_checkpoint is not None:
                 before_checkpoint(epoch)
             if checkpoint_path is not None:
-                atomic_save({"kind": "epoch-checkpoint", "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
-                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                             "train_seconds": earlier_seconds + time.perf_counter() - started,
-                             "payload": get_state()}, checkpoint_path)
+                write = atomic_save if checkpoint_io is None else checkpoint_io.write_checkpoint
+                write({"kind": "epoch-checkpoint", "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
+                       "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                       "train_seconds": earlier_seconds + time.perf_counter() - started,
+                       "payload": get_state()}, checkpoint_path)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     finally:
@@ -96,7 +105,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float):
 
 def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, hparams: dict, *,
                   data_seed: int, n_train: int | None = None, checkpoint_path: str | None = None,
-                  on_epoch_end=None, progress: bool = False, desc: str = "train") -> dict:
+                  on_epoch_end=None, progress: bool = False, desc: str = "train", distributed=None) -> dict:
     """Train a plain (E = 1) or batch-ensemble network in place.
 
     Each step tiles the minibatch for the model's E members (member-major, x.repeat), tiles the labels
@@ -104,6 +113,10 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     hparams["label_smoothing"], default 0) plus model.l2_penalty(l2) / n_train with the L2 strengths
     of hparams. SGD with Nesterov momentum; fast weights (batch ensembles) get no L2 (l2_penalty
     excludes them) and their gradients are multiplied by config.fast_weight_lr_multiplier.
+
+    distributed: optional hyperkern.ensembles.distributed.DistributedContext (DDP): each rank takes
+    its shard of every global minibatch before tiling, its loss is weighted so that DDP's gradient
+    average is the global batch's gradient, and checkpoints go through the context (rank 0 writes).
     """
     device = torch.device(config.device)
     model.to(device)
@@ -113,6 +126,10 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     l2 = l2_strengths(model, hparams)
     smoothing = float(hparams.get("label_smoothing", 0.0))
     fast = list(model.fast_parameters()) if hasattr(model, "fast_parameters") else []
+    forward = model
+    if distributed is not None:
+        distributed.check_batches(x.shape[0], config.batch_size, "training minibatch")
+        forward = distributed.wrap(model)  # before the optimizer (SyncBatchNorm conversion)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0)
     multiplier = float(config.fast_weight_lr_multiplier)
@@ -120,17 +137,20 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     def step_fn(index, step, total, lr):
         model.train()
         _set_lr(optimizer, lr)
+        weight = 1.0
+        if distributed is not None:
+            index, weight = distributed.shard(index)  # this rank's examples, before member-major tiling
         xb, yb = x[index], y[index]
         if members > 1:
             xb = xb.repeat(members, *([1] * (xb.dim() - 1)))
             yb = yb.repeat(members)
-        logits = model(xb)
+        logits = forward(xb)
         # mean over all E*B rows = mean over members of each member's mean cross-entropy
         loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
         if l2:
             loss = loss + model.l2_penalty(l2) / n_train
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
         if fast and multiplier != 1.0:
             for p in fast:
                 if p.grad is not None:
@@ -147,7 +167,7 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
 
     return run_epochs(n_train=x.shape[0], config=config, data_seed=data_seed, step_fn=step_fn, get_state=get_state,
                       set_state=set_state, checkpoint_path=checkpoint_path, on_epoch_end=on_epoch_end,
-                      progress=progress, desc=desc)
+                      progress=progress, desc=desc, checkpoint_io=distributed)
 
 
 @torch.no_grad()

@@ -49,17 +49,24 @@ class _SingleNetworkTrainer(EnsembleBase):
     def _build_kwargs(self) -> dict:
         return {}
 
-    def _claim_run_dir(self, x, y, xv, yv, settings: dict):
-        """Write / check run_dir/run.json so a checkpoint of a different run is never resumed."""
+    def _claim_run_dir(self, x, y, xv, yv, settings: dict, distributed=None):
+        """Write / check run_dir/run.json so a checkpoint of a different run is never resumed (with
+        data parallelism: rank 0 does, and a refusal is raised on every rank)."""
         if self.run_dir is None:
             return
         from hyperkern.ensembles.search import RunDirectory, data_fingerprint
 
         tensors = [t for t in (x, y, xv, yv) if t is not None]
-        RunDirectory(self.run_dir, {"method": type(self).__name__, "model": self.model_spec.to_dict(),
-                                    "config": self.config.to_dict(), "ensemble_size": self.ensemble_size,
-                                    "seed": self.seed, "data": data_fingerprint(*tensors), **settings},
-                     trials=False)
+        if distributed is not None and distributed.world_size > 1:
+            settings = {**settings, "data_parallel_ranks": distributed.world_size}
+
+        def claim():
+            RunDirectory(self.run_dir, {"method": type(self).__name__, "model": self.model_spec.to_dict(),
+                                        "config": self.config.to_dict(), "ensemble_size": self.ensemble_size,
+                                        "seed": self.seed, "data": data_fingerprint(*tensors), **settings},
+                         trials=False)
+
+        claim() if distributed is None else distributed.call_on_main(claim)
 
     @property
     def checkpoint_path(self) -> str | None:
@@ -133,17 +140,22 @@ class BatchEnsembleTrainer(_SingleNetworkTrainer):
     def _build_kwargs(self):
         return {"dropout": float(self.hparams["dropout"])} if "dropout" in self.hparams else {}
 
-    def fit(self, train, val=None, *, on_epoch_end=None):
+    def fit(self, train, val=None, *, on_epoch_end=None, distributed=None):
         """Train on train (val is not used by batch ensembles). on_epoch_end(epoch) is called after
-        each epoch's checkpoint. Returns self."""
+        each epoch's checkpoint. distributed: a hyperkern.ensembles.distributed.DistributedContext for
+        data-parallel training under torchrun (config.batch_size is then the global batch, sharded
+        across the ranks before member-major tiling; rank 0 writes the checkpoints). Returns self."""
         x, y, _, _ = self._prepare(train, val)
         self.hparams = {**default_hparams(self.model_spec), **self.hparams}
-        self._claim_run_dir(x, y, None, None, {"hparams": self.hparams})
+        self._claim_run_dir(x, y, None, None, {"hparams": self.hparams}, distributed)
         self.network = self._build()
-        with seeded(self.seed * 1_000_003 + 7):
+        main = distributed is None or distributed.is_main
+        seed = self.seed * 1_000_003 + 7
+        with seeded(seed if distributed is None else distributed.rank_seed(seed)):
             self.fit_info = train_network(self.network, x, y, self.config, self.hparams, data_seed=self.seed,
                                           checkpoint_path=self.checkpoint_path, on_epoch_end=on_epoch_end,
-                                          progress=self.progress, desc="batch ensemble")
+                                          progress=self.progress and main, desc="batch ensemble",
+                                          distributed=distributed)
         self.train_seconds = self.fit_info["train_seconds"]
         self.network.eval()
         self.fitted = True

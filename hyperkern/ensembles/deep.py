@@ -10,7 +10,8 @@ from hyperkern.ensembles._common import (EnsembleBase, ModelSpec, TrainConfig, a
                                          load_checkpoint)
 from hyperkern.ensembles._loop import member_log_probs
 from hyperkern.ensembles.executors import get_executor
-from hyperkern.ensembles.search import RunDirectory, build_member, data_fingerprint, make_task, run_trials
+from hyperkern.ensembles.search import (RunDirectory, build_member, data_fingerprint, make_task, require_some,
+                                        run_trials)
 from hyperkern.nn.hparams import HyperParameter, HyperParameterSpace
 
 __all__ = ["DeepEnsemble", "default_hparams", "default_search_space", "resolve_model_spec"]
@@ -73,6 +74,7 @@ class _PlainMembers(EnsembleBase):
         self._modules = None
         self.trained_trial_ids: list[str] = []
         self.loaded_trial_ids: list[str] = []
+        self.failed_trials: list[dict] = []
 
     def _prepare(self, train, val, num_classes):
         x, y = as_dataset("train", train)
@@ -162,7 +164,9 @@ class DeepEnsemble(_PlainMembers):
         config: TrainConfig (epochs, batch size, SGD settings, device).
         seed: base seed. run_dir: optional directory making the training resumable (one trial file per
             finished member, epoch checkpoints for the member in progress).
-        executor: "local" (default), "process", or an Executor: where members train.
+        executor: "local" (default), "process", "ray", or an Executor: where members train. A member
+            that fails on all its attempts is left out (failed_trials, a RuntimeWarning, a record in
+            run_dir/failed/); TrialsFailedError if every member failed.
         num_classes: with a model name, the number of classes (default: largest label + 1).
         progress: show progress bars.
     """
@@ -185,11 +189,13 @@ class DeepEnsemble(_PlainMembers):
         run_dir = self._run_dir({"method": "deep", "model": self.model_spec.to_dict(), "config": self.config.to_dict(),
                                  "hparams": hparams, "ensemble_size": self.ensemble_size, "seed": self.seed,
                                  "data": data_fingerprint(x, y, xv, yv)})
-        results, self.trained_trial_ids, self.loaded_trial_ids = run_trials(
+        results, self.trained_trial_ids, self.loaded_trial_ids, failed = run_trials(
             tasks, {"train": (x, y), "val": (xv, yv)}, self.executor, run_dir, progress=self.progress,
             desc="deep ensemble")
+        require_some(results, failed, "deep ensemble")
+        self.failed_trials = [failed[t] for t in sorted(failed)]  # members left out (warned by run_trials)
         self.hparams = hparams
-        self._set_members([results[t["trial_id"]] for t in tasks], None)
+        self._set_members([results[t["trial_id"]] for t in tasks if t["trial_id"] in results], None)
         return self
 
     @classmethod

@@ -84,13 +84,18 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
                 dist.clip_()
         return dist
 
-    def fit(self, train, val, *, on_epoch_end=None):
-        """Train on train with the distribution steps on val (required). Returns self."""
+    def fit(self, train, val, *, on_epoch_end=None, distributed=None):
+        """Train on train with the distribution steps on val (required). distributed: a
+        hyperkern.ensembles.distributed.DistributedContext for data-parallel training under torchrun
+        (global training and validation minibatches sharded across ranks before tiling, lambda
+        sampled per rank with distinct seeds, the hyper step's gradients w.r.t. xi averaged across
+        ranks, rank 0 writes the checkpoints). Returns self."""
         if val is None:
             raise ValueError("val is required: hyper-batch ensembles tune their hyperparameter distributions on it")
         x, y, xv, yv = self._prepare(train, val)
         self._claim_run_dir(x, y, xv, yv, {"init_hparams": self.init_hparams, "init_delta": self.init_delta,
-                                           "val_batch_size": self.val_batch_size, "clip_norm": self.clip_norm})
+                                           "val_batch_size": self.val_batch_size, "clip_norm": self.clip_norm},
+                            distributed)
         config = self.config
         device = torch.device(config.device)
         E = self.ensemble_size
@@ -101,11 +106,18 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         n_train = x.shape[0]
         fast = list(net.fast_parameters())
         multiplier = float(config.fast_weight_lr_multiplier)
+        forward = net  # the weight step's forward (DDP-wrapped when data-parallel)
+        if distributed is not None:
+            distributed.check_batches(n_train, config.batch_size, "training minibatch")
+            forward = distributed.wrap(net)
         opt_w = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0)
         opt_xi = torch.optim.Adam(dist.parameters(), lr=config.hparam_lr)
         val_generator = torch.Generator().manual_seed(self.seed * 104_729 + 3)
         vb = min(self.val_batch_size or config.batch_size, xv.shape[0])
+        if distributed is not None and vb < distributed.world_size:
+            raise ValueError(f"val_batch_size: a validation minibatch of {vb} rows cannot be split across "
+                             f"{distributed.world_size} ranks")
         tau = float(config.entropy_weight)
         history: list[list[dict]] = []
         log_e = math.log(E)
@@ -113,13 +125,17 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         def weight_step(index, step, total, lr):
             net.train()
             _set_lr(opt_w, lr)
+            weight = 1.0
+            if distributed is not None:
+                index, weight = distributed.shard(index)  # this rank's examples, before tiling
             xb, yb = x[index], y[index]
             b = xb.shape[0]
             lam = dist.sample(b)  # (E*B, m) member-major, xi frozen
-            logits = net(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            logits = forward(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            # the penalty is a mean over rows too: the rank weight makes both terms global-batch means
             loss = F.cross_entropy(logits, yb.repeat(E)) + net.l2_penalty(lam) / n_train
             opt_w.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
             if fast and multiplier != 1.0:
                 for p in fast:
                     if p.grad is not None:
@@ -132,14 +148,22 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         def distribution_step():
             net.eval()  # batch norm statistics frozen, dropout off
             index = torch.randperm(xv.shape[0], generator=val_generator)[:vb].to(device)
+            weight = 1.0
+            if distributed is not None:
+                index, weight = distributed.shard(index)  # the same global draw on every rank, then split
             xb, yb = xv[index], yv[index]
-            lam = dist.rsample(vb)  # reparameterised: gradients reach log a, log b
+            b = xb.shape[0]
+            lam = dist.rsample(b)  # reparameterised: gradients reach log a, log b
             logits = net(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
-            log_probs = torch.log_softmax(logits, dim=-1).reshape(E, vb, -1)
-            picked = log_probs.gather(2, yb[None, :, None].expand(E, vb, 1)).squeeze(2)  # (E, B)
+            log_probs = torch.log_softmax(logits, dim=-1).reshape(E, b, -1)
+            picked = log_probs.gather(2, yb[None, :, None].expand(E, b, 1)).squeeze(2)  # (E, B)
             ensemble_nll = -(torch.logsumexp(picked, dim=0) - log_e).mean()
             loss = ensemble_nll - tau * dist.entropy().mean()
+            if weight != 1.0:
+                loss = loss * weight
             grads = torch.autograd.grad(loss, [dist.log_low, dist.log_high])  # the network's grads untouched
+            if distributed is not None:
+                distributed.all_reduce_mean_(grads)  # the global validation batch's gradient on every rank
             opt_xi.zero_grad(set_to_none=True)
             dist.log_low.grad, dist.log_high.grad = grads
             if self.clip_norm is not None:
@@ -164,12 +188,14 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             val_generator.set_state(state["val_generator"])
             history[:] = state["history"]
 
-        with seeded(self.seed * 1_000_003 + 11):
+        seed = self.seed * 1_000_003 + 11
+        with seeded(seed if distributed is None else distributed.rank_seed(seed)):
             self.fit_info = run_epochs(n_train=n_train, config=config, data_seed=self.seed, step_fn=weight_step,
                                        get_state=get_state, set_state=set_state,
                                        checkpoint_path=self.checkpoint_path, on_epoch_end=on_epoch_end,
                                        before_checkpoint=record_history,
-                                       progress=self.progress, desc="hyper-batch ensemble")
+                                       progress=self.progress and (distributed is None or distributed.is_main),
+                                       desc="hyper-batch ensemble", checkpoint_io=distributed)
         self.train_seconds = self.fit_info["train_seconds"]
         self.network, self.distributions, self.hparam_history = net.eval(), dist, history
         self.fitted = True

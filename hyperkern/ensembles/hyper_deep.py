@@ -12,7 +12,7 @@ import torch
 
 from hyperkern.ensembles._common import TrainConfig
 from hyperkern.ensembles.deep import _PlainMembers, default_search_space
-from hyperkern.ensembles.search import data_fingerprint, make_task, run_trials
+from hyperkern.ensembles.search import data_fingerprint, make_task, require_some, run_trials
 from hyperkern.ensembles.selection import greedy_selection
 from hyperkern.nn.hparams import HyperParameterSpace
 
@@ -33,11 +33,15 @@ class HyperDeepEnsemble(_PlainMembers):
             of the hyperparameter draws); stratification uses seeds seed+1 .. seed+K-1.
         stratify: False gives hyper_ens (no stratification).
         run_dir: directory making the search resumable (one file per finished trial).
-        executor: "local", "process" or an Executor. num_classes, progress: as DeepEnsemble.
+        executor: "local", "process", "ray" or an Executor. num_classes, progress: as DeepEnsemble.
+            A trial that fails on all its attempts is recorded (failed_trials, run_dir/failed/, a
+            RuntimeWarning) and selection proceeds without it; TrialsFailedError if no search trial
+            finished.
 
     After fit: members / member_weights (repeats of the final selection as weights), search_trials
     (every trial's hyperparameters and validation NLL), first_selection and final_selection (trial
-    ids in order of selection), trained_trial_ids / loaded_trial_ids (this call / from run_dir).
+    ids in order of selection), trained_trial_ids / loaded_trial_ids (this call / from run_dir),
+    failed_trials (records of the trials that failed in this call).
     """
 
     def __init__(self, model="mlp", ensemble_size: int = 4, budget: int = 20,
@@ -80,15 +84,18 @@ class HyperDeepEnsemble(_PlainMembers):
         # 1. random search, fixed init seed, then greedy selection with replacement
         search_tasks = [make_task(f"search-{i:03d}", self.model_spec, self.config, hp, self.seed, self.seed,
                                   progress=inner_bars) for i, hp in enumerate(settings)]
-        results, trained, loaded = run_trials(search_tasks, shared, self.executor, run_dir, progress=self.progress,
-                                              desc=f"hyper-deep search ({self.budget} trials)")
-        search = [results[t["trial_id"]] for t in search_tasks]
+        results, trained, loaded, failed = run_trials(search_tasks, shared, self.executor, run_dir,
+                                                      progress=self.progress,
+                                                      desc=f"hyper-deep search ({self.budget} trials)")
+        require_some(results, failed, "hyper-deep search")
+        finished = [i for i, t in enumerate(search_tasks) if t["trial_id"] in results]  # failed ones left out
+        search = [results[search_tasks[i]["trial_id"]] for i in finished]
         first = greedy_selection(torch.stack([r["val_log_probs"] for r in search]), yv, K, replacement=True)
         self.first_selection = [search[i]["trial_id"] for i in first]
         self.search_trials = [{"trial_id": r["trial_id"], "hparams": dict(r["hparams"]),
                                "val_nll": float(-r["val_log_probs"].double().gather(1, yv[:, None]).mean())}
                               for r in search]
-        distinct = list(dict.fromkeys(first))  # selected settings, in order of first selection
+        distinct = list(dict.fromkeys(finished[i] for i in first))  # selected settings (search indices), in order
 
         # 2. stratification: each selected setting from K inits (the search's model is init 0)
         pool = []
@@ -96,16 +103,19 @@ class HyperDeepEnsemble(_PlainMembers):
             strat_tasks = [make_task(f"stratify-{i:03d}-seed{j}", self.model_spec, self.config, settings[i],
                                      self.seed + j, self.seed + j, progress=inner_bars)
                            for i in distinct for j in range(1, K)]
-            strat, trained2, loaded2 = run_trials(strat_tasks, shared, self.executor, run_dir, progress=self.progress,
-                                                  desc=f"hyper-deep stratification ({len(strat_tasks)} trials)")
-            trained, loaded = trained + trained2, loaded + loaded2
+            strat, trained2, loaded2, failed2 = run_trials(strat_tasks, shared, self.executor, run_dir,
+                                                           progress=self.progress,
+                                                           desc=f"hyper-deep stratification ({len(strat_tasks)} trials)")
+            trained, loaded, failed = trained + trained2, loaded + loaded2, {**failed, **failed2}
             for i in distinct:
-                pool.append(search[i])
-                pool.extend(strat[f"stratify-{i:03d}-seed{j}"] for j in range(1, K))
+                pool.append(results[search_tasks[i]["trial_id"]])
+                pool.extend(strat[f"stratify-{i:03d}-seed{j}"] for j in range(1, K)
+                            if f"stratify-{i:03d}-seed{j}" in strat)
             final = greedy_selection(torch.stack([r["val_log_probs"] for r in pool]), yv, K, replacement=True)
         else:
             pool, final = search, first
         self.trained_trial_ids, self.loaded_trial_ids = trained, loaded
+        self.failed_trials = [failed[t] for t in sorted(failed)]
         self.trial_seconds = {r["trial_id"]: float(r["train_seconds"]) for r in search + pool}
         self.final_selection = [pool[i]["trial_id"] for i in final]
         chosen = list(dict.fromkeys(final))
@@ -130,7 +140,7 @@ class HyperDeepEnsemble(_PlainMembers):
     def _extra_state(self):
         return {"search_trials": self.search_trials, "first_selection": self.first_selection,
                 "final_selection": self.final_selection, "budget": self.budget,
-                "trial_seconds": getattr(self, "trial_seconds", {})}
+                "trial_seconds": getattr(self, "trial_seconds", {}), "failed_trials": self.failed_trials}
 
     def _load_extra_state(self, extra):
         self.search_trials = list(extra.get("search_trials", []))
@@ -138,3 +148,4 @@ class HyperDeepEnsemble(_PlainMembers):
         self.final_selection = list(extra.get("final_selection", []))
         self.budget = int(extra.get("budget", 0))
         self.trial_seconds = dict(extra.get("trial_seconds", {}))
+        self.failed_trials = list(extra.get("failed_trials", []))

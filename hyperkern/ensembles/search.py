@@ -7,9 +7,13 @@ weights and validation log-probabilities. A run directory holds:
                              settings); a different run in the same directory is refused
     trials/<trial_id>.pt     one file per finished trial, written atomically (tmp + os.replace)
     checkpoints/<id>.pt      the epoch checkpoint of a trial in progress (removed when it finishes)
+    failed/<trial_id>.json   a trial that raised on every attempt: its error, traceback, attempts
+                             (removed when a later run finishes the trial)
 
 Running the same command with the same directory again skips every finished trial and resumes a
 trial in progress from its last epoch, so a killed search loses at most one epoch of one trial.
+Trials recorded as failed are tried again (a failure can be transient: a lost node, memory).
+Whatever executor runs the trials (local, process pool, Ray), the driver writes these files.
 Trial files are read with torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -19,14 +23,16 @@ import hashlib
 import json
 import os
 import time
+import warnings
 
 import torch
 
 from hyperkern.ensembles._common import (ModelSpec, TrainConfig, atomic_save, count_parameters, load_checkpoint,
                                          seeded)
 from hyperkern.ensembles._loop import member_log_probs, train_network
+from hyperkern.ensembles.executors import TrialFailure, TrialsFailedError
 
-__all__ = ["RunDirectory", "run_member_trial", "data_fingerprint"]
+__all__ = ["RunDirectory", "run_member_trial", "run_trials", "data_fingerprint"]
 
 
 def data_fingerprint(*tensors: torch.Tensor) -> str:
@@ -47,8 +53,8 @@ class RunDirectory:
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
         if trials:
-            os.makedirs(os.path.join(self.path, "trials"), exist_ok=True)
-            os.makedirs(os.path.join(self.path, "checkpoints"), exist_ok=True)
+            for sub in ("trials", "checkpoints", "failed"):
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         identity = json.loads(json.dumps(identity, sort_keys=True))  # normalise (tuples -> lists)
         meta = os.path.join(self.path, "run.json")
         if os.path.isfile(meta):
@@ -87,9 +93,36 @@ class RunDirectory:
 
     def save(self, result: dict) -> None:
         atomic_save(result, self.trial_path(result["trial_id"]))
-        ckpt = self.checkpoint_path(result["trial_id"])
-        if os.path.isfile(ckpt):
-            os.remove(ckpt)
+        for stale in (self.checkpoint_path(result["trial_id"]), self.failure_path(result["trial_id"])):
+            if os.path.isfile(stale):
+                os.remove(stale)
+
+    def failure_path(self, trial_id: str) -> str:
+        return os.path.join(self.path, "failed", f"{trial_id}.json")
+
+    def record_failure(self, task: dict, failure: TrialFailure) -> dict:
+        """Write failed/<trial_id>.json atomically: the trial, its hyperparameters and seeds, the error
+        and traceback of its last attempt, and how many attempts it had. Returns the record."""
+        record = {"trial_id": task["trial_id"], "hparams": dict(task.get("hparams", {})),
+                  "init_seed": task.get("init_seed"), "data_seed": task.get("data_seed"),
+                  **failure.to_dict(), "failed_at": time.time()}
+        path = self.failure_path(task["trial_id"])
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return record
+
+    def failures(self) -> dict[str, dict]:
+        """{trial_id: record} of the trials recorded as failed (and not finished since)."""
+        out = {}
+        for path in sorted(glob.glob(os.path.join(self.path, "failed", "*.json"))):
+            with open(path) as f:
+                record = json.load(f)
+            out[record["trial_id"]] = record
+        return out
 
 
 def make_task(trial_id: str, spec: ModelSpec, config: TrainConfig, hparams: dict, init_seed: int, data_seed: int,
@@ -131,31 +164,57 @@ def run_member_trial(task: dict, shared: dict) -> dict:
 
 
 def run_trials(tasks: list[dict], shared: dict, executor, run_dir: RunDirectory | None, *, progress: bool,
-               desc: str) -> tuple[dict[str, dict], list[str], list[str]]:
+               desc: str) -> tuple[dict[str, dict], list[str], list[str], dict[str, dict]]:
     """Run the tasks not yet finished in run_dir on executor, saving each as it finishes.
 
-    Returns ({trial_id: result}, ids trained by this call, ids loaded from run_dir)."""
+    A trial that fails on all its attempts (the executor's max_retries) is recorded in
+    run_dir/failed/<trial_id>.json, reported with a RuntimeWarning and left out of the results.
+    Epoch checkpoints go into run_dir only when the executor's trials share this filesystem.
+
+    Returns ({trial_id: result} of the finished trials, ids trained by this call, ids loaded from
+    run_dir, {trial_id: failure record} of the trials that failed in this call)."""
     from hyperkern.ensembles._common import progress_bar
 
     results, loaded = {}, []
     todo = []
+    checkpoints = run_dir is not None and executor.shares_filesystem()
     for task in tasks:
         if run_dir is not None and run_dir.has(task["trial_id"]):
             results[task["trial_id"]] = run_dir.load(task["trial_id"])
             loaded.append(task["trial_id"])
         else:
-            if run_dir is not None:
+            if checkpoints:
                 task = dict(task, checkpoint_path=run_dir.checkpoint_path(task["trial_id"]))
             todo.append(task)
-    trained = []
+    trained, failed = [], {}
     bar = progress_bar(total=len(tasks), initial=len(loaded), enabled=progress, desc=desc)
     try:
-        for task, result in executor.run(run_member_trial, todo, shared):
-            if run_dir is not None:
-                run_dir.save(result)
-            results[task["trial_id"]] = result
-            trained.append(task["trial_id"])
+        for task, outcome in executor.run(run_member_trial, todo, shared):
+            if isinstance(outcome, TrialFailure):
+                failed[task["trial_id"]] = (run_dir.record_failure(task, outcome) if run_dir is not None else
+                                            {"trial_id": task["trial_id"], "hparams": dict(task["hparams"]),
+                                             "init_seed": task["init_seed"], "data_seed": task["data_seed"],
+                                             **outcome.to_dict()})
+            else:
+                if run_dir is not None:
+                    run_dir.save(outcome)
+                results[task["trial_id"]] = outcome
+                trained.append(task["trial_id"])
             bar.update(1)
     finally:
         bar.close()
-    return results, trained, loaded
+    if failed:
+        lines = "; ".join(f"{tid} ({rec['error']}, {rec['attempts']} attempts)" for tid, rec in sorted(failed.items()))
+        where = f" (records in {os.path.join(run_dir.path, 'failed')})" if run_dir is not None else ""
+        warnings.warn(f"{desc}: {len(failed)} of {len(tasks)} trials failed and are left out{where}: {lines}",
+                      RuntimeWarning, stacklevel=2)
+    return results, trained, loaded, failed
+
+
+def require_some(results: dict, failed: dict, desc: str) -> None:
+    """Raise TrialsFailedError (with the first failure's traceback) when no trial finished."""
+    if results or not failed:
+        return
+    first = failed[sorted(failed)[0]]
+    raise TrialsFailedError(f"{desc}: every trial failed ({len(failed)}); the first, {first['trial_id']}, after "
+                            f"{first['attempts']} attempts: {first['error']}\n{first.get('traceback', '')}", failed)
