@@ -7,7 +7,9 @@ Backends:
 """
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import torch
 
@@ -32,6 +34,28 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d")
+
+
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    """(op, dispatch key) pairs the loaded extension implements; read once at import, so that backend
+    resolution inside torch.compile is a plain constant lookup."""
+    if _CPP_ERROR is not None:
+        return frozenset()
+    found = set()
+    for op in OPS:
+        for key in ("CPU", "CUDA"):
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"hyperkern::{op}", key):
+                    found.add((op, key))
+            except RuntimeError:  # the op is not defined by this build of the extension
+                pass
+    return frozenset(found)
+
+
+_CPP_KERNELS = _registered_kernels()
+
+
 def _cpp_reason(device_type: str, op: str = "batch_ensemble_linear") -> str | None:
     """None when the extension has a kernel for hyperkern::<op> on device_type, else why not."""
     if _CPP_ERROR is not None:
@@ -39,11 +63,7 @@ def _cpp_reason(device_type: str, op: str = "batch_ensemble_linear") -> str | No
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return f"the compiled extension has no kernels for device type {device_type!r}"
-    try:
-        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"hyperkern::{op}", key)
-    except RuntimeError:  # the op is not defined by this build of the extension
-        has_kernel = False
-    if not has_kernel:
+    if (op, key) not in _CPP_KERNELS:
         if device_type == "cuda":
             return (f"hyperkern._C has no CUDA kernel for {op} (rebuild with a CUDA torch, nvcc and "
                     "FORCE_CUDA=1)")
@@ -76,9 +96,7 @@ def backend_status(device_type: str | None = None, op: str = "batch_ensemble_lin
 def available_backends(device_type: str | None = None) -> list[str]:
     """Backends this install can run every hyperkern op with on device_type (default: cuda when
     visible, else cpu)."""
-    ops = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d",
-           "hyper_batch_ensemble_conv2d")
-    statuses = [backend_status(device_type, op) for op in ops]
+    statuses = [backend_status(device_type, op) for op in OPS]
     return [name for name in ("torch", "cpp", "triton") if all(st[name] is None for st in statuses)]
 
 
@@ -100,3 +118,14 @@ def resolve_backend(backend: str, device: torch.device, op: str,
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}; "
                          f"available: {[n for n, r in status.items() if r is None]}")
     return backend
+
+
+def backend_module(family: str, backend: str):
+    """The module hyperkern.ops._<backend>_<family> ("linear" | "conv") implementing a fused backend.
+
+    Already-imported modules come from sys.modules, which torch.compile traces without a graph break
+    (importlib.import_module breaks the graph); hyperkern.ops imports the available ones eagerly.
+    """
+    path = f"hyperkern.ops._{backend}_{family}"
+    module = sys.modules.get(path)
+    return module if module is not None else importlib.import_module(path)

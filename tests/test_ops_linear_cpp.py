@@ -233,9 +233,6 @@ def test_torch_compile_fullgraph_forward_backward():
     _compiled_matches_eager(_cpp_linear.hyper_batch_ensemble_linear, _hyper_args(3, 2, 6, 5, dtype=torch.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="hyperkern/ops/linear.py picks the backend module with importlib.import_module, "
-                                       "which dynamo cannot trace (graph break); looking the already-imported module "
-                                       "up in sys.modules first fixes it. Remove this marker then.")
 def test_torch_compile_fullgraph_through_public_api():
     _compiled_matches_eager(lambda *a: hyperkern.ops.batch_ensemble_linear(*a, backend="cpp"),
                             _be_args(3, 2, 6, 5, dtype=torch.float32))

@@ -8,17 +8,14 @@ hyperkern/ops/_cpp_conv.py and hyperkern/ops/_triton_conv.py with the same posit
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import resolve_backend
+from hyperkern._backends import backend_module, resolve_backend
 from hyperkern.ops._validate import validate_conv2d
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
 
-_BACKEND_MODULES = {"cpp": "hyperkern.ops._cpp_conv", "triton": "hyperkern.ops._triton_conv"}
 # On CUDA tensors, "auto" takes the first available of these (the faster one measured on an H100).
 _CUDA_PREFERENCE = ("cpp", "triton")
 
@@ -77,7 +74,7 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     name = resolve_backend(backend, x.device, "batch_ensemble_conv2d", _CUDA_PREFERENCE)
     if name == "torch":
         return _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    return importlib.import_module(_BACKEND_MODULES[name]).batch_ensemble_conv2d(
+    return backend_module("conv", name).batch_ensemble_conv2d(
         x, weight, r, s, bias, stride, padding, dilation, groups)
 
 
@@ -99,5 +96,5 @@ def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: to
     if name == "torch":
         return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
                                                   stride, padding, dilation, groups)
-    return importlib.import_module(_BACKEND_MODULES[name]).hyper_batch_ensemble_conv2d(
+    return backend_module("conv", name).hyper_batch_ensemble_conv2d(
         x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups)

@@ -9,22 +9,13 @@ registrations.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import resolve_backend
+from hyperkern._backends import backend_module, resolve_backend
 from hyperkern.ops._validate import validate_linear
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
-
-_BACKEND_MODULES = {"cpp": "hyperkern.ops._cpp_linear", "triton": "hyperkern.ops._triton_linear"}
-
-
-def _backend_module(name: str):
-    return importlib.import_module(_BACKEND_MODULES[name])
-
 
 def _members(t: torch.Tensor, E: int) -> torch.Tensor:
     """(E*B, D) -> (E, B, D) view (or copy for non-viewable strides)."""
@@ -70,7 +61,7 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     name = resolve_backend(backend, x.device, "batch_ensemble_linear")
     if name == "torch":
         return _torch_batch_ensemble_linear(x, weight, r, s, bias)
-    return _backend_module(name).batch_ensemble_linear(x, weight, r, s, bias)
+    return backend_module("linear", name).batch_ensemble_linear(x, weight, r, s, bias)
 
 
 def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -95,4 +86,4 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
     name = resolve_backend(backend, x.device, "hyper_batch_ensemble_linear")
     if name == "torch":
         return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
-    return _backend_module(name).hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    return backend_module("linear", name).hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
