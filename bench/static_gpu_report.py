@@ -164,6 +164,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per (module, kernel, dtype): how many configs, register range, worst spill, largest
+    shared memory, tensor-core instruction counts and the verdict."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["module"], row["name"], row["dtype"]), []).append(row)
+    lines = ["| module | kernel | dtype | configs | regs | spills (stack B, LDL+STL) | max smem KiB | HGMMA | HMMA "
+             "| DMMA | verdict |", "|" + "---|" * 11]
+    for (module, name, dtype), group in groups.items():
+        built = [r for r in group if r["error"] is None]
+        bad = sum(1 for r in group if problems(r))
+        verdict = "ok" if not bad else f"**{bad} of {len(group)} with problems**"
+        if not built:
+            lines.append(f"| {module} | {name} | {dtype} | {len(group)} | | | | | | | {verdict} |")
+            continue
+        regs = sorted(r["regs"] for r in built)
+        spill = max(built, key=lambda r: (r["stack"], r["LDL"] + r["STL"]))
+        counts = {op: sorted(r[op] for r in built) for op in ("HGMMA", "HMMA", "DMMA")}
+        span = lambda v: f"{v[0]}" if v[0] == v[-1] else f"{v[0]}-{v[-1]}"  # noqa: E731
+        lines.append(f"| {module} | {name} | {dtype} | {len(group)} | {span(regs)} | "
+                     f"{spill['stack']}, {spill['LDL'] + spill['STL']} | "
+                     f"{max(r['shared'] for r in built) / 1024:.1f} | {span(counts['HGMMA'])} | {span(counts['HMMA'])} | "
+                     f"{span(counts['DMMA'])} | {verdict} |")
+    return "\n".join(lines)
+
+
 def write_results(section_body: str, path: str = RESULTS) -> None:
     """Replace (or append) this report's section of bench/RESULTS.md, leaving other sections alone."""
     text = open(path).read() if os.path.exists(path) else "# hyperkern benchmark results\n"
@@ -177,6 +203,17 @@ def write_results(section_body: str, path: str = RESULTS) -> None:
         text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
     with open(path, "w") as f:
         f.write(text)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,13 +264,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.write_results:
         date = datetime.date.today().isoformat()
-        body = (f"Date: {date}. Machine: {platform.processor() or platform.machine()}, no GPU (compile only). "
-                f"Command: `python -m bench.static_gpu_report --write-results` (CI runs it with `--check`).\n\n"
+        problem_lines = "".join(f"- {row['module']} {row['name']} {row['dtype']} {row['config']}: "
+                                f"{'; '.join(found)}\n" for row, found in bad)
+        body = (f"Date: {date}. Machine: {cpu_name()}, {os.cpu_count()} CPUs, no GPU "
+                f"(compile only). Command: `python -m bench.static_gpu_report --write-results` (CI runs it with "
+                f"`--check`; the per-config table is printed to stdout).\n\n"
                 f"{summary}. Every kernel of kernels/*.py at every autotune config it can launch with, per input "
-                "dtype, with all optional features of the variant on and contiguous-tensor specialisation. "
-                "regs: registers per thread; stack / LDL / STL: spills (must be 0); smem: shared memory per "
-                "block (H100 limit 227 KiB); HGMMA: Hopper wgmma instructions (required for bf16/fp16/tf32 "
-                "GEMM builds), HMMA: Ampere mma (must be 0 there), DMMA: fp64 tensor-core mma.\n\n" + report)
+                "dtype and layout class as each module's sm90_compile_specs() lists them, with all optional "
+                "features of the variant on. One line per kernel and dtype: regs = registers per thread (range "
+                "over the configs); spills = the worst config's stack bytes and LDL+STL count (must be 0, 0); "
+                "smem = largest shared memory per block (H100 limit 227 KiB); HGMMA = Hopper wgmma instructions "
+                "(required in bf16/fp16/tf32 GEMM builds), HMMA = Ampere mma (must be 0 there), DMMA = fp64 "
+                "tensor-core mma.\n\n" + summary_table(rows) + "\n"
+                + (f"\nProblems:\n\n{problem_lines}" if bad else ""))
         write_results(body)
         print(f"wrote the '{SECTION[3:]}' section of {RESULTS}")
     return 1 if (args.check and bad) else 0
