@@ -185,8 +185,8 @@ def summary_table(rows: list[dict]) -> str:
         span = lambda v: f"{v[0]}" if v[0] == v[-1] else f"{v[0]}-{v[-1]}"  # noqa: E731
         lines.append(f"| {module} | {name} | {dtype} | {len(group)} | {span(regs)} | "
                      f"{spill['stack']}, {spill['LDL'] + spill['STL']} | "
-                     f"{max(r['shared'] for r in built) / 1024:.1f} | {span(counts['HGMMA'])} | {span(counts['HMMA'])} | "
-                     f"{span(counts['DMMA'])} | {verdict} |")
+                     f"{max(r['shared'] for r in built) / 1024:.1f} | {span(counts['HGMMA'])} | "
+                     f"{span(counts['HMMA'])} | {span(counts['DMMA'])} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -106,7 +106,8 @@ def rank1_linear_forward_kernel(
     r_ptrs = r_ptr + member * IN + offs_k
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if HYPER:
-        dt_ptrs = delta_ptr + first_col.to(tl.int64) * stride_dn + offs_n[None, :] * stride_dn + offs_k[:, None] * stride_dk
+        dt_ptrs = (delta_ptr + first_col.to(tl.int64) * stride_dn + offs_n[None, :] * stride_dn
+                   + offs_k[:, None] * stride_dk)
         u_ptrs = u_ptr + member * IN + offs_k
         acc_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
 

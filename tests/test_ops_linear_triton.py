@@ -15,7 +15,8 @@ if backend_status("cuda" if torch.cuda.is_available() else "cpu")["triton"] is n
     pytest.skip(f"triton backend unavailable: {backend_status()['triton']}", allow_module_level=True)
 
 from hyperkern.kernels import rank1_linear as kernels  # noqa: E402
-from hyperkern.ops import _triton_linear as triton_linear  # noqa: E402
+# registers the hyperkern::*_triton ops and puts the backend module in sys.modules (torch.compile dispatch)
+from hyperkern.ops import _triton_linear  # noqa: E402, F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -212,8 +213,9 @@ def test_torch_compile_fullgraph_forward_and_backward():
     _, w2, r2, s2, b2 = _batch_args(2, 3, 5, 4)
 
     def two_layers(x, w, d, r, s, u, v, e1, b, db, e2):  # nothing but the custom ops: no C++ codegen here
-        y = triton_linear.hyper_batch_ensemble_linear(x, w, d, r, s, u, v, e1, b, db, e2)
-        return triton_linear.batch_ensemble_linear(y, w2, r2, s2, b2)
+        # the public API (validation and dispatch traced; hyperkern.ops._triton_linear is already imported)
+        y = hyperkern.ops.hyper_batch_ensemble_linear(x, w, d, r, s, u, v, e1, b, db, e2, backend="triton")
+        return hyperkern.ops.batch_ensemble_linear(y, w2, r2, s2, b2, backend="triton")
 
     compiled = torch.compile(two_layers, fullgraph=True, dynamic=False)
     grad_out = _randn(6, 4)
@@ -294,7 +296,8 @@ def test_static_gpu_report_verdicts_and_results_section(tmp_path):
                  LDL=0, STL=0, shared=100_000, HGMMA=4, HMMA=0, DMMA=0)
     assert report.problems(clean) == []
     assert report.problems(dict(clean, stack=16, LDL=2, STL=3))[0].startswith("spills")
-    assert report.problems(dict(clean, HGMMA=0, HMMA=8)) == ["GEMM without HGMMA", "HMMA (Ampere mma) in a Hopper GEMM build"]
+    assert report.problems(dict(clean, HGMMA=0, HMMA=8)) == ["GEMM without HGMMA",
+                                                             "HMMA (Ampere mma) in a Hopper GEMM build"]
     assert report.problems(dict(clean, shared=report.SM90_MAX_SHARED + 1))[0].startswith("shared memory")
     assert report.problems(dict(clean, mma="DMMA", dtype="fp64", HGMMA=0, DMMA=0)) == ["GEMM without DMMA"]
     assert report.problems(dict(clean, mma=None, HGMMA=0)) == []

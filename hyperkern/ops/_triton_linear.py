@@ -53,6 +53,11 @@ def _none(t: Tensor) -> Tensor:
     return t.new_empty((0,))
 
 
+def like(t: Tensor, want: bool) -> Tensor:
+    """Fake output: a contiguous gradient shaped like t when asked for, else the placeholder."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if want else _none(t)
+
+
 # ----------------------------------------------------------------------------------------------
 # batch ensemble linear
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +87,6 @@ def _batch_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tenso
 
 @_batch_backward.register_fake
 def _(grad, x, weight, r, s, bias_grad, x_grad, weight_grads):
-    like = lambda t, want: torch.empty_like(t, memory_format=torch.contiguous_format) if want else _none(t)  # noqa: E731
     return like(x, x_grad), like(weight, weight_grads), like(r, weight_grads), like(s, weight_grads), \
         like(s, bias_grad)
 
@@ -167,7 +171,6 @@ def _hyper_backward(grad: Tensor, x: Tensor, weight: Tensor, delta: Tensor, r: T
 @_hyper_backward.register_fake
 def _(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bias_grad, x_grad, weight_grads,
       e1_grad, delta_bias_grads):
-    like = lambda t, want: torch.empty_like(t, memory_format=torch.contiguous_format) if want else _none(t)  # noqa: E731
     db_grads = delta_bias_grads and delta_bias is not None
     return (like(x, x_grad), like(weight, weight_grads), like(delta, weight_grads), like(r, weight_grads),
             like(s, weight_grads), like(u, weight_grads), like(v, weight_grads), like(e1, e1_grad),
