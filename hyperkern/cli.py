@@ -10,8 +10,13 @@ hyperkern compare
     (the stratification of hyper-deep ensembles trains exactly these); the single model row is the
     mean of those E networks' metrics evaluated one at a time (the expected tuned single model, as
     the paper averages over seeds); the batch ensemble uses the tuned setting and the hyper-batch
-    ensemble starts its per-member distributions there. Run directories under --output-dir/runs
-    make the same command resume after an interruption.
+    ensemble starts its per-member distributions there. Every network trains for the same --epochs
+    with the same SGD schedule and per-member batch size (batch and hyper-batch ensembles tile each
+    minibatch E times, so each member sees as many examples as a deep-ensemble member). Selection
+    uses the validation split only; the test split is only evaluated. After the table come the
+    paper's checks on test NLL, each with the paired standard error over test images of the NLL
+    difference (results.json "checks"). Run directories under --output-dir/runs make the same
+    command resume after an interruption.
 
 hyperkern train --method {single,deep,batch,hyper_deep,hyper_batch}
     Trains one method (untuned defaults unless --hparams is given), prints its metrics and saves it.
@@ -56,6 +61,9 @@ def _add_common(p: argparse.ArgumentParser):
                    help="training epochs per network (default: 40 on digits, 20 otherwise)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size per member (default: 64)")
     p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate, cosine-decayed (default: 0.1)")
+    p.add_argument("--hparam-lr", type=float, default=None,
+                   help="Adam learning rate of the hyper-batch distribution step (default: 3e-3 on digits, whose "
+                        "40 short epochs give only 226 distribution steps; METHOD.md's 1e-3 otherwise)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="fraction held out for validation (default: 0.2 on digits, whose 1,797 images "
                         "leave a small validation set for greedy selection; 0.1 otherwise)")
@@ -84,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description=__doc__.split("hyperkern train")[0].split("hyperkern compare", 1)[1],
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(compare)
-    compare.add_argument("--budget", type=_positive_int, default=16,
-                         help="hyper-deep random-search trials kappa (default: 16)")
+    compare.add_argument("--budget", type=_positive_int, default=32,
+                         help="hyper-deep random-search trials kappa (default: 32)")
     compare.add_argument("--output-dir", default="hyperkern-compare", help="where results go (default: "
                          "./hyperkern-compare)")
     compare.add_argument("--hyper-batch-init", default="tuned", choices=["tuned", "range-mean"],
@@ -95,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one method and report its metrics")
     _add_common(train)
     train.add_argument("--method", required=True, choices=list(METHOD_LABELS), help="which method")
-    train.add_argument("--budget", type=_positive_int, default=16, help="random-search trials (hyper_deep)")
+    train.add_argument("--budget", type=_positive_int, default=32, help="random-search trials (hyper_deep)")
     train.add_argument("--hparams", default=None,
                        help='JSON object of hyperparameters, e.g. \'{"dropout": 0.1, "l2_hidden1": 0.5}\' '
                             "(single / deep / batch; hyper_batch: initial centres)")
@@ -139,6 +147,70 @@ def _setup(args):
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     return data, spec, config, executor
+
+
+def _hyper_batch_config(args, config):
+    """config with the hyper-batch distribution step's Adam learning rate: --hparam-lr, else 3e-3 on
+    digits (40 epochs of 17 steps leave 226 distribution steps, in which METHOD.md's 1e-3 moves an
+    interval endpoint by at most about 0.23 in log space) and METHOD.md's 1e-3 otherwise. Only the
+    hyper-batch trainer gets it, so the other methods' run directories do not depend on it."""
+    import dataclasses
+
+    hparam_lr = args.hparam_lr if args.hparam_lr is not None else (3e-3 if args.data == "digits" else 1e-3)
+    return dataclasses.replace(config, hparam_lr=float(hparam_lr))
+
+
+# The paper's checks on test NLL: (method, baseline, relation). "<" and "<=" read on the NLL means.
+CHECKS = [("deep", "single", "<"), ("batch", "single", "<"), ("hyper_deep", "single", "<"),
+          ("hyper_batch", "single", "<"), ("hyper_deep", "deep", "<="), ("hyper_batch", "batch", "<=")]
+
+
+def _per_example_nll(trainer, x, y):
+    """(N,) float64 -log p(y_i | x_i) of the trainer's (weighted) averaged prediction."""
+    import math
+
+    import torch
+
+    lp = trainer.member_log_proba(x).double()
+    picked = lp.gather(2, y.long()[None, :, None].expand(lp.shape[0], -1, 1)).squeeze(2)  # (E, N)
+    w = trainer.member_weights
+    if w is None:
+        logw = torch.full((lp.shape[0],), -math.log(lp.shape[0]), dtype=torch.float64)
+    else:
+        w = torch.as_tensor(w, dtype=torch.float64)
+        logw = (w / w.sum()).log()
+    return -torch.logsumexp(picked + logw[:, None], dim=0)
+
+
+def _paired_checks(per_example: dict) -> list[dict]:
+    """Each check of CHECKS whose methods ran: mean NLL of both, the mean of the per-image difference
+    (method - baseline) and its standard error std / sqrt(N) (paired over the same test images), and
+    whether it holds; 'clear' when the difference is more than 2 standard errors from 0."""
+    out = []
+    for method, baseline, relation in CHECKS:
+        if method not in per_example or baseline not in per_example:
+            continue
+        d = per_example[method] - per_example[baseline]
+        n = d.numel()
+        diff = float(d.mean())
+        se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+        holds = diff < 0 if relation == "<" else diff <= 0
+        out.append({"method": method, "baseline": baseline, "relation": relation,
+                    "nll": float(per_example[method].mean()), "baseline_nll": float(per_example[baseline].mean()),
+                    "difference": diff, "standard_error": se, "holds": bool(holds),
+                    "clear": bool(abs(diff) > 2 * se)})
+    return out
+
+
+def _format_checks(checks: list[dict]) -> str:
+    lines = []
+    for c in checks:
+        verdict = "holds" if c["holds"] else "does not hold"
+        strength = "beyond 2 SE" if c["clear"] else "within 2 SE"
+        lines.append(f"{METHOD_LABELS[c['method']]} NLL {c['relation']} {METHOD_LABELS[c['baseline']]}: {verdict} "
+                     f"({c['nll']:.4f} vs {c['baseline_nll']:.4f}, difference {c['difference']:+.4f} "
+                     f"+- {c['standard_error']:.4f}, {strength})")
+    return "\n".join(lines)
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -201,7 +273,8 @@ def run_compare(args) -> dict:
                                  run_dir=os.path.join(runs, "batch"), progress=progress).fit(data.train, data.val)
     hb_space = spec.build("hyper_batch", E).hparam_space
     init = {k: v for k, v in tuned.items() if k in hb_space} if args.hyper_batch_init == "tuned" else None
-    hyper_batch = HyperBatchEnsembleTrainer(spec, E, config=config, seed=args.seed, init_hparams=init,
+    hb_config = _hyper_batch_config(args, config)
+    hyper_batch = HyperBatchEnsembleTrainer(spec, E, config=hb_config, seed=args.seed, init_hparams=init,
                                             run_dir=os.path.join(runs, "hyper_batch"),
                                             progress=progress).fit(data.train, data.val)
 
@@ -215,15 +288,26 @@ def run_compare(args) -> dict:
     rows.append(_result_row("hyper_batch", hyper_batch, data.test, hyper_batch.train_seconds))
     trainers = {"single": singles[0], "deep": deep, "batch": batch, "hyper_deep": hyper_deep, "hyper_batch": hyper_batch}
 
+    per_example = {"single": sum(_per_example_nll(m, data.test.x, data.test.y) for m in singles) / len(singles)}
+    for name in ("deep", "batch", "hyper_deep", "hyper_batch"):
+        if trainers[name] is not None:
+            per_example[name] = _per_example_nll(trainers[name], data.test.x, data.test.y)
+    checks = _paired_checks(per_example)
+
     table = _format_table(rows)
     print()
     print(table)
+    print()
+    print("Checks on test NLL (difference = method - baseline, +- its paired standard error over the "
+          f"{len(data.test)} test images):")
+    print(_format_checks(checks))
     notes = []
     payload = {
         "command": "compare", "dataset": data.name, "splits": {"train": len(data.train), "val": len(data.val),
                                                                  "test": len(data.test)},
         "model": args.model, "ensemble_size": E, "budget": args.budget, "seed": args.seed,
         "train_config": config.to_dict(), "hyper_batch_init": args.hyper_batch_init,
+        "hyper_batch_hparam_lr": hb_config.hparam_lr,
         "methods": {r["method"]: {k: v for k, v in r.items() if k not in ("method",)} for r in rows},
         "tuned_hparams": tuned,
         "single_models": [{"trial_id": m.members[0]["trial_id"], **{k: v for k, v in r.items() if k != "label"}}
@@ -232,7 +316,10 @@ def run_compare(args) -> dict:
                        "final_selection": hyper_deep.final_selection,
                        "trained_trial_ids": hyper_deep.trained_trial_ids,
                        "loaded_trial_ids": hyper_deep.loaded_trial_ids, "wall_seconds": hyper_deep_seconds},
-        "hyper_batch": {"member_hparams": hyper_batch.member_hparams()},
+        "hyper_batch": {"member_hparams": hyper_batch.member_hparams(),
+                        "interval_log_widths": (hyper_batch.distributions.log_high
+                                                - hyper_batch.distributions.log_low).detach().double().tolist()},
+        "checks": checks,
         "table": table,
     }
     probs = {(r["label"] if r["method"] != "single" else "single model (first seed)"):
@@ -299,6 +386,7 @@ def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
         trainer = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed, run_dir=run_dir,
                                     executor=executor, progress=progress)
     else:
+        config = _hyper_batch_config(args, config)
         trainer = HyperBatchEnsembleTrainer(spec, E, config=config, seed=args.seed, init_hparams=hparams or None,
                                             run_dir=run_dir, progress=progress)
     trainer.fit(data.train, data.val, **({"distributed": distributed} if distributed is not None else {}))
