@@ -49,6 +49,9 @@ def _parse_args(argv):
                    help="model suite: images per member (default 32; 2 with --tiny)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median reported)")
     p.add_argument("--no-memory", action="store_true", help="model suite: skip the peak-memory measurement")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="CPU timing clock: wall (perf_counter) or cpu (process_time: with --threads 1 it ignores "
+                        "time other processes take from this one, for a loaded machine)")
     p.add_argument("--json", metavar="PATH", default=None, help="write environment, rows and targets as JSON")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -142,8 +145,9 @@ def check_op_targets(rows: list[dict], device: str) -> list[dict]:
     fused = ("triton", "cpp")
 
     def pick(op, shape, dtype, mode, variant):
+        want = (op, list(shape), dtype, mode, variant)
         for r in rows:
-            if (r["op"], list(r["shape"]), r["dtype"], r["mode"], r["variant"]) == (op, list(shape), dtype, mode, variant):
+            if (r["op"], list(r["shape"]), r["dtype"], r["mode"], r["variant"]) == want:
                 return r
         return None
 
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
           f"dtype: ops {', '.join(env['dtype']['ops'])} / models float32, torch {env['torch']}, "
           f"hyperkern backends: {env['hyperkern_backends']}"
           + (f", load average (1 min): {env['load_average_1min']}" if "load_average_1min" in env else ""))
-    print(f"E = {args.ensemble_size} members, member-major rows; --quick={args.quick} --tiny={args.tiny}")
+    print(f"E = {args.ensemble_size} members, member-major rows; --quick={args.quick} --tiny={args.tiny}; "
+          f"clock: {'cuda events' if args.device == 'cuda' else args.clock}")
     sys.stdout.flush()
     result = {"environment": env, "args": vars(args), "suites": {}, "targets": []}
     t0 = time.perf_counter()
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
                   f"(E={args.ensemble_size} x B={args.per_member})")
         sys.stdout.flush()
         rows = run_models(args.device, E=args.ensemble_size, B=args.per_member, configs=configs, quick=args.quick,
-                          tiny=args.tiny, repeats=args.repeats, memory=not args.no_memory)
+                          tiny=args.tiny, repeats=args.repeats, memory=not args.no_memory, clock=args.clock)
         result["suites"]["models"] = {"rows": rows, "configs": configs}
         print()
         print(format_models_table(rows))

@@ -5,7 +5,11 @@ candidates in turn (A B C A B C ...), so a load change on a shared machine hits 
 each sample is `inner` back-to-back calls, and the reported number is the median sample divided by
 `inner`. On CUDA a sample is bracketed by torch.cuda.Event records on the current stream and read
 after synchronising (GPU time of the queued work, launch gaps included); on CPU by
-time.perf_counter around the calls.
+time.perf_counter around the calls (clock="wall"), or by time.process_time (clock="cpu": the CPU
+time of this process, all its threads). With ONE thread the CPU clock measures the work itself
+even while other processes share the cores (time spent descheduled is not counted), which makes
+ratios on a loaded machine repeatable; with several threads it also counts OpenMP spin-waiting,
+so use the wall clock there.
 
 Peak memory (peak_memory_bytes): the largest number of bytes that were live ABOVE the level at the
 start of one call, i.e. what the call itself allocates at its worst moment (activations kept for
@@ -34,7 +38,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "time_interleaved", "peak_memory_bytes", "describe_environment", "device_name",
+__all__ = ["CLOCKS", "sync", "time_interleaved", "peak_memory_bytes", "describe_environment", "device_name",
            "params_bytes", "format_markdown_table", "MIB"]
 
 MIB = float(1 << 20)
@@ -46,9 +50,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device, *, repeats: int = 10, warmup: int = 3,
-                     inner: int = 1) -> dict[str, dict]:
+                     inner: int = 1, clock: str = "wall") -> dict[str, dict]:
     """Median milliseconds per call of each fn in fns, measured in interleaved rounds.
+
+    clock: "wall" (time.perf_counter) or "cpu" (time.process_time); CPU devices only, CUDA always
+    uses CUDA events.
 
     Returns {name: {"ms": median ms per call, "min_ms": fastest sample, "iqr_ms": interquartile range
     of the samples, "samples": number of samples}}.
@@ -56,6 +66,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, *, repeats: i
     device = torch.device(device)
     if repeats < 1 or inner < 1 or warmup < 0:
         raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got {repeats}, {inner}, {warmup}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -72,10 +85,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, *, repeats: i
                 end.synchronize()
                 samples[name].append(start.elapsed_time(end) / inner)
             else:
-                t0 = time.perf_counter()
+                t0 = timer()
                 for _ in range(inner):
                     fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
+                samples[name].append((timer() - t0) * 1e3 / inner)
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3

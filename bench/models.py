@@ -43,10 +43,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import hyperkern
 import hyperkern.models as zoo
 from hyperkern._backends import resolve_backend
 from hyperkern.nn import EnsembleLogUniform, tile
@@ -253,7 +251,7 @@ def build_candidates(arch: str, kwargs: dict, *, E: int, B: int, image: int, dev
 
 def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, configs=None, quick: bool = False,
                tiny: bool = False, repeats: int | None = None, warmup: int | None = None,
-               variants=ALL_VARIANTS, memory: bool = True, log=print) -> list[dict]:
+               variants=ALL_VARIANTS, memory: bool = True, clock: str = "wall", log=print) -> list[dict]:
     """Time (and measure the memory of) every candidate of every config; returns result rows."""
     device = torch.device(device)
     if configs is None:
@@ -270,7 +268,7 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
             for c in cands.values():
                 c.set_mode(mode)
             times = time_interleaved({n: (c.train_step if mode == "train" else c.infer) for n, c in cands.items()},
-                                     device, repeats=repeats, warmup=warmup)
+                                     device, repeats=repeats, warmup=warmup, clock=clock)
             plain_ms = times["plain"]["ms"] if "plain" in times else None
             for name, t in times.items():
                 c = cands[name]
@@ -282,6 +280,7 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
                     "mode": mode, "variant": name, "backend": c.backend, "E": E, "B": B, "rows": E * B,
                     "input": [E * B, 3, cfg["image"], cfg["image"]], "ms": t["ms"], "iqr_ms": t["iqr_ms"],
                     "min_ms": t["min_ms"], "samples": t["samples"],
+                    "clock": clock if device.type == "cpu" else "cuda events",
                     "images_per_s": E * B / (t["ms"] / 1e3),
                     "x_plain": (t["ms"] / plain_ms) if plain_ms else None,
                     "peak_mib": None if peak is None else peak / MIB,
@@ -347,6 +346,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,7 +357,8 @@ def main(argv=None):
         configs = [c for c in configs if c["name"] in args.models]
     variants = tuple(v for v in ALL_VARIANTS if v in args.variants or v == "plain")
     rows = run_models(args.device, E=args.ensemble_size, B=args.per_member, configs=configs, quick=args.quick,
-                      tiny=args.tiny, repeats=args.repeats, variants=variants, memory=not args.no_memory)
+                      tiny=args.tiny, repeats=args.repeats, variants=variants, memory=not args.no_memory,
+                      clock=args.clock)
     print(format_models_table(rows))
     for t in check_model_targets(rows, args.device):
         print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")

@@ -131,5 +131,9 @@ def test_time_interleaved_reports_every_candidate_and_checks_arguments():
     out = common.time_interleaved({"a": make("a"), "b": make("b")}, "cpu", repeats=3, warmup=2, inner=2)
     assert set(out) == {"a", "b"} and calls == {"a": 2 + 3 * 2, "b": 2 + 3 * 2}
     assert all(v["samples"] == 3 and v["ms"] >= 0 and v["min_ms"] <= v["ms"] for v in out.values())
+    cpu = common.time_interleaved({"a": make("a")}, "cpu", repeats=2, warmup=0, clock="cpu")
+    assert cpu["a"]["samples"] == 2 and calls["a"] == 2 + 3 * 2 + 2
     with pytest.raises(ValueError, match="repeats"):
         common.time_interleaved({"a": make("a")}, "cpu", repeats=0)
+    with pytest.raises(ValueError, match="clock"):
+        common.time_interleaved({"a": make("a")}, "cpu", clock="sundial")
