@@ -76,6 +76,7 @@ def _(x, weight, r, s, bias):
 def _batch_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tensor, bias_grad: bool, x_grad: bool,
                     weight_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r, s = r.contiguous(), s.contiguous()
+    grad = kernels.unit_inner_stride(grad)  # once here rather than in each launcher
     dx = kernels.rank1_linear_grad_input(grad, weight, r, s) if x_grad else _none(x)
     if weight_grads:
         dw, dr, ds = kernels.rank1_linear_grad_weight(grad, x, weight, r, s)
@@ -151,6 +152,7 @@ def _hyper_backward(grad: Tensor, x: Tensor, weight: Tensor, delta: Tensor, r: T
                     delta_bias_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                      Tensor, Tensor, Tensor]:
     r, s, u, v = r.contiguous(), s.contiguous(), u.contiguous(), v.contiguous()
+    grad, x, e1 = kernels.unit_inner_stride(grad), kernels.unit_inner_stride(x), kernels.unit_inner_stride(e1)
     E = r.shape[0]
     dx = kernels.rank1_linear_grad_input(grad, weight, r, s, delta, u, v, e1) if x_grad else _none(x)
     if weight_grads:
