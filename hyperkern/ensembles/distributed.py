@@ -170,9 +170,9 @@ class DistributedContext:
             if device.type != "cuda":
                 raise ValueError("sync_batchnorm needs CUDA (nn.SyncBatchNorm); this model is on "
                                  f"{device}")
-            nn.SyncBatchNorm.convert_sync_batchnorm(module, self.group)  # replaces the children in place
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise ValueError("sync_batchnorm: the model itself is a BatchNorm layer")
+            nn.SyncBatchNorm.convert_sync_batchnorm(module, self.group)  # replaces the children in place
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, process_group=self.group,
@@ -230,6 +230,8 @@ class DistributedContext:
         if ckpt is None:
             return None
         states = ckpt.get("torch_rng_per_rank")
+        if states is None and self.world_size == 1:  # a single-process checkpoint, resumed by one rank
+            return ckpt
         if states is None or len(states) != self.world_size:
             raise ValueError(f"{path}: checkpoint written by {len(states) if states is not None else 'a single'} "
                              f"process(es), this run has {self.world_size} ranks; resume with the same number of "

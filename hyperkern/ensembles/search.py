@@ -177,15 +177,15 @@ def run_trials(tasks: list[dict], shared: dict, executor, run_dir: RunDirectory 
 
     results, loaded = {}, []
     todo = []
-    checkpoints = run_dir is not None and executor.shares_filesystem()
     for task in tasks:
         if run_dir is not None and run_dir.has(task["trial_id"]):
             results[task["trial_id"]] = run_dir.load(task["trial_id"])
             loaded.append(task["trial_id"])
         else:
-            if checkpoints:
-                task = dict(task, checkpoint_path=run_dir.checkpoint_path(task["trial_id"]))
             todo.append(task)
+    shares_filesystem = getattr(executor, "shares_filesystem", lambda: True)
+    if run_dir is not None and todo and shares_filesystem():
+        todo = [dict(task, checkpoint_path=run_dir.checkpoint_path(task["trial_id"])) for task in todo]
     trained, failed = [], {}
     bar = progress_bar(total=len(tasks), initial=len(loaded), enabled=progress, desc=desc)
     try:
