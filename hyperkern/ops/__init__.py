@@ -5,12 +5,14 @@ from hyperkern import _backends
 from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d
 from hyperkern.ops.linear import batch_ensemble_linear, hyper_batch_ensemble_linear
 
-# The compiled backend's op registrations (fake kernels, autograd) are imported now, so that
-# dispatch inside torch.compile finds them in sys.modules. The triton backend modules import
-# triton and are loaded on first use (outside torch.compile, call an op once eagerly first).
-if _backends._CPP_ERROR is None:
+# The fused backends' op registrations (fake kernels, autograd) are imported now, so that dispatch
+# inside torch.compile finds them in sys.modules. Triton's are imported only where triton can run
+# (a visible GPU, or its interpreter), keeping `import hyperkern` light elsewhere.
+_triton_usable = any(_backends._triton_reason(device) is None for device in ("cuda", "cpu"))
+_ready = (["cpp"] if _backends._CPP_ERROR is None else []) + (["triton"] if _triton_usable else [])
+for _backend in _ready:
     for _family in ("linear", "conv"):
-        _importlib.import_module(f"hyperkern.ops._cpp_{_family}")
+        _importlib.import_module(f"hyperkern.ops._{_backend}_{_family}")
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d",
            "hyper_batch_ensemble_conv2d"]
