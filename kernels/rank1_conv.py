@@ -32,11 +32,15 @@ channel group), so the member's vectors are loaded once per tile and applied in 
       de1[n, o] += v_k[o] sum_(c,i,j) Delta u_k G_n.
   Atomic accumulation makes the float32 rounding order (not the math) vary from run to run.
 
-Kernels assume validated input (hyperkern.ops._validate.validate_conv2d): weight/delta and the small
-per-member vectors contiguous, x / grad / outputs with any strides. The bias gradients (sums of the
-gradient over pixels) are formed by the caller. fp64 inputs run the same kernels with float64
-accumulators and IEEE dots. `sm90_compile_specs()` lists every kernel x config x dtype for the static
-sm_90 compile check (bench/static_gpu_report.py).
+Kernels assume validated input (hyperkern.ops._validate.validate_conv2d): the small per-member
+vectors contiguous; x / grad / outputs with any strides; weight / delta of any layout (the launchers
+pass them in the layout each kernel reads along K: see _weight_layout). The bias gradients (sums of
+the gradient over pixels) are formed by the caller. Layouts: channels-last activations are the fast
+path (16-byte vector loads into cp.async pipelines); NCHW works through the same strided gathers
+(scalar loads). Precision: bf16 / fp16 and float32 as TF32 (or 3xTF32 when
+torch.backends.cudnn.allow_tf32 is off) on Hopper wgmma with fp32 accumulators; float64 with float64
+accumulators (DMMA). `sm90_compile_specs()` lists every kernel x config x dtype for the static sm_90
+compile check (bench/static_gpu_report.py).
 """
 from __future__ import annotations
 
@@ -58,12 +62,19 @@ __all__ = ["rank1_conv2d_forward", "rank1_conv2d_input_grad", "rank1_conv2d_weig
 # H100 (sm_90) opt-in shared memory per block, in bytes.
 SM90_MAX_SHARED = 232448
 
-# Tiles per kernel and op: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, precision classes it is
-# launched for). Classes: "16bit" (bf16 / fp16), "tf32", "tf32x3" (float32 with
-# torch.backends.cudnn.allow_tf32 off), "fp64". Every entry compiles for sm_90 without spills and with
-# HGMMA (DMMA for fp64) in its main loop (bench/static_gpu_report.py checks it: sm90_compile_specs()).
+# Tiles per kernel and op: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, classes it is launched
+# for). A class is the precision, "16bit" (bf16 / fp16), "tf32", "tf32x3" (float32 with
+# torch.backends.cudnn.allow_tf32 off) or "fp64", plus "/u" for unaligned launches: some channel
+# count or stride is not a multiple of 16 elements or a pointer not 16-byte aligned (the first layer's
+# 3 input channels, LeNet's 6). Unaligned loads are scalar gathers that need an address register each,
+# so those launches get smaller, shallower tiles (8 warps). Every entry compiles for sm_90 without
+# spills and with HGMMA (DMMA for fp64) in its main loop, in its worst specialisation: see
+# sm90_compile_specs() and bench/static_gpu_report.py.
 _ALL = ("16bit", "tf32", "tf32x3")
 _T16 = ("16bit", "tf32")  # not tf32x3: its split operands spill at these tiles
+_U_ALL = ("16bit/u", "tf32/u", "tf32x3/u")
+_U_T16 = ("16bit/u", "tf32/u")
+_FP64 = ("fp64", "fp64/u")
 _TILES = {
     ("forward", False): (
         (128, 128, 32, 8, 3, _ALL),
@@ -73,7 +84,9 @@ _TILES = {
         (64, 128, 32, 4, 4, _ALL),
         (64, 64, 64, 4, 4, _T16),
         (64, 64, 32, 4, 3, _ALL),
-        (64, 64, 16, 4, 2, ("fp64",)),
+        (128, 64, 32, 8, 2, _U_ALL),
+        (64, 64, 32, 8, 2, _U_ALL),
+        (32, 32, 16, 4, 2, _FP64),
     ),
     ("forward", True): (  # two accumulators, two weight tiles, x scaled twice
         (128, 64, 64, 8, 3, _T16),
@@ -82,7 +95,9 @@ _TILES = {
         (64, 64, 64, 8, 3, _T16),
         (64, 64, 32, 8, 4, _ALL),
         (64, 64, 32, 4, 3, _ALL),
-        (32, 32, 16, 4, 2, ("fp64",)),
+        (64, 64, 32, 8, 2, _U_ALL),
+        (64, 64, 16, 8, 2, _U_ALL),
+        (32, 32, 16, 4, 2, _FP64),
     ),
     ("input_grad", False): (
         (128, 128, 32, 8, 3, _ALL),
@@ -92,7 +107,9 @@ _TILES = {
         (64, 128, 32, 4, 4, _T16),
         (64, 64, 64, 4, 4, _T16),
         (64, 64, 32, 4, 3, _ALL),
-        (64, 64, 16, 4, 2, ("fp64",)),
+        (128, 64, 32, 8, 2, _U_ALL),
+        (64, 64, 32, 8, 2, _U_ALL),
+        (32, 32, 16, 4, 2, _FP64),
     ),
     ("input_grad", True): (
         (128, 128, 32, 8, 3, ("16bit",)),
@@ -102,7 +119,9 @@ _TILES = {
         (64, 64, 64, 8, 3, _T16),
         (64, 64, 32, 8, 4, _ALL),
         (64, 64, 32, 4, 3, _T16),
-        (32, 32, 16, 4, 2, ("fp64",)),
+        (64, 64, 32, 8, 2, _U_T16),
+        (64, 64, 16, 8, 2, _U_ALL),
+        (32, 32, 16, 4, 2, _FP64),
     ),
     ("weight_grad", False): (  # M = output channels, N = (c, i, j) columns, K = pixels
         (128, 128, 32, 8, 3, _ALL),
@@ -112,18 +131,23 @@ _TILES = {
         (64, 64, 64, 4, 4, _ALL),
         (64, 64, 64, 8, 3, _ALL),
         (64, 64, 32, 4, 3, _ALL),
-        (32, 32, 16, 4, 2, ("fp64",)),
+        (128, 64, 32, 8, 2, _U_ALL),
+        (64, 64, 32, 8, 2, _U_ALL),
+        (32, 32, 16, 4, 2, _FP64),
     ),
     ("weight_grad", True): (  # three [BM, BN] register tiles: the image's G_n, sum G_n, sum e1 G_n
         (128, 64, 64, 8, 3, ("16bit",)),
         (64, 128, 64, 8, 3, ("16bit",)),
         (64, 64, 64, 8, 3, _ALL),
         (64, 64, 32, 8, 4, _ALL),
-        (32, 32, 16, 4, 2, ("fp64",)),
+        (64, 64, 32, 8, 2, _U_T16),
+        (64, 64, 16, 8, 2, _U_T16),
+        (64, 64, 16, 8, 1, ("tf32x3/u",)),
+        (32, 32, 16, 4, 2, _FP64),
     ),
 }
 # the interpreter runs one small config (tl.dot needs blocks >= 16)
-_INTERPRETER_TILE = (16, 16, 16, 4, 1, ("16bit", "tf32", "tf32x3", "fp64"))
+_INTERPRETER_TILE = (16, 16, 16, 4, 1, _ALL + _U_ALL + _FP64)
 
 
 def _config(tile) -> triton.Config:
@@ -146,28 +170,38 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _precision_class(dtype: torch.dtype, precision: str) -> str:
+def _tile_class(dtype: torch.dtype, precision: str, aligned: bool) -> str:
     if dtype == torch.float64:
-        return "fp64"
-    if dtype == torch.float32:
-        return precision
-    return "16bit"
+        cls = "fp64"
+    elif dtype == torch.float32:
+        cls = precision
+    else:
+        cls = "16bit"
+    return cls if aligned else cls + "/u"
 
 
-def launchable_configs(kernel: str, hyper: bool, dtype: torch.dtype, precision: str | None = None) -> list:
+def launchable_configs(kernel: str, hyper: bool, dtype: torch.dtype, precision: str | None = None,
+                       aligned: bool = True) -> list:
     """The triton.Config objects the autotuner may launch for kernel ("forward", "input_grad",
-    "weight_grad"), op (hyper or not), input dtype and dot precision."""
-    cls = _precision_class(dtype, precision or _dot_precision(dtype))
+    "weight_grad"), op (hyper or not), input dtype, dot precision and alignment."""
+    cls = _tile_class(dtype, precision or _dot_precision(dtype), aligned)
     return [c for c, tile in _CONFIGS[(kernel, hyper)] if cls in tile[5]]
 
 
 def _pruner(kernel: str, hyper: bool, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
         keep = {id(c) for c in launchable_configs(kernel, hyper, named_args[tensor_arg].dtype,
-                                                  kwargs.get("DOT_PRECISION"))}
+                                                  kwargs.get("DOT_PRECISION"), kwargs.get("ALIGNED", True))}
         return [c for c in configs if id(c) in keep]
 
     return prune
+
+
+def _aligned(tensors, ints) -> bool:
+    """Whether a launch specialises like the aligned sm_90 specs: every pointer 16-byte aligned and
+    every channel count / stride a multiple of 16 (or 1, which Triton turns into a constant)."""
+    return (all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+            and all(i == 1 or i % 16 == 0 for i in ints))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +216,7 @@ def _rank1_conv2d_forward_kernel(
     KH, KW, SH, SW, PH, PW, DH, DW,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
     HYPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-    ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M pixels of one member, BLOCK_N output channels of one group] tile of y.
@@ -269,7 +303,7 @@ def _rank1_conv2d_input_grad_kernel(
     B, H, W, Ho, Wo, C_in, C_out, CG_IN, CG_OUT,
     KH, KW, SH, SW, PH, PW, DH, DW, STEP_H, STEP_W,
     sgn, sgc, sgh, sgw, swo, swc, swh, sww, sdn, sdc, sdh, sdw,
-    HYPER: tl.constexpr, ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HYPER: tl.constexpr, ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M input pixels of one member and stride phase, BLOCK_N input channels] tile of dx.
@@ -369,7 +403,7 @@ def _rank1_conv2d_weight_grad_kernel(
     PIXELS_PER_PROGRAM, SPLITS,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swc, swh, sww,
     HYPER: tl.constexpr, CHANNELS_FAST: tl.constexpr, ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """[BLOCK_M output channels, BLOCK_N (c, i, j) columns] of one member's weight gradient over the
     member's pixels [split * PIXELS_PER_PROGRAM, (split + 1) * PIXELS_PER_PROGRAM), reduced into
@@ -471,7 +505,7 @@ def _rank1_conv2d_weight_grad_kernel(
         tl.atomic_add(du_ptr + member * C_in + ci, tl.sum(g_d * v_k[:, None], axis=0), mask=col_ok, sem="relaxed")
 
 
-_TUNING_KEY = ["B", "H", "W", "Ho", "Wo", "CG_IN", "CG_OUT", "KH", "KW", "SH", "SW", "DOT_PRECISION"]
+_TUNING_KEY = ["B", "H", "W", "Ho", "Wo", "CG_IN", "CG_OUT", "KH", "KW", "SH", "SW", "DOT_PRECISION", "ALIGNED"]
 _WEIGHT_GRAD_OUTPUTS = ["dw_ptr", "dr_ptr", "ds_ptr", "dd_ptr", "du_ptr", "dv_ptr", "de1_ptr"]
 
 
@@ -552,15 +586,15 @@ def rank1_conv2d_forward(x, weight, r, s, bias, stride, padding, dilation, group
     def grid(meta):
         return (E * triton.cdiv(B * Ho * Wo, meta["BLOCK_M"]), triton.cdiv(C_out // groups, meta["BLOCK_N"]), groups)
 
+    tensors = (x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, out)
+    ints = (C_in, C_out, cg_in, C_out // groups, *x.stride(), *weight.stride(), *out.stride())
     kernel[grid](
-        x, weight, r, s, bias,
-        delta, u, v, e1, delta_bias, e2,
-        out,
+        *tensors,
         B, H, W, Ho, Wo, C_in, C_out, cg_in, C_out // groups,
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *out.stride(),
         HYPER=hyper, HAS_BIAS=bias is not None, HAS_DELTA_BIAS=delta_bias is not None,
-        ACC_FP64=x.dtype == torch.float64, DOT_PRECISION=_dot_precision(x.dtype),
+        ACC_FP64=x.dtype == torch.float64, DOT_PRECISION=_dot_precision(x.dtype), ALIGNED=_aligned(tensors, ints),
     )
     return out
 
@@ -586,14 +620,15 @@ def rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, group
     def grid(meta):
         return (E * triton.cdiv(largest_phase, meta["BLOCK_M"]), triton.cdiv(cg_in, meta["BLOCK_N"]), sh * sw * groups)
 
+    tensors = (grad, weight, r, s, delta, u, v, e1, dx)
+    ints = (C_in, C_out, cg_in, C_out // groups, *grad.stride(), *weight.stride(), *dx.stride())
     kernel[grid](
-        grad, weight, r, s,
-        delta, u, v, e1,
-        dx,
+        *tensors,
         B, H, W, Ho, Wo, C_in, C_out, cg_in, C_out // groups,
         kh, kw, sh, sw, padding[0], padding[1], dilation[0], dilation[1], step_h, step_w,
         *grad.stride(), *weight.stride(), *dx.stride(),
         HYPER=hyper, ACC_FP64=dx.dtype == torch.float64, DOT_PRECISION=_dot_precision(dx.dtype),
+        ALIGNED=_aligned(tensors, ints),
     )
     return dx
 
@@ -643,16 +678,17 @@ def rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, g
     def grid(meta):
         return (triton.cdiv(cg_out, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]), E * splits, groups)
 
+    tensors = (grad, x, weight, r, s, delta, u, v, e1, grads["weight"], grads["r"], grads["s"], grads.get("delta"),
+               grads.get("u"), grads.get("v"), grads.get("e1"))
+    ints = (C_in, C_out, cg_in, cg_out, *grad.stride(), *x.stride(), *weight.stride())
     kernel[grid](
-        grad, x, weight, r, s,
-        delta, u, v, e1,
-        grads["weight"], grads["r"], grads["s"], grads.get("delta"), grads.get("u"), grads.get("v"), grads.get("e1"),
+        *tensors,
         B, H, W, Ho, Wo, C_in, C_out, cg_in, cg_out,
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         per_program, splits,
         *grad.stride(), *x.stride(), *weight.stride(),
         HYPER=hyper, CHANNELS_FAST=_channels_fast(x), ACC_FP64=x.dtype == torch.float64,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), ALIGNED=_aligned(tensors, ints),
     )
     return grads
 
@@ -699,12 +735,15 @@ def sm90_signature(fn, pointer_dtypes: dict, unit_args=(), constexprs=None, not_
 
 def sm90_compile_specs() -> list:
     """Every kernel of this module at every config it can launch with on an H100, per input dtype
-    (bf16, fp16, fp32 as tf32 and as tf32x3, fp64), for the batch and the hyper op with all optional
-    terms on (bias, delta_bias/e2), channels-last specialisation (unit channel strides), stride /
-    padding / dilation as runtime ints. Keys: name, fn, signature, constexprs, attrs, num_warps,
-    num_stages, dtype, gemm, expect_hgmma, config."""
-    precisions = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"),
-                  (torch.float32, "tf32x3"), (torch.float64, "ieee"))
+    (bf16, fp32 as tf32 and as tf32x3, fp64; fp16 launches the bf16 configs with the same code and
+    register use, and is left out to keep the CI compile time down), for the batch and the hyper op with all optional
+    terms on (bias, delta_bias/e2), channels-last activations (unit channel strides, as the ops pass
+    them), stride / padding / dilation as runtime ints; aligned configs with 16-divisible channel
+    counts and strides and 16-byte aligned pointers, "/u" configs with no divisibility at all (their
+    worst case). Keys: name, fn, signature, constexprs, attrs, num_warps, num_stages, dtype, gemm,
+    expect_hgmma, config."""
+    precisions = ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                  (torch.float64, "ieee"))
     specs = []
     for dtype, precision in precisions:
         elem = _TRITON_DTYPE[dtype]
@@ -712,23 +751,31 @@ def sm90_compile_specs() -> list:
         dtype_name = elem if dtype != torch.float32 else f"fp32/{precision}"
         for kernel, fn in _KERNEL_FNS.items():
             for hyper in (False, True):
-                features = dict(HYPER=hyper, ACC_FP64=dtype == torch.float64, DOT_PRECISION=precision)
-                if kernel == "forward":
-                    features.update(HAS_BIAS=True, HAS_DELTA_BIAS=hyper)
-                if kernel == "weight_grad":
-                    features.update(CHANNELS_FAST=True)
-                if not hyper:
-                    features.update({a: None for a in _HYPER_ONLY_POINTERS if a in fn.arg_names})
-                pointers = {a: (acc if a in _ACCUMULATOR_POINTERS else elem)
-                            for a in fn.arg_names if a.endswith("_ptr") and a not in features}
-                for cfg in launchable_configs(kernel, hyper, dtype, precision):
-                    consts = dict(features, **cfg.kwargs)
-                    signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES[kernel], consts,
-                                                              _NOT_DIVISIBLE)
-                    kw = cfg.kwargs
-                    specs.append(dict(
-                        name=f"rank1_conv2d_{kernel}[{'hyper' if hyper else 'batch'}]", fn=fn, signature=signature,
-                        constexprs=consts, attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        dtype=dtype_name, gemm=True, expect_hgmma=dtype != torch.float64,
-                        config=f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"))
+                for aligned in (True, False):
+                    features = dict(HYPER=hyper, ACC_FP64=dtype == torch.float64, DOT_PRECISION=precision,
+                                    ALIGNED=aligned)
+                    if kernel == "forward":
+                        features.update(HAS_BIAS=True, HAS_DELTA_BIAS=hyper)
+                    if kernel == "weight_grad":
+                        features.update(CHANNELS_FAST=True)
+                    if not hyper:
+                        features.update({a: None for a in _HYPER_ONLY_POINTERS if a in fn.arg_names})
+                    pointers = {a: (acc if a in _ACCUMULATOR_POINTERS else elem)
+                                for a in fn.arg_names if a.endswith("_ptr") and a not in features}
+                    cls = _tile_class(dtype, precision, aligned)
+                    for cfg in (_config(t) for t in _TILES[(kernel, hyper)] if cls in t[5]):  # GPU tables
+                        consts = dict(features, **cfg.kwargs)
+                        not_divisible = _NOT_DIVISIBLE if aligned else tuple(fn.arg_names)
+                        signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES[kernel], consts,
+                                                                  not_divisible)
+                        if not aligned:
+                            attrs = {}  # no pointer alignment either
+                        kw = cfg.kwargs
+                        specs.append(dict(
+                            name=f"rank1_conv2d_{kernel}[{'hyper' if hyper else 'batch'}]", fn=fn,
+                            signature=signature, constexprs=consts, attrs=attrs, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages, dtype=dtype_name + ("" if aligned else " unaligned"),
+                            gemm=True, expect_hgmma=dtype != torch.float64,
+                            config=f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
+                                   f"s{cfg.num_stages}"))
     return specs

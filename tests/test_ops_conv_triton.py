@@ -82,10 +82,11 @@ BATCH_CASES = [
 def test_batch_ensemble_conv2d_triton_matches_member_loop(E, B, cin, cout, hw, k, stride, padding, dilation,
                                                           groups, channels_last, bias, needs):
     args = _batch_args(E, B, cin, cout, hw, k, groups, bias, channels_last)
-    y, _ = _check_against_reference(hyperkern.ops.batch_ensemble_conv2d, ref.batch_ensemble_conv2d_reference,
-                                    args, (stride, padding, dilation, groups), needs)
-    # the output keeps the input's memory format, as F.conv2d does
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y, grads = _check_against_reference(hyperkern.ops.batch_ensemble_conv2d, ref.batch_ensemble_conv2d_reference,
+                                        args, (stride, padding, dilation, groups), needs)
+    # the output and dx keep the input's memory format, as F.conv2d does (the kernels run channels-last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout) and grads[0].is_contiguous(memory_format=layout)
 
 
 NO_X = [False] + [True] * 10  # only the weight-gradient kernel (and the bias sums) run

@@ -4,8 +4,10 @@ members in one launch per pass).
 
 x is member-major: (E*B, C_in, H, W), images k*B .. (k+1)*B-1 belong to member k, E = r.shape[0].
 Inputs arrive validated from hyperkern.ops.conv (shapes, dtypes, devices; stride/padding/dilation as
-int pairs). NCHW and channels-last inputs both work (any strides); the output, like F.conv2d's, is
-channels-last when x is.
+int pairs). Any layout works; the output (and dx), like F.conv2d's, is channels-last exactly when x
+is. The kernels run on channels-last activations: x and the output gradient in another layout are
+copied to channels-last at the op boundary and the results copied back, so a network kept in
+torch.channels_last (model.to(memory_format=torch.channels_last)) runs without any copy.
 
 Ops (namespace "hyperkern"), each with a fake impl for torch.compile:
   batch_ensemble_conv2d_triton(x, weight, r, s, bias?, stride, padding, dilation, groups)
@@ -50,9 +52,21 @@ def _output_shape(x: Tensor, weight: Tensor, stride, padding, dilation):
     return (x.shape[0], weight.shape[0], ho, wo)
 
 
-def _empty_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+def _empty_output(x: Tensor, weight: Tensor, stride, padding, dilation, memory_format=None) -> Tensor:
     return torch.empty(_output_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
-                       memory_format=_memory_format(x))
+                       memory_format=memory_format or _memory_format(x))
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """The kernels read and write activations channels-last (NHWC): the layout in which their tiles
+    are contiguous 16-byte vectors (the layout tensor-core convolutions want; cuDNN too). Other
+    layouts are copied at the op boundary; channels-last tensors pass through untouched."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _like_input(result: Tensor, x: Tensor) -> Tensor:
+    """A channels-last kernel result in x's memory format (a copy only when x is not channels-last)."""
+    return result.contiguous(memory_format=_memory_format(x))
 
 
 def _device_guard(t: Tensor):
@@ -85,11 +99,11 @@ def _channel_sums(grad: Tensor) -> Tensor:
 def _batch_ensemble_conv2d_op(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, bias: Optional[Tensor],
                               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                               groups: int) -> Tensor:
-    out = _empty_output(x, weight, stride, padding, dilation)
+    out = _empty_output(x, weight, stride, padding, dilation, torch.channels_last)
     with _device_guard(x):
-        _kernels.rank1_conv2d_forward(x, weight, r.contiguous(), s.contiguous(), _c(bias),
+        _kernels.rank1_conv2d_forward(_channels_last(x), weight, r.contiguous(), s.contiguous(), _c(bias),
                                       stride, padding, dilation, groups, out)
-    return out
+    return _like_input(out, x)
 
 
 @_batch_ensemble_conv2d_op.register_fake
@@ -106,12 +120,15 @@ def _batch_ensemble_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, 
     r, s = r.contiguous(), s.contiguous()
     E = r.shape[0]
     dx, dw, dr, ds, db = (_nothing(x) for _ in range(5))
+    grad_cl = _channels_last(grad) if input_grad or weight_grads else grad
     with _device_guard(x):
         if input_grad:
-            dx = torch.empty_like(x, memory_format=_memory_format(x))
-            _kernels.rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, groups, dx)
+            dx = torch.empty_like(x, memory_format=torch.channels_last)
+            _kernels.rank1_conv2d_input_grad(grad_cl, weight, r, s, stride, padding, dilation, groups, dx)
+            dx = _like_input(dx, x)
         if weight_grads:
-            grads = _kernels.rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, groups)
+            grads = _kernels.rank1_conv2d_weight_grad(grad_cl, _channels_last(x), weight, r, s, stride, padding,
+                                                      dilation, groups)
             dw, dr, ds = (_as_input(grads[name], t) for name, t in (("weight", weight), ("r", r), ("s", s)))
     if has_bias:
         db = _channel_sums(grad).view(E, -1, grad.shape[1]).sum(1).to(s.dtype)
@@ -157,13 +174,13 @@ def _hyper_batch_ensemble_conv2d_op(x: Tensor, weight: Tensor, delta: Tensor, r:
                                     v: Tensor, e1: Tensor, bias: Optional[Tensor], delta_bias: Optional[Tensor],
                                     e2: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                                     dilation: Sequence[int], groups: int) -> Tensor:
-    out = _empty_output(x, weight, stride, padding, dilation)
+    out = _empty_output(x, weight, stride, padding, dilation, torch.channels_last)
     with _device_guard(x):
-        _kernels.rank1_conv2d_forward(x, weight, r.contiguous(), s.contiguous(), _c(bias),
+        _kernels.rank1_conv2d_forward(_channels_last(x), weight, r.contiguous(), s.contiguous(), _c(bias),
                                       stride, padding, dilation, groups, out,
                                       delta=delta, u=u.contiguous(), v=v.contiguous(),
                                       e1=e1.contiguous(), delta_bias=_c(delta_bias), e2=_c(e2))
-    return out
+    return _like_input(out, x)
 
 
 @_hyper_batch_ensemble_conv2d_op.register_fake
@@ -183,14 +200,16 @@ def _hyper_batch_ensemble_conv2d_backward_op(
     r, s, u, v, e1 = (t.contiguous() for t in (r, s, u, v, e1))
     E = r.shape[0]
     dx, dw, dd, dr, ds, du, dv, de1, db, ddb, de2 = (_nothing(x) for _ in range(11))
+    grad_cl = _channels_last(grad) if input_grad or weight_grads else grad
     with _device_guard(x):
         if input_grad:
-            dx = torch.empty_like(x, memory_format=_memory_format(x))
-            _kernels.rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, groups, dx,
+            dx = torch.empty_like(x, memory_format=torch.channels_last)
+            _kernels.rank1_conv2d_input_grad(grad_cl, weight, r, s, stride, padding, dilation, groups, dx,
                                              delta=delta, u=u, v=v, e1=e1)
+            dx = _like_input(dx, x)
         if weight_grads:
-            grads = _kernels.rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, groups,
-                                                      delta=delta, u=u, v=v, e1=e1)
+            grads = _kernels.rank1_conv2d_weight_grad(grad_cl, _channels_last(x), weight, r, s, stride, padding,
+                                                      dilation, groups, delta=delta, u=u, v=v, e1=e1)
             dw, dd, dr, ds, du, dv, de1 = (_as_input(grads[name], t) for name, t in (
                 ("weight", weight), ("delta", delta), ("r", r), ("s", s), ("u", u), ("v", v), ("e1", e1)))
     if has_bias or delta_bias is not None:
