@@ -28,9 +28,10 @@
 //   du_k = colsum(x * ((g * v_k * e1) @ D))                      fused into the dx epilogue
 // and the W side is the BatchEnsemble one (G_k, weight pass).
 //
-// bfloat16 / float16: every elementwise pass computes in float; GEMM inputs are rounded to the
-// storage dtype (MKL/oneDNN accumulate them in float); the weight-gradient reductions (G_k, dW,
-// ds, dr) run entirely in float on float copies of g and x. float64 stays float64 throughout.
+// bfloat16 / float16: every elementwise pass and reduction computes in float; GEMM inputs are
+// rounded to the storage dtype and MKL/oneDNN accumulate them in float (G_k of a bfloat16 backward
+// is a bfloat16 GEMM result; float16 G_k are computed in float, CPU float16 GEMMs being slow).
+// float64 stays float64 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,7 +39,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../rank1_linear.h"
@@ -66,14 +70,41 @@ constexpr int64_t kWeightGradBufferBytes = int64_t(4) << 20;
 
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(width, 1)); }
 
+// Loads widen to the compute type and stores narrow from it. bfloat16 converts with plain integer
+// ops (round to nearest even, NaN kept quiet: the same result as c10::BFloat16(float)) so the
+// loops vectorise; the other dtypes use their usual conversions.
+template <typename T>
+HYPERKERN_INLINE at::opmath_type<T> widen(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+template <>
+HYPERKERN_INLINE float widen<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+template <typename T>
+HYPERKERN_INLINE T narrow_to(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+HYPERKERN_INLINE c10::BFloat16 narrow_to<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 // ------------------------------------------------------------------------------------------------
 // Row kernels: each processes rows [i0, i1) of a member-major (E*B, D) array. The *_body templates
 // hold the loops; HYPERKERN_ROW_KERNEL makes `name(args, i0, i1)` with float and double overloads
 // compiled for AVX-512 / AVX2 / baseline (function multiversioning) and a template overload for
-// float16 / bfloat16 (computed in float, baseline ISA).
+// float16 (computed in float, baseline ISA); bfloat16 also gets cloned overloads.
 #define HYPERKERN_ROW_KERNEL(name, Args)                                                                  \
   HYPERKERN_CPU_CLONES void name(const Args<float>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
   HYPERKERN_CPU_CLONES void name(const Args<double>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
+  HYPERKERN_CPU_CLONES void name(const Args<c10::BFloat16>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
   template <typename T>                                                                                  \
   void name(const Args<T>& a, int64_t i0, int64_t i1) {                                                  \
     name##_body(a, i0, i1);                                                                              \
@@ -89,13 +120,12 @@ struct ScaleRowsArgs {
 };
 template <typename scalar_t>
 HYPERKERN_INLINE void scale_rows_body(const ScaleRowsArgs<scalar_t>& a, int64_t i0, int64_t i1) {
-  using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = i0; i < i1; ++i) {
     const scalar_t* sc = a.scale + (i / a.B) * a.D;
     const scalar_t* in = a.in + i * a.D;
     scalar_t* out = a.out + i * a.D;
 #pragma omp simd
-    for (int64_t j = 0; j < a.D; ++j) out[j] = static_cast<scalar_t>(opmath_t(in[j]) * opmath_t(sc[j]));
+    for (int64_t j = 0; j < a.D; ++j) out[j] = narrow_to<scalar_t>(widen(in[j]) * widen(sc[j]));
   }
 }
 HYPERKERN_ROW_KERNEL(scale_rows, ScaleRowsArgs)
@@ -111,17 +141,16 @@ struct BatchEnsembleEpilogueArgs {
 template <typename scalar_t>
 HYPERKERN_INLINE void batch_ensemble_epilogue_body(const BatchEnsembleEpilogueArgs<scalar_t>& a, int64_t i0,
                                                    int64_t i1) {
-  using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = i0; i < i1; ++i) {
     scalar_t* y = a.y + i * a.D;
     const scalar_t* s = a.s + (i / a.B) * a.D;
     if (a.bias != nullptr) {
       const scalar_t* b = a.bias + (i / a.B) * a.D;
 #pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j) y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]) + opmath_t(b[j]));
+      for (int64_t j = 0; j < a.D; ++j) y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(b[j]));
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j) y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]));
+      for (int64_t j = 0; j < a.D; ++j) y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]));
     }
   }
 }
@@ -136,7 +165,6 @@ struct HyperEpilogueArgs {
 };
 template <typename scalar_t>
 HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t>& a, int64_t i0, int64_t i1) {
-  using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = i * a.D, mem = (i / a.B) * a.D;
     scalar_t* y = a.y + row;
@@ -147,22 +175,22 @@ HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t>& a, 
     if (b != nullptr && db != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < a.D; ++j)
-        y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]) + opmath_t(v[j]) * opmath_t(e1[j]) * opmath_t(h[j]) +
-                                     opmath_t(b[j]) + opmath_t(db[j]) * opmath_t(e2[j]));
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(b[j]) + widen(db[j]) * widen(e2[j]));
     } else if (b != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < a.D; ++j)
-        y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]) + opmath_t(v[j]) * opmath_t(e1[j]) * opmath_t(h[j]) +
-                                     opmath_t(b[j]));
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(b[j]));
     } else if (db != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < a.D; ++j)
-        y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]) + opmath_t(v[j]) * opmath_t(e1[j]) * opmath_t(h[j]) +
-                                     opmath_t(db[j]) * opmath_t(e2[j]));
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(db[j]) * widen(e2[j]));
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < a.D; ++j)
-        y[j] = static_cast<scalar_t>(opmath_t(y[j]) * opmath_t(s[j]) + opmath_t(v[j]) * opmath_t(e1[j]) * opmath_t(h[j]));
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]));
     }
   }
 }
@@ -227,6 +255,7 @@ struct MemberTiling {
 #define HYPERKERN_TASK_KERNEL(name, Args)                                                                        \
   HYPERKERN_CPU_CLONES void name(const Args<float>& a, const MemberTiling::Task& t) { name##_body(a, t); }       \
   HYPERKERN_CPU_CLONES void name(const Args<double>& a, const MemberTiling::Task& t) { name##_body(a, t); }      \
+  HYPERKERN_CPU_CLONES void name(const Args<c10::BFloat16>& a, const MemberTiling::Task& t) { name##_body(a, t); } \
   template <typename T>                                                                                         \
   void name(const Args<T>& a, const MemberTiling::Task& t) {                                                    \
     name##_body(a, t);                                                                                          \
@@ -253,11 +282,11 @@ HYPERKERN_INLINE void batch_ensemble_grad_body(const BatchEnsembleGradArgs<scala
     if (a.g_scaled != nullptr) {
       scalar_t* out = a.g_scaled + i * a.D + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) out[j] = static_cast<scalar_t>(opmath_t(g[j]) * opmath_t(sk[j]));
+      for (int64_t j = 0; j < width; ++j) out[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
     }
     if (db != nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) db[j] += opmath_t(g[j]);
+      for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
     }
   }
 }
@@ -287,28 +316,28 @@ HYPERKERN_INLINE void hyper_grad_body(const HyperGradArgs<scalar_t>& a, const Me
     scalar_t *g_ve = a.g_ve + row, *de1 = a.grad_e1 + row;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const opmath_t gv = opmath_t(g[j]), e1v = opmath_t(e1[j]), hv = opmath_t(h[j]), vv = opmath_t(vk[j]);
-      g_ve[j] = static_cast<scalar_t>(gv * vv * e1v);
-      de1[j] = static_cast<scalar_t>(gv * vv * hv);
+      const opmath_t gv = widen(g[j]), e1v = widen(e1[j]), hv = widen(h[j]), vv = widen(vk[j]);
+      g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
+      de1[j] = narrow_to<scalar_t>(gv * vv * hv);
       dv[j] += gv * e1v * hv;
     }
     if (a.g_s != nullptr) {
       scalar_t* g_s = a.g_s + row;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) g_s[j] = static_cast<scalar_t>(opmath_t(g[j]) * opmath_t(sk[j]));
+      for (int64_t j = 0; j < width; ++j) g_s[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
     }
     if (db != nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) db[j] += opmath_t(g[j]);
+      for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
     }
     if (ddb != nullptr) {
       const scalar_t *dbk = a.delta_bias + mem, *e2 = a.e2 + row;
       scalar_t* de2 = a.grad_e2 + row;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const opmath_t gv = opmath_t(g[j]);
-        de2[j] = static_cast<scalar_t>(gv * opmath_t(dbk[j]));
-        ddb[j] += gv * opmath_t(e2[j]);
+        const opmath_t gv = widen(g[j]);
+        de2[j] = narrow_to<scalar_t>(gv * widen(dbk[j]));
+        ddb[j] += gv * widen(e2[j]);
       }
     }
   }
@@ -338,13 +367,13 @@ HYPERKERN_INLINE void hyper_dx_body(const HyperDxArgs<scalar_t>& a, const Member
       scalar_t* dx = a.dx + row;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j)
-        dx[j] = static_cast<scalar_t>(opmath_t(rk[j]) * opmath_t(dx[j]) + opmath_t(uk[j]) * opmath_t(bd[j]));
+        dx[j] = narrow_to<scalar_t>(widen(rk[j]) * widen(dx[j]) + widen(uk[j]) * widen(bd[j]));
     }
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const opmath_t xv = opmath_t(x[j]);
-      du[j] += xv * opmath_t(bd[j]);
-      bd[j] = static_cast<scalar_t>(xv * opmath_t(uk[j]));
+      const opmath_t xv = widen(x[j]);
+      du[j] += xv * widen(bd[j]);
+      bd[j] = narrow_to<scalar_t>(xv * widen(uk[j]));
     }
   }
 }
@@ -356,9 +385,9 @@ HYPERKERN_TASK_KERNEL(hyper_dx, HyperDxArgs)
 // per four rows; a thread's rows o0 .. o1-1 add into its own dr partial drp (E, in).
 // FIRST (the first member written into dW) stores dW instead of adding to it: a compile-time
 // branch, so the loop has no data-dependent select and vectorises.
-template <typename acc_t, int R, bool FIRST>
-HYPERKERN_INLINE void weight_pass_row_loop(const acc_t* __restrict__ g0, const acc_t* __restrict__ g1,
-                                           const acc_t* __restrict__ g2, const acc_t* __restrict__ g3,
+template <typename acc_t, typename g_t, int R, bool FIRST>
+HYPERKERN_INLINE void weight_pass_row_loop(const g_t* __restrict__ g0, const g_t* __restrict__ g1,
+                                           const g_t* __restrict__ g2, const g_t* __restrict__ g3,
                                            const acc_t* __restrict__ w0, const acc_t* __restrict__ w1,
                                            const acc_t* __restrict__ w2, const acc_t* __restrict__ w3,
                                            acc_t* __restrict__ dw0, acc_t* __restrict__ dw1, acc_t* __restrict__ dw2,
@@ -369,24 +398,26 @@ HYPERKERN_INLINE void weight_pass_row_loop(const acc_t* __restrict__ g0, const a
 #pragma omp simd reduction(+ : rs0, rs1, rs2, rs3)
   for (int64_t j = 0; j < I; ++j) {
     const acc_t rj = rk[j];
-    const acc_t gw0 = g0[j] * w0[j];
+    const acc_t G0 = widen(g0[j]);
+    const acc_t gw0 = G0 * w0[j];
     if (FIRST) {
-      dw0[j] = (s0 * rj) * g0[j];
+      dw0[j] = (s0 * rj) * G0;
     } else {
-      dw0[j] += (s0 * rj) * g0[j];
+      dw0[j] += (s0 * rj) * G0;
     }
     rs0 += gw0 * rj;
     acc_t dr = drk[j] + gw0 * s0;
     if (R == 4) {
-      const acc_t gw1 = g1[j] * w1[j], gw2 = g2[j] * w2[j], gw3 = g3[j] * w3[j];
+      const acc_t G1 = widen(g1[j]), G2 = widen(g2[j]), G3 = widen(g3[j]);
+      const acc_t gw1 = G1 * w1[j], gw2 = G2 * w2[j], gw3 = G3 * w3[j];
       if (FIRST) {
-        dw1[j] = (s1 * rj) * g1[j];
-        dw2[j] = (s2 * rj) * g2[j];
-        dw3[j] = (s3 * rj) * g3[j];
+        dw1[j] = (s1 * rj) * G1;
+        dw2[j] = (s2 * rj) * G2;
+        dw3[j] = (s3 * rj) * G3;
       } else {
-        dw1[j] += (s1 * rj) * g1[j];
-        dw2[j] += (s2 * rj) * g2[j];
-        dw3[j] += (s3 * rj) * g3[j];
+        dw1[j] += (s1 * rj) * G1;
+        dw2[j] += (s2 * rj) * G2;
+        dw3[j] += (s3 * rj) * G3;
       }
       rs1 += gw1 * rj;
       rs2 += gw2 * rj;
@@ -403,8 +434,8 @@ HYPERKERN_INLINE void weight_pass_row_loop(const acc_t* __restrict__ g0, const a
   }
 }
 
-template <typename acc_t, int R>
-HYPERKERN_INLINE void weight_pass_row_group(const acc_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
+template <typename acc_t, typename g_t, int R>
+HYPERKERN_INLINE void weight_pass_row_group(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
                                             acc_t* ds, acc_t* drp, int64_t E, int64_t O, int64_t I, int64_t o,
                                             bool accumulate) {
   static_assert(R == 1 || R == 4, "row groups are 1 or 4 rows");
@@ -413,14 +444,14 @@ HYPERKERN_INLINE void weight_pass_row_group(const acc_t* G, const acc_t* W, cons
   const acc_t* w0 = W + o * I;
   acc_t* dw0 = dW + o * I;
   for (int64_t k = 0; k < E; ++k) {
-    const acc_t* g0 = G + (k * O + o) * I;
+    const g_t* g0 = G + (k * O + o) * I;
     acc_t row_sums[4];
     if (k == 0 && !accumulate) {
-      weight_pass_row_loop<acc_t, R, true>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
+      weight_pass_row_loop<acc_t, g_t, R, true>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
                                            row(w0, 2), row(w0, 3), row(dw0, 0), row(dw0, 1), row(dw0, 2), row(dw0, 3),
                                            r + k * I, drp + k * I, s + k * O + o, row_sums, I);
     } else {
-      weight_pass_row_loop<acc_t, R, false>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
+      weight_pass_row_loop<acc_t, g_t, R, false>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
                                             row(w0, 2), row(w0, 3), row(dw0, 0), row(dw0, 1), row(dw0, 2), row(dw0, 3),
                                             r + k * I, drp + k * I, s + k * O + o, row_sums, I);
     }
@@ -428,13 +459,13 @@ HYPERKERN_INLINE void weight_pass_row_group(const acc_t* G, const acc_t* W, cons
   }
 }
 
-template <typename acc_t>
-HYPERKERN_INLINE void weight_pass_rows_body(const acc_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
+template <typename acc_t, typename g_t>
+HYPERKERN_INLINE void weight_pass_rows_body(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
                                             acc_t* ds, acc_t* drp, int64_t E, int64_t O, int64_t I, int64_t o0,
                                             int64_t o1, bool accumulate) {
   int64_t o = o0;
-  for (; o + 4 <= o1; o += 4) weight_pass_row_group<acc_t, 4>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
-  for (; o < o1; ++o) weight_pass_row_group<acc_t, 1>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
+  for (; o + 4 <= o1; o += 4) weight_pass_row_group<acc_t, g_t, 4>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
+  for (; o < o1; ++o) weight_pass_row_group<acc_t, g_t, 1>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
 }
 
 // One function per dtype, compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
@@ -442,18 +473,25 @@ HYPERKERN_INLINE void weight_pass_rows_body(const acc_t* G, const acc_t* W, cons
 HYPERKERN_CPU_CLONES void weight_pass_rows(const float* G, const float* W, const float* r, const float* s, float* dW,
                                            float* ds, float* drp, int64_t E, int64_t O, int64_t I, int64_t o0,
                                            int64_t o1, bool accumulate) {
-  weight_pass_rows_body<float>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+  weight_pass_rows_body<float, float>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
 }
 HYPERKERN_CPU_CLONES void weight_pass_rows(const double* G, const double* W, const double* r, const double* s,
                                            double* dW, double* ds, double* drp, int64_t E, int64_t O, int64_t I,
                                            int64_t o0, int64_t o1, bool accumulate) {
-  weight_pass_rows_body<double>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+  weight_pass_rows_body<double, double>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+}
+// bfloat16 training: G_k comes from a bfloat16 GEMM (float accumulation, bfloat16 result), the
+// rest of the pass runs in float.
+HYPERKERN_CPU_CLONES void weight_pass_rows(const c10::BFloat16* G, const float* W, const float* r, const float* s,
+                                           float* dW, float* ds, float* drp, int64_t E, int64_t O, int64_t I,
+                                           int64_t o0, int64_t o1, bool accumulate) {
+  weight_pass_rows_body<float, c10::BFloat16>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
 }
 
 // Runs the pass for members k0 .. k0+kn-1 whose G_k are in G (kn, O, I); dW is overwritten when
 // k0 == 0 and accumulated into otherwise; dr_partial (blocks, E, I) collects the per-block dr sums.
-template <typename acc_t>
-void rank1_weight_grad_pass(const acc_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW, acc_t* ds,
+template <typename acc_t, typename g_t>
+void rank1_weight_grad_pass(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW, acc_t* ds,
                             std::vector<acc_t>& dr_partial, int64_t blocks, int64_t E, int64_t k0, int64_t kn,
                             int64_t O, int64_t I) {
   const int64_t rows_per_block = blocks == 1 ? O : ((O + blocks - 1) / blocks + 3) / 4 * 4;
@@ -485,24 +523,32 @@ std::tuple<Tensor, Tensor, Tensor> rank1_weight_grads(const Tensor& g, const Ten
                                                      const Tensor& r, const Tensor& s, const Dims& d) {
   const auto dtype = x.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
-  auto widen = [&](const Tensor& t) { return t.scalar_type() == acc_dtype ? t : t.to(acc_dtype); };
-  const Tensor g_acc = widen(g), x_acc = widen(x), w_acc = widen(weight), r_acc = widen(r), s_acc = widen(s);
+  // The G_k GEMMs: float / double natively; bfloat16 natively too (MKL/oneDNN accumulate in float,
+  // G_k is rounded once to bfloat16, like any bfloat16 at::mm); float16 on float copies (CPU float16
+  // GEMMs are slow and round the same way).
+  const auto gemm_dtype = dtype == at::kBFloat16 ? dtype : acc_dtype;
+  auto as = [](const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); };
+  const Tensor g_gemm = as(g, gemm_dtype), x_gemm = as(x, gemm_dtype);
+  const Tensor w_acc = as(weight, acc_dtype), r_acc = as(r, acc_dtype), s_acc = as(s, acc_dtype);
   const auto acc_opts = x.options().dtype(acc_dtype);
   Tensor dW = at::empty({d.out, d.in}, acc_opts);
   Tensor ds = at::empty({d.E, d.out}, acc_opts);
   Tensor dr = at::empty({d.E, d.in}, acc_opts);
   // Members go in groups whose G_k fit a cache-sized buffer, so the weight pass reads G_k from
-  // cache right after the GEMM wrote it (and the buffer is E times smaller than all G_k).
+  // cache soon after the GEMM wrote it (and the buffer is up to E times smaller than all G_k).
   const int64_t weight_elems = std::max<int64_t>(1, d.out * d.in);
   const int64_t group = std::max<int64_t>(
-      1, std::min<int64_t>(d.E, kWeightGradBufferBytes / (weight_elems * int64_t(c10::elementSize(acc_dtype)))));
-  Tensor G = at::empty({group, d.out, d.in}, acc_opts);
-  const Tensor g3 = g_acc.view({d.E, d.B, d.out}), x3 = x_acc.view({d.E, d.B, d.in});
+      1, std::min<int64_t>(d.E, kWeightGradBufferBytes / (weight_elems * int64_t(c10::elementSize(gemm_dtype)))));
+  Tensor G = at::empty({group, d.out, d.in}, x.options().dtype(gemm_dtype));
+  const Tensor g3 = g_gemm.view({d.E, d.B, d.out}), x3 = x_gemm.view({d.E, d.B, d.in});
   const int64_t threads = at::get_num_threads();
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>(d.out / 4, d.out * d.in * group >= 4 * kElementGrain ? threads : 1));
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "rank1_weight_grad_pass", [&] {
-    std::vector<scalar_t> dr_partial(static_cast<size_t>(blocks * d.E * d.in), scalar_t(0));
+  // G_k GEMMs for member groups, each followed by the weight pass over its G_k.
+  auto run = [&](auto acc_tag, auto g_tag) {
+    using acc_t = decltype(acc_tag);
+    using g_t = decltype(g_tag);
+    std::vector<acc_t> dr_partial(static_cast<size_t>(blocks * d.E * d.in), acc_t(0));
     for (int64_t k0 = 0; k0 < d.E; k0 += group) {
       const int64_t kn = std::min(group, d.E - k0);
       Tensor Gk = G.narrow(0, 0, kn);
@@ -511,13 +557,19 @@ std::tuple<Tensor, Tensor, Tensor> rank1_weight_grads(const Tensor& g, const Ten
       } else {
         Gk.zero_();
       }
-      rank1_weight_grad_pass<scalar_t>(Gk.const_data_ptr<scalar_t>(), w_acc.const_data_ptr<scalar_t>(),
-                                       r_acc.const_data_ptr<scalar_t>(), s_acc.const_data_ptr<scalar_t>(),
-                                       dW.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), dr_partial, blocks, d.E, k0,
-                                       kn, d.out, d.in);
+      rank1_weight_grad_pass<acc_t>(Gk.const_data_ptr<g_t>(), w_acc.const_data_ptr<acc_t>(),
+                                    r_acc.const_data_ptr<acc_t>(), s_acc.const_data_ptr<acc_t>(), dW.data_ptr<acc_t>(),
+                                    ds.data_ptr<acc_t>(), dr_partial, blocks, d.E, k0, kn, d.out, d.in);
     }
-    sum_dr_partials<scalar_t>(dr_partial, dr.data_ptr<scalar_t>(), blocks, d.E, d.in);
-  });
+    sum_dr_partials<acc_t>(dr_partial, dr.data_ptr<acc_t>(), blocks, d.E, d.in);
+  };
+  if (gemm_dtype == at::kBFloat16) {
+    run(float(), c10::BFloat16());
+  } else if (acc_dtype == at::kDouble) {
+    run(double(), double());
+  } else {
+    run(float(), float());
+  }
   if (acc_dtype != dtype) return {dW.to(dtype), ds.to(dtype), dr.to(dtype)};
   return {dW, ds, dr};
 }
