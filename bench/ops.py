@@ -11,7 +11,9 @@ torch.autograd.grad for every input) it times:
   torch        hyperkern.ops.* with backend="torch" (the plain composition)
   torch.compile  torch.compile of that composition
   tabm         a TabM-style layer: (x * r) broadcast over a (E, B, in) view, GEMM, * s, + b
-  cpp          hyperkern.ops.* with backend="cpp" (the compiled extension)
+  cpp          hyperkern.ops.* with backend="cpp" (the compiled extension), input validation included
+  cpp-kernel   the same C++ op called through hyperkern.ops._cpp_linear, without the public API's
+               Python validation (shows what the validation itself costs)
   triton       hyperkern.ops.* with backend="triton" (CUDA tensors only)
 and prints the median time in ms and its ratio to the floor. Rows are member-major (rows
 k*B .. (k+1)*B-1 belong to member k). Variants are interleaved round by round so load changes on
@@ -104,12 +106,22 @@ def _variants(op: str, device: torch.device, compile_: bool) -> dict:
     if compile_:
         out["torch.compile"] = torch.compile(functools.partial(public, backend="torch"), dynamic=False)
     out["tabm"] = _tabm_batch_ensemble if op == "batch_ensemble_linear" else _tabm_hyper
-    available = hyperkern.available_backends(device.type)
-    if "cpp" in available:
+    status = _backend_status(device.type, op)
+    if status.get("cpp") is None:
+        from hyperkern.ops import _cpp_linear
+
         out["cpp"] = functools.partial(public, backend="cpp")
-    if device.type == "cuda" and "triton" in available:
+        out["cpp-kernel"] = getattr(_cpp_linear, op)
+    if device.type == "cuda" and status.get("triton") is None:
         out["triton"] = functools.partial(public, backend="triton")
     return out
+
+
+def _backend_status(device_type: str, op: str) -> dict:
+    try:  # per-op availability (hyperkern.backend_status(device_type, op))
+        return hyperkern.backend_status(device_type, op)
+    except TypeError:  # an install whose backend_status takes only the device type
+        return hyperkern.backend_status(device_type)
 
 
 def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats: int = 15, inner: int = 3,
@@ -157,7 +169,7 @@ def describe_machine(device: torch.device, dtype) -> str:
         except (OSError, StopIteration):
             pass
     return (f"device: {device.type} ({where}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
-            f"dtype: {str(dtype).replace('torch.', '')}, backends: {hyperkern.available_backends(device.type)}")
+            f"dtype: {str(dtype).replace('torch.', '')}")
 
 
 def format_table(rows: list) -> str:

@@ -28,9 +28,10 @@
 //   du_k = colsum(x * ((g * v_k * e1) @ D))                      fused into the dx epilogue
 // and the W side is the BatchEnsemble one (G_k, weight pass).
 //
-// bfloat16 / float16: every elementwise pass computes in float; GEMM inputs are rounded to the
-// storage dtype (MKL/oneDNN accumulate them in float); the weight-gradient reductions (G_k, dW,
-// ds, dr) run entirely in float on float copies of g and x. float64 stays float64 throughout.
+// bfloat16 / float16: every elementwise pass and reduction computes in float; GEMM inputs are
+// rounded to the storage dtype and MKL/oneDNN accumulate them in float (G_k of a bfloat16 backward
+// is a bfloat16 GEMM result; float16 G_k are computed in float, CPU float16 GEMMs being slow).
+// float64 stays float64 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,7 +39,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../rank1_linear.h"
@@ -50,29 +54,147 @@ using at::Tensor;
 using rank1_linear::Dims;
 using rank1_linear::present;
 
-// `#pragma omp simd` for loops inside AT_DISPATCH lambdas (a #pragma cannot appear in a macro argument).
-#define HYPERKERN_SIMD _Pragma("omp simd")
+#define HYPERKERN_INLINE inline __attribute__((always_inline))
+// Function multiversioning (GCC/Clang on x86-64 with ifunc): the hot loops get AVX-512 and AVX2
+// code paths although the extension is compiled for baseline x86-64.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define HYPERKERN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HYPERKERN_CPU_CLONES
+#endif
 
 // Elements of work per parallel chunk below which a pass stays on one thread.
 constexpr int64_t kElementGrain = 1 << 14;
+// Size of the backward's G_k buffer (member groups are chosen to fit it, at least one member).
+constexpr int64_t kWeightGradBufferBytes = int64_t(4) << 20;
 
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(width, 1)); }
 
-// Row scaling `out[i, :] = in[i, :] * scale[i / B, :]` (the GEMM prologue x * r_k).
-template <typename scalar_t>
-void scale_rows_by_member(const scalar_t* in, const scalar_t* scale, scalar_t* out, int64_t N, int64_t D,
-                          int64_t B) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, N, row_grain(D), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* sc = scale + (i / B) * D;
-      const scalar_t* a = in + i * D;
-      scalar_t* o = out + i * D;
-      HYPERKERN_SIMD
-      for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(opmath_t(a[j]) * opmath_t(sc[j]));
-    }
-  });
+// Loads widen to the compute type and stores narrow from it. bfloat16 converts with plain integer
+// ops (round to nearest even, NaN kept quiet: the same result as c10::BFloat16(float)) so the
+// loops vectorise; the other dtypes use their usual conversions.
+template <typename T>
+HYPERKERN_INLINE at::opmath_type<T> widen(T v) {
+  return static_cast<at::opmath_type<T>>(v);
 }
+template <>
+HYPERKERN_INLINE float widen<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+template <typename T>
+HYPERKERN_INLINE T narrow_to(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+HYPERKERN_INLINE c10::BFloat16 narrow_to<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row kernels: each processes rows [i0, i1) of a member-major (E*B, D) array. The *_body templates
+// hold the loops; HYPERKERN_ROW_KERNEL makes `name(args, i0, i1)` with float and double overloads
+// compiled for AVX-512 / AVX2 / baseline (function multiversioning) and a template overload for
+// float16 (computed in float, baseline ISA); bfloat16 also gets cloned overloads.
+#define HYPERKERN_ROW_KERNEL(name, Args)                                                                  \
+  HYPERKERN_CPU_CLONES void name(const Args<float>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
+  HYPERKERN_CPU_CLONES void name(const Args<double>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
+  HYPERKERN_CPU_CLONES void name(const Args<c10::BFloat16>& a, int64_t i0, int64_t i1) { name##_body(a, i0, i1); } \
+  template <typename T>                                                                                  \
+  void name(const Args<T>& a, int64_t i0, int64_t i1) {                                                  \
+    name##_body(a, i0, i1);                                                                              \
+  }
+
+// out[i, :] = in[i, :] * scale[i / B, :]   (the prologues x * r_k, x * u_k; dx *= r_k in place)
+template <typename scalar_t>
+struct ScaleRowsArgs {
+  const scalar_t* in;
+  const scalar_t* scale;
+  scalar_t* out;
+  int64_t D, B;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void scale_rows_body(const ScaleRowsArgs<scalar_t>& a, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const scalar_t* sc = a.scale + (i / a.B) * a.D;
+    const scalar_t* in = a.in + i * a.D;
+    scalar_t* out = a.out + i * a.D;
+#pragma omp simd
+    for (int64_t j = 0; j < a.D; ++j) out[j] = narrow_to<scalar_t>(widen(in[j]) * widen(sc[j]));
+  }
+}
+HYPERKERN_ROW_KERNEL(scale_rows, ScaleRowsArgs)
+
+// y[i, :] = y[i, :] * s[k, :] + bias[k, :]   (bias may be null)
+template <typename scalar_t>
+struct BatchEnsembleEpilogueArgs {
+  scalar_t* y;
+  const scalar_t* s;
+  const scalar_t* bias;
+  int64_t D, B;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void batch_ensemble_epilogue_body(const BatchEnsembleEpilogueArgs<scalar_t>& a, int64_t i0,
+                                                   int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    scalar_t* y = a.y + i * a.D;
+    const scalar_t* s = a.s + (i / a.B) * a.D;
+    if (a.bias != nullptr) {
+      const scalar_t* b = a.bias + (i / a.B) * a.D;
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j) y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(b[j]));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j) y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]));
+    }
+  }
+}
+HYPERKERN_ROW_KERNEL(batch_ensemble_epilogue, BatchEnsembleEpilogueArgs)
+
+// y = y * s_k + v_k * e1 * h + bias_k + delta_bias_k * e2   (bias, delta_bias / e2 may be null)
+template <typename scalar_t>
+struct HyperEpilogueArgs {
+  scalar_t* y;
+  const scalar_t *h, *s, *v, *e1, *bias, *delta_bias, *e2;
+  int64_t D, B;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t>& a, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t row = i * a.D, mem = (i / a.B) * a.D;
+    scalar_t* y = a.y + row;
+    const scalar_t *h = a.h + row, *e1 = a.e1 + row, *s = a.s + mem, *v = a.v + mem;
+    const scalar_t* b = a.bias != nullptr ? a.bias + mem : nullptr;
+    const scalar_t* db = a.delta_bias != nullptr ? a.delta_bias + mem : nullptr;
+    const scalar_t* e2 = a.delta_bias != nullptr ? a.e2 + row : nullptr;
+    if (b != nullptr && db != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j)
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(b[j]) + widen(db[j]) * widen(e2[j]));
+    } else if (b != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j)
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(b[j]));
+    } else if (db != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j)
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                     widen(db[j]) * widen(e2[j]));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < a.D; ++j)
+        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]));
+    }
+  }
+}
+HYPERKERN_ROW_KERNEL(hyper_epilogue, HyperEpilogueArgs)
 
 // Work split for passes that also reduce columns within each member (db_k = colsum(g_k), ...):
 // tasks are (member, row chunk, column chunk); every task owns one slice of a partial-sum buffer
@@ -130,51 +252,261 @@ struct MemberTiling {
   size_t partial_size() const { return static_cast<size_t>(E * row_chunks * D); }
 };
 
-// The weight-sized pass of the backward, all members at once (acc_t is float or double):
-//   dW = sum_k (s_k r_k^T) * G_k,  ds_k[o] = sum_j W[o,j] G_k[o,j] r_k[j],  dr_k[j] = sum_o W[o,j] G_k[o,j] s_k[o]
-// with G (E, out, in). Parallel over blocks of output rows; dr is summed per block then reduced.
-template <typename acc_t>
-void rank1_weight_grad_pass(const acc_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW, acc_t* ds,
-                            acc_t* dr, int64_t E, int64_t O, int64_t I) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(O, O * I * E >= 4 * kElementGrain ? 2 * threads : 1));
-  const int64_t rows_per_block = (O + blocks - 1) / blocks;
-  std::vector<acc_t> dr_partial(static_cast<size_t>(blocks * E * I), acc_t(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* drp = dr_partial.data() + blk * E * I;
-      const int64_t o_end = std::min(O, (blk + 1) * rows_per_block);
-      for (int64_t o = blk * rows_per_block; o < o_end; ++o) {
-        const acc_t* w = W + o * I;
-        acc_t* dw = dW + o * I;
-        for (int64_t k = 0; k < E; ++k) {
-          const acc_t* g = G + (k * O + o) * I;
-          const acc_t* rk = r + k * I;
-          acc_t* drk = drp + k * I;
-          const acc_t sk = s[k * O + o];
-          acc_t row_sum = 0;
-          if (k == 0) {
-#pragma omp simd reduction(+ : row_sum)
-            for (int64_t j = 0; j < I; ++j) {
-              const acc_t gw = g[j] * w[j];
-              dw[j] = sk * rk[j] * g[j];
-              row_sum += gw * rk[j];
-              drk[j] += gw * sk;
-            }
-          } else {
-#pragma omp simd reduction(+ : row_sum)
-            for (int64_t j = 0; j < I; ++j) {
-              const acc_t gw = g[j] * w[j];
-              dw[j] += sk * rk[j] * g[j];
-              row_sum += gw * rk[j];
-              drk[j] += gw * sk;
-            }
-          }
-          ds[k * O + o] = row_sum;
-        }
+#define HYPERKERN_TASK_KERNEL(name, Args)                                                                        \
+  HYPERKERN_CPU_CLONES void name(const Args<float>& a, const MemberTiling::Task& t) { name##_body(a, t); }       \
+  HYPERKERN_CPU_CLONES void name(const Args<double>& a, const MemberTiling::Task& t) { name##_body(a, t); }      \
+  HYPERKERN_CPU_CLONES void name(const Args<c10::BFloat16>& a, const MemberTiling::Task& t) { name##_body(a, t); } \
+  template <typename T>                                                                                         \
+  void name(const Args<T>& a, const MemberTiling::Task& t) {                                                    \
+    name##_body(a, t);                                                                                          \
+  }
+
+// The batch_ensemble_linear backward's pass over g: g_scaled = g * s_k (if g_scaled) and the member
+// column sums of g into db_partial (if db_partial).
+template <typename scalar_t>
+struct BatchEnsembleGradArgs {
+  const scalar_t* g;
+  const scalar_t* s;
+  scalar_t* g_scaled;
+  at::opmath_type<scalar_t>* db_partial;
+  int64_t D;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void batch_ensemble_grad_body(const BatchEnsembleGradArgs<scalar_t>& a, const MemberTiling::Task& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin;
+  const scalar_t* sk = a.s + t.k * a.D + c0;
+  opmath_t* db = a.db_partial != nullptr ? a.db_partial + t.partial_offset + c0 : nullptr;
+  for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+    const scalar_t* g = a.g + i * a.D + c0;
+    if (a.g_scaled != nullptr) {
+      scalar_t* out = a.g_scaled + i * a.D + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) out[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
+    }
+    if (db != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
+    }
+  }
+}
+HYPERKERN_TASK_KERNEL(batch_ensemble_grad, BatchEnsembleGradArgs)
+
+// The hyper backward's pass over g: g_s = g * s_k (if g_s), g_ve = g * v_k * e1, de1 = g * v_k * h,
+// de2 = g * delta_bias_k (if delta_bias), and the member column sums dv += g * e1 * h, db += g
+// (if db_partial), ddb += g * e2 (if delta_bias).
+template <typename scalar_t>
+struct HyperGradArgs {
+  const scalar_t *g, *s, *v, *e1, *h, *delta_bias, *e2;
+  scalar_t *g_s, *g_ve, *grad_e1, *grad_e2;
+  at::opmath_type<scalar_t> *dv_partial, *db_partial, *ddb_partial;
+  int64_t D;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void hyper_grad_body(const HyperGradArgs<scalar_t>& a, const MemberTiling::Task& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin, mem = t.k * a.D + c0;
+  opmath_t* dv = a.dv_partial + t.partial_offset + c0;
+  opmath_t* db = a.db_partial != nullptr ? a.db_partial + t.partial_offset + c0 : nullptr;
+  opmath_t* ddb = a.ddb_partial != nullptr ? a.ddb_partial + t.partial_offset + c0 : nullptr;
+  const scalar_t *vk = a.v + mem, *sk = a.s + mem;
+  for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+    const int64_t row = i * a.D + c0;
+    const scalar_t *g = a.g + row, *e1 = a.e1 + row, *h = a.h + row;
+    scalar_t *g_ve = a.g_ve + row, *de1 = a.grad_e1 + row;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const opmath_t gv = widen(g[j]), e1v = widen(e1[j]), hv = widen(h[j]), vv = widen(vk[j]);
+      g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
+      de1[j] = narrow_to<scalar_t>(gv * vv * hv);
+      dv[j] += gv * e1v * hv;
+    }
+    if (a.g_s != nullptr) {
+      scalar_t* g_s = a.g_s + row;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) g_s[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
+    }
+    if (db != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
+    }
+    if (ddb != nullptr) {
+      const scalar_t *dbk = a.delta_bias + mem, *e2 = a.e2 + row;
+      scalar_t* de2 = a.grad_e2 + row;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const opmath_t gv = widen(g[j]);
+        de2[j] = narrow_to<scalar_t>(gv * widen(dbk[j]));
+        ddb[j] += gv * widen(e2[j]);
       }
     }
+  }
+}
+HYPERKERN_TASK_KERNEL(hyper_grad, HyperGradArgs)
+
+// The hyper backward's pass over the Delta side: dx = r_k * dx + u_k * bd (if dx), du += x * bd,
+// then bd <- x * u_k (the dDelta GEMM's input).
+template <typename scalar_t>
+struct HyperDxArgs {
+  const scalar_t *x, *r, *u;
+  scalar_t *dx, *bd;
+  at::opmath_type<scalar_t>* du_partial;
+  int64_t D;
+};
+template <typename scalar_t>
+HYPERKERN_INLINE void hyper_dx_body(const HyperDxArgs<scalar_t>& a, const MemberTiling::Task& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin, mem = t.k * a.D + c0;
+  opmath_t* du = a.du_partial + t.partial_offset + c0;
+  const scalar_t *rk = a.r + mem, *uk = a.u + mem;
+  for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+    const int64_t row = i * a.D + c0;
+    const scalar_t* x = a.x + row;
+    scalar_t* bd = a.bd + row;
+    if (a.dx != nullptr) {
+      scalar_t* dx = a.dx + row;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j)
+        dx[j] = narrow_to<scalar_t>(widen(rk[j]) * widen(dx[j]) + widen(uk[j]) * widen(bd[j]));
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const opmath_t xv = widen(x[j]);
+      du[j] += xv * widen(bd[j]);
+      bd[j] = narrow_to<scalar_t>(xv * widen(uk[j]));
+    }
+  }
+}
+HYPERKERN_TASK_KERNEL(hyper_dx, HyperDxArgs)
+
+// The weight-sized pass of the backward, all members at once (acc_t is float or double):
+//   dW = sum_k (s_k r_k^T) * G_k,  ds_k[o] = sum_j W[o,j] G_k[o,j] r_k[j],  dr_k[j] = sum_o W[o,j] G_k[o,j] s_k[o]
+// with G (E, out, in). Rows go in groups of four so the dr_k accumulator is loaded and stored once
+// per four rows; a thread's rows o0 .. o1-1 add into its own dr partial drp (E, in).
+// FIRST (the first member written into dW) stores dW instead of adding to it: a compile-time
+// branch, so the loop has no data-dependent select and vectorises.
+template <typename acc_t, typename g_t, int R, bool FIRST>
+HYPERKERN_INLINE void weight_pass_row_loop(const g_t* __restrict__ g0, const g_t* __restrict__ g1,
+                                           const g_t* __restrict__ g2, const g_t* __restrict__ g3,
+                                           const acc_t* __restrict__ w0, const acc_t* __restrict__ w1,
+                                           const acc_t* __restrict__ w2, const acc_t* __restrict__ w3,
+                                           acc_t* __restrict__ dw0, acc_t* __restrict__ dw1, acc_t* __restrict__ dw2,
+                                           acc_t* __restrict__ dw3, const acc_t* __restrict__ rk,
+                                           acc_t* __restrict__ drk, const acc_t* sk, acc_t* rs, int64_t I) {
+  const acc_t s0 = sk[0], s1 = R == 4 ? sk[1] : 0, s2 = R == 4 ? sk[2] : 0, s3 = R == 4 ? sk[3] : 0;
+  acc_t rs0 = 0, rs1 = 0, rs2 = 0, rs3 = 0;
+#pragma omp simd reduction(+ : rs0, rs1, rs2, rs3)
+  for (int64_t j = 0; j < I; ++j) {
+    const acc_t rj = rk[j];
+    const acc_t G0 = widen(g0[j]);
+    const acc_t gw0 = G0 * w0[j];
+    if (FIRST) {
+      dw0[j] = (s0 * rj) * G0;
+    } else {
+      dw0[j] += (s0 * rj) * G0;
+    }
+    rs0 += gw0 * rj;
+    acc_t dr = drk[j] + gw0 * s0;
+    if (R == 4) {
+      const acc_t G1 = widen(g1[j]), G2 = widen(g2[j]), G3 = widen(g3[j]);
+      const acc_t gw1 = G1 * w1[j], gw2 = G2 * w2[j], gw3 = G3 * w3[j];
+      if (FIRST) {
+        dw1[j] = (s1 * rj) * G1;
+        dw2[j] = (s2 * rj) * G2;
+        dw3[j] = (s3 * rj) * G3;
+      } else {
+        dw1[j] += (s1 * rj) * G1;
+        dw2[j] += (s2 * rj) * G2;
+        dw3[j] += (s3 * rj) * G3;
+      }
+      rs1 += gw1 * rj;
+      rs2 += gw2 * rj;
+      rs3 += gw3 * rj;
+      dr += gw1 * s1 + gw2 * s2 + gw3 * s3;
+    }
+    drk[j] = dr;
+  }
+  rs[0] = rs0;
+  if (R == 4) {
+    rs[1] = rs1;
+    rs[2] = rs2;
+    rs[3] = rs3;
+  }
+}
+
+template <typename acc_t, typename g_t, int R>
+HYPERKERN_INLINE void weight_pass_row_group(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
+                                            acc_t* ds, acc_t* drp, int64_t E, int64_t O, int64_t I, int64_t o,
+                                            bool accumulate) {
+  static_assert(R == 1 || R == 4, "row groups are 1 or 4 rows");
+  // Row q of the group; R == 1 leaves rows 1..3 null (never read).
+  auto row = [&](auto* base, int q) { return R == 4 || q == 0 ? base + q * I : nullptr; };
+  const acc_t* w0 = W + o * I;
+  acc_t* dw0 = dW + o * I;
+  for (int64_t k = 0; k < E; ++k) {
+    const g_t* g0 = G + (k * O + o) * I;
+    acc_t row_sums[4];
+    if (k == 0 && !accumulate) {
+      weight_pass_row_loop<acc_t, g_t, R, true>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
+                                           row(w0, 2), row(w0, 3), row(dw0, 0), row(dw0, 1), row(dw0, 2), row(dw0, 3),
+                                           r + k * I, drp + k * I, s + k * O + o, row_sums, I);
+    } else {
+      weight_pass_row_loop<acc_t, g_t, R, false>(row(g0, 0), row(g0, 1), row(g0, 2), row(g0, 3), row(w0, 0), row(w0, 1),
+                                            row(w0, 2), row(w0, 3), row(dw0, 0), row(dw0, 1), row(dw0, 2), row(dw0, 3),
+                                            r + k * I, drp + k * I, s + k * O + o, row_sums, I);
+    }
+    for (int q = 0; q < R; ++q) ds[k * O + o + q] = row_sums[q];
+  }
+}
+
+template <typename acc_t, typename g_t>
+HYPERKERN_INLINE void weight_pass_rows_body(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW,
+                                            acc_t* ds, acc_t* drp, int64_t E, int64_t O, int64_t I, int64_t o0,
+                                            int64_t o1, bool accumulate) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) weight_pass_row_group<acc_t, g_t, 4>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
+  for (; o < o1; ++o) weight_pass_row_group<acc_t, g_t, 1>(G, W, r, s, dW, ds, drp, E, O, I, o, accumulate);
+}
+
+// One function per dtype, compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+// time (the extension is built without -march flags so it runs on any x86-64).
+HYPERKERN_CPU_CLONES void weight_pass_rows(const float* G, const float* W, const float* r, const float* s, float* dW,
+                                           float* ds, float* drp, int64_t E, int64_t O, int64_t I, int64_t o0,
+                                           int64_t o1, bool accumulate) {
+  weight_pass_rows_body<float, float>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+}
+HYPERKERN_CPU_CLONES void weight_pass_rows(const double* G, const double* W, const double* r, const double* s,
+                                           double* dW, double* ds, double* drp, int64_t E, int64_t O, int64_t I,
+                                           int64_t o0, int64_t o1, bool accumulate) {
+  weight_pass_rows_body<double, double>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+}
+// bfloat16 training: G_k comes from a bfloat16 GEMM (float accumulation, bfloat16 result), the
+// rest of the pass runs in float.
+HYPERKERN_CPU_CLONES void weight_pass_rows(const c10::BFloat16* G, const float* W, const float* r, const float* s,
+                                           float* dW, float* ds, float* drp, int64_t E, int64_t O, int64_t I,
+                                           int64_t o0, int64_t o1, bool accumulate) {
+  weight_pass_rows_body<float, c10::BFloat16>(G, W, r, s, dW, ds, drp, E, O, I, o0, o1, accumulate);
+}
+
+// Runs the pass for members k0 .. k0+kn-1 whose G_k are in G (kn, O, I); dW is overwritten when
+// k0 == 0 and accumulated into otherwise; dr_partial (blocks, E, I) collects the per-block dr sums.
+template <typename acc_t, typename g_t>
+void rank1_weight_grad_pass(const g_t* G, const acc_t* W, const acc_t* r, const acc_t* s, acc_t* dW, acc_t* ds,
+                            std::vector<acc_t>& dr_partial, int64_t blocks, int64_t E, int64_t k0, int64_t kn,
+                            int64_t O, int64_t I) {
+  const int64_t rows_per_block = blocks == 1 ? O : ((O + blocks - 1) / blocks + 3) / 4 * 4;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t o0 = std::min(O, blk * rows_per_block);
+      const int64_t o1 = blk + 1 == blocks ? O : std::min(O, (blk + 1) * rows_per_block);
+      weight_pass_rows(G, W, r + k0 * I, s + k0 * O, dW, ds + k0 * O, dr_partial.data() + (blk * E + k0) * I, kn, O,
+                       I, o0, o1, k0 > 0);
+    }
   });
+}
+
+template <typename acc_t>
+void sum_dr_partials(const std::vector<acc_t>& dr_partial, acc_t* dr, int64_t blocks, int64_t E, int64_t I) {
   for (int64_t k = 0; k < E; ++k) {
     acc_t* out = dr + k * I;
     for (int64_t j = 0; j < I; ++j) out[j] = 0;
@@ -191,24 +523,53 @@ std::tuple<Tensor, Tensor, Tensor> rank1_weight_grads(const Tensor& g, const Ten
                                                      const Tensor& r, const Tensor& s, const Dims& d) {
   const auto dtype = x.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
-  auto widen = [&](const Tensor& t) { return t.scalar_type() == acc_dtype ? t : t.to(acc_dtype); };
-  const Tensor g_acc = widen(g), x_acc = widen(x), w_acc = widen(weight), r_acc = widen(r), s_acc = widen(s);
+  // The G_k GEMMs: float / double natively; bfloat16 natively too (MKL/oneDNN accumulate in float,
+  // G_k is rounded once to bfloat16, like any bfloat16 at::mm); float16 on float copies (CPU float16
+  // GEMMs are slow and round the same way).
+  const auto gemm_dtype = dtype == at::kBFloat16 ? dtype : acc_dtype;
+  auto as = [](const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); };
+  const Tensor g_gemm = as(g, gemm_dtype), x_gemm = as(x, gemm_dtype);
+  const Tensor w_acc = as(weight, acc_dtype), r_acc = as(r, acc_dtype), s_acc = as(s, acc_dtype);
   const auto acc_opts = x.options().dtype(acc_dtype);
-  Tensor G = at::empty({d.E, d.out, d.in}, acc_opts);
-  if (d.B > 0) {
-    at::bmm_out(G, g_acc.view({d.E, d.B, d.out}).transpose(1, 2), x_acc.view({d.E, d.B, d.in}));
-  } else {
-    G.zero_();
-  }
   Tensor dW = at::empty({d.out, d.in}, acc_opts);
   Tensor ds = at::empty({d.E, d.out}, acc_opts);
   Tensor dr = at::empty({d.E, d.in}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "rank1_weight_grad_pass", [&] {
-    rank1_weight_grad_pass<scalar_t>(G.const_data_ptr<scalar_t>(), w_acc.const_data_ptr<scalar_t>(),
-                                     r_acc.const_data_ptr<scalar_t>(), s_acc.const_data_ptr<scalar_t>(),
-                                     dW.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), dr.data_ptr<scalar_t>(), d.E,
-                                     d.out, d.in);
-  });
+  // Members go in groups whose G_k fit a cache-sized buffer, so the weight pass reads G_k from
+  // cache soon after the GEMM wrote it (and the buffer is up to E times smaller than all G_k).
+  const int64_t weight_elems = std::max<int64_t>(1, d.out * d.in);
+  const int64_t group = std::max<int64_t>(
+      1, std::min<int64_t>(d.E, kWeightGradBufferBytes / (weight_elems * int64_t(c10::elementSize(gemm_dtype)))));
+  Tensor G = at::empty({group, d.out, d.in}, x.options().dtype(gemm_dtype));
+  const Tensor g3 = g_gemm.view({d.E, d.B, d.out}), x3 = x_gemm.view({d.E, d.B, d.in});
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(d.out / 4, d.out * d.in * group >= 4 * kElementGrain ? threads : 1));
+  // G_k GEMMs for member groups, each followed by the weight pass over its G_k.
+  auto run = [&](auto acc_tag, auto g_tag) {
+    using acc_t = decltype(acc_tag);
+    using g_t = decltype(g_tag);
+    std::vector<acc_t> dr_partial(static_cast<size_t>(blocks * d.E * d.in), acc_t(0));
+    for (int64_t k0 = 0; k0 < d.E; k0 += group) {
+      const int64_t kn = std::min(group, d.E - k0);
+      Tensor Gk = G.narrow(0, 0, kn);
+      if (d.B > 0) {
+        at::bmm_out(Gk, g3.narrow(0, k0, kn).transpose(1, 2), x3.narrow(0, k0, kn));
+      } else {
+        Gk.zero_();
+      }
+      rank1_weight_grad_pass<acc_t>(Gk.const_data_ptr<g_t>(), w_acc.const_data_ptr<acc_t>(),
+                                    r_acc.const_data_ptr<acc_t>(), s_acc.const_data_ptr<acc_t>(), dW.data_ptr<acc_t>(),
+                                    ds.data_ptr<acc_t>(), dr_partial, blocks, d.E, k0, kn, d.out, d.in);
+    }
+    sum_dr_partials<acc_t>(dr_partial, dr.data_ptr<acc_t>(), blocks, d.E, d.in);
+  };
+  if (gemm_dtype == at::kBFloat16) {
+    run(float(), c10::BFloat16());
+  } else if (acc_dtype == at::kDouble) {
+    run(double(), double());
+  } else {
+    run(float(), float());
+  }
   if (acc_dtype != dtype) return {dW.to(dtype), ds.to(dtype), dr.to(dtype)};
   return {dW, ds, dr};
 }
@@ -236,32 +597,27 @@ Tensor batch_ensemble_linear_cpu(const Tensor& x_in, const Tensor& weight_in, co
   const Tensor bias = contiguous_or_empty(bias_in);
   const bool has_bias = bias.defined();
   Tensor y = at::empty({d.N, d.out}, x.options());
-  if (d.N == 0) return y;
-  if (d.in == 0) {  // empty contraction: y = 0 * s + b
-    if (has_bias) {
-      y.view({d.E, d.B, d.out}).copy_(bias.unsqueeze(1));
-    } else {
-      y.zero_();
-    }
-    return y;
-  }
+  if (d.N == 0 || d.out == 0) return y;
 
-  if (prefer_scaled_weight(d)) {
+  if (d.in > 0 && prefer_scaled_weight(d)) {
+    // Weight scaling: W_k = W * (s_k r_k^T), y_k = b_k + x_k @ W_k^T per member.
     Tensor w_k = at::empty_like(weight);
     for (int64_t k = 0; k < d.E; ++k) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_scale_weight",
                                       [&] {
+        // Row o of W_k is W[o, :] * r_k * s_k[o]: scale by r_k (a row kernel with B = out, so every
+        // row uses member 0 of the (1, in) scale r_k), then multiply row o by s_k[o] in place.
+        scale_rows(ScaleRowsArgs<scalar_t>{weight.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>() + k * d.in,
+                                           w_k.data_ptr<scalar_t>(), d.in, d.out},
+                   0, d.out);
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* w = weight.const_data_ptr<scalar_t>();
-        const scalar_t* rk = r.const_data_ptr<scalar_t>() + k * d.in;
-        const scalar_t* sk = s.const_data_ptr<scalar_t>() + k * d.out;
         scalar_t* wk = w_k.data_ptr<scalar_t>();
+        const scalar_t* sk = s.const_data_ptr<scalar_t>() + k * d.out;
         at::parallel_for(0, d.out, row_grain(d.in), [&](int64_t o0, int64_t o1) {
           for (int64_t o = o0; o < o1; ++o) {
             const opmath_t so = opmath_t(sk[o]);
-            HYPERKERN_SIMD
-            for (int64_t j = 0; j < d.in; ++j)
-              wk[o * d.in + j] = static_cast<scalar_t>(opmath_t(w[o * d.in + j]) * so * opmath_t(rk[j]));
+            scalar_t* row = wk + o * d.in;
+            for (int64_t j = 0; j < d.in; ++j) row[j] = static_cast<scalar_t>(opmath_t(row[j]) * so);
           }
         });
       });
@@ -276,34 +632,22 @@ Tensor batch_ensemble_linear_cpu(const Tensor& x_in, const Tensor& weight_in, co
     return y;
   }
 
-  // Activation-scaling forward: x * r_k (prologue), one GEMM over all E*B rows, * s_k + b_k in place.
-  Tensor x_scaled = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_prologue", [&] {
-    scale_rows_by_member<scalar_t>(x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                   x_scaled.data_ptr<scalar_t>(), d.N, d.in, d.B);
-  });
-  at::mm_out(y, x_scaled, weight.t());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_epilogue", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const scalar_t* bp = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / d.B;
-        scalar_t* row = yp + i * d.out;
-        const scalar_t* sk = sp + k * d.out;
-        if (bp != nullptr) {
-          const scalar_t* bk = bp + k * d.out;
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < d.out; ++j)
-            row[j] = static_cast<scalar_t>(opmath_t(row[j]) * opmath_t(sk[j]) + opmath_t(bk[j]));
-        } else {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < d.out; ++j) row[j] = static_cast<scalar_t>(opmath_t(row[j]) * opmath_t(sk[j]));
-        }
-      }
+  // Activation scaling: x * r_k (prologue), one GEMM over all E*B rows, * s_k + b_k in place.
+  if (d.in == 0) {
+    y.zero_();
+  } else {
+    Tensor x_scaled = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_prologue", [&] {
+      const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                         x_scaled.data_ptr<scalar_t>(), d.in, d.B};
+      at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
     });
+    at::mm_out(y, x_scaled, weight.t());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_epilogue", [&] {
+    const BatchEnsembleEpilogueArgs<scalar_t> args{y.data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                                   has_bias ? bias.const_data_ptr<scalar_t>() : nullptr, d.out, d.B};
+    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) { batch_ensemble_epilogue(args, i0, i1); });
   });
   return y;
 }
@@ -327,26 +671,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
       using opmath_t = at::opmath_type<scalar_t>;
       const MemberTiling tiling(d.E, d.B, d.out);
       std::vector<opmath_t> db_partial(has_bias ? tiling.partial_size() : 0, opmath_t(0));
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* sp = s.const_data_ptr<scalar_t>();
-      scalar_t* gsp = compute_grad_x ? g_scaled.data_ptr<scalar_t>() : nullptr;
-      tiling.run([&](const MemberTiling::Task& t) {
-        const int64_t width = t.col_end - t.col_begin;
-        const scalar_t* sk = sp + t.k * d.out + t.col_begin;
-        opmath_t* db = has_bias ? db_partial.data() + t.partial_offset + t.col_begin : nullptr;
-        for (int64_t i = t.row_begin; i < t.row_end; ++i) {
-          const scalar_t* grow = gp + i * d.out + t.col_begin;
-          if (gsp != nullptr) {
-            scalar_t* out = gsp + i * d.out + t.col_begin;
-            HYPERKERN_SIMD
-            for (int64_t j = 0; j < width; ++j) out[j] = static_cast<scalar_t>(opmath_t(grow[j]) * opmath_t(sk[j]));
-          }
-          if (db != nullptr) {
-            HYPERKERN_SIMD
-            for (int64_t j = 0; j < width; ++j) db[j] += opmath_t(grow[j]);
-          }
-        }
-      });
+      const BatchEnsembleGradArgs<scalar_t> args{g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                                 compute_grad_x ? g_scaled.data_ptr<scalar_t>() : nullptr,
+                                                 has_bias ? db_partial.data() : nullptr, d.out};
+      tiling.run([&](const MemberTiling::Task& t) { batch_ensemble_grad(args, t); });
       if (has_bias) tiling.reduce(db_partial, grad_bias.data_ptr<scalar_t>());
     });
   }
@@ -356,21 +684,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
     grad_x = at::empty({d.N, d.in}, opts);
     if (d.out == 0) {
       grad_x.zero_();
-    } else if (d.N > 0) {
-      at::mm_out(grad_x, g_scaled, weight);
+    } else if (d.N * d.in > 0) {
+      at::mm_out(grad_x, g_scaled, weight);  // (g * s_k) @ W, then * r_k in place
       g_scaled.reset();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_dx", [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        scalar_t* dx = grad_x.data_ptr<scalar_t>();
-        const scalar_t* rp = r.const_data_ptr<scalar_t>();
-        at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const scalar_t* rk = rp + (i / d.B) * d.in;
-            scalar_t* row = dx + i * d.in;
-            HYPERKERN_SIMD
-            for (int64_t j = 0; j < d.in; ++j) row[j] = static_cast<scalar_t>(opmath_t(row[j]) * opmath_t(rk[j]));
-          }
-        });
+        const ScaleRowsArgs<scalar_t> args{grad_x.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                           grad_x.data_ptr<scalar_t>(), d.in, d.B};
+        at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
       });
     }
   }
@@ -397,55 +717,38 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cpu(
 
   Tensor y = at::empty({d.N, d.out}, x.options());
   Tensor delta_out = at::empty({d.N, d.out}, x.options());
-  if (d.N == 0) return {y, delta_out};
+  if (d.N == 0 || d.out == 0) return {y, delta_out};
   if (d.in == 0) {
     y.zero_();
     delta_out.zero_();
   } else {
     // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM.
     Tensor x_scaled = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_u", [&] {
-      scale_rows_by_member<scalar_t>(x.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                                     x_scaled.data_ptr<scalar_t>(), d.N, d.in, d.B);
-    });
-    at::mm_out(delta_out, x_scaled, delta.t());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_r", [&] {
-      scale_rows_by_member<scalar_t>(x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                     x_scaled.data_ptr<scalar_t>(), d.N, d.in, d.B);
-    });
-    at::mm_out(y, x_scaled, weight.t());
-  }
-  // Epilogue: y = y * s_k + v_k * e1 * delta_out + b_k + delta_bias_k * e2.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_epilogue", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* hp = delta_out.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
-    const scalar_t* e1p = e1.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* dbp = delta_bias.defined() ? delta_bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* e2p = e2.defined() ? e2.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / d.B, row = i * d.out, mem = k * d.out;
-        HYPERKERN_SIMD
-        for (int64_t j = 0; j < d.out; ++j)
-          yp[row + j] = static_cast<scalar_t>(opmath_t(yp[row + j]) * opmath_t(sp[mem + j]) +
-                                              opmath_t(vp[mem + j]) * opmath_t(e1p[row + j]) * opmath_t(hp[row + j]));
-        if (bp != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < d.out; ++j)
-            yp[row + j] = static_cast<scalar_t>(opmath_t(yp[row + j]) + opmath_t(bp[mem + j]));
-        }
-        if (dbp != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < d.out; ++j)
-            yp[row + j] =
-                static_cast<scalar_t>(opmath_t(yp[row + j]) + opmath_t(dbp[mem + j]) * opmath_t(e2p[row + j]));
-        }
+    for (const Tensor* scale : {&u, &r}) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
+        const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale->const_data_ptr<scalar_t>(),
+                                           x_scaled.data_ptr<scalar_t>(), d.in, d.B};
+        at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
+      });
+      if (scale == &u) {
+        at::mm_out(delta_out, x_scaled, delta.t());
+      } else {
+        at::mm_out(y, x_scaled, weight.t());
       }
-    });
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_epilogue", [&] {
+    const HyperEpilogueArgs<scalar_t> args{y.data_ptr<scalar_t>(),
+                                           delta_out.const_data_ptr<scalar_t>(),
+                                           s.const_data_ptr<scalar_t>(),
+                                           v.const_data_ptr<scalar_t>(),
+                                           e1.const_data_ptr<scalar_t>(),
+                                           bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                           delta_bias.defined() ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
+                                           e2.defined() ? e2.const_data_ptr<scalar_t>() : nullptr,
+                                           d.out,
+                                           d.B};
+    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) { hyper_epilogue(args, i0, i1); });
   });
   return {y, delta_out};
 }
@@ -488,52 +791,22 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
     std::vector<opmath_t> db_partial(has_bias ? tiling.partial_size() : 0, opmath_t(0));
     std::vector<opmath_t> ddb_partial(has_delta_bias ? tiling.partial_size() : 0, opmath_t(0));
     std::vector<opmath_t> dv_partial(tiling.partial_size(), opmath_t(0));
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
-    const scalar_t* e1p = e1.const_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* dbp = has_delta_bias ? delta_bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* e2p = has_delta_bias ? e2.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gsp = compute_grad_x ? g_s.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gvep = g_ve.data_ptr<scalar_t>();
-    scalar_t* de1p = grad_e1.data_ptr<scalar_t>();
-    scalar_t* de2p = has_delta_bias ? grad_e2.data_ptr<scalar_t>() : nullptr;
-    tiling.run([&](const MemberTiling::Task& t) {
-      const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin;
-      const int64_t mem = t.k * d.out + c0;
-      opmath_t* dv = dv_partial.data() + t.partial_offset + c0;
-      opmath_t* db = has_bias ? db_partial.data() + t.partial_offset + c0 : nullptr;
-      opmath_t* ddb = has_delta_bias ? ddb_partial.data() + t.partial_offset + c0 : nullptr;
-      for (int64_t i = t.row_begin; i < t.row_end; ++i) {
-        const int64_t row = i * d.out + c0;
-        HYPERKERN_SIMD
-        for (int64_t j = 0; j < width; ++j) {
-          const opmath_t gv = opmath_t(gp[row + j]), e1v = opmath_t(e1p[row + j]), hv = opmath_t(hp[row + j]);
-          const opmath_t vk = opmath_t(vp[mem + j]);
-          gvep[row + j] = static_cast<scalar_t>(gv * vk * e1v);
-          de1p[row + j] = static_cast<scalar_t>(gv * vk * hv);
-          dv[j] += gv * e1v * hv;
-        }
-        if (gsp != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < width; ++j)
-            gsp[row + j] = static_cast<scalar_t>(opmath_t(gp[row + j]) * opmath_t(sp[mem + j]));
-        }
-        if (db != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < width; ++j) db[j] += opmath_t(gp[row + j]);
-        }
-        if (ddb != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < width; ++j) {
-            const opmath_t gv = opmath_t(gp[row + j]);
-            de2p[row + j] = static_cast<scalar_t>(gv * opmath_t(dbp[mem + j]));
-            ddb[j] += gv * opmath_t(e2p[row + j]);
-          }
-        }
-      }
-    });
+    const HyperGradArgs<scalar_t> args{g.const_data_ptr<scalar_t>(),
+                                       s.const_data_ptr<scalar_t>(),
+                                       v.const_data_ptr<scalar_t>(),
+                                       e1.const_data_ptr<scalar_t>(),
+                                       h.const_data_ptr<scalar_t>(),
+                                       has_delta_bias ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
+                                       has_delta_bias ? e2.const_data_ptr<scalar_t>() : nullptr,
+                                       compute_grad_x ? g_s.data_ptr<scalar_t>() : nullptr,
+                                       g_ve.data_ptr<scalar_t>(),
+                                       grad_e1.data_ptr<scalar_t>(),
+                                       has_delta_bias ? grad_e2.data_ptr<scalar_t>() : nullptr,
+                                       dv_partial.data(),
+                                       has_bias ? db_partial.data() : nullptr,
+                                       has_delta_bias ? ddb_partial.data() : nullptr,
+                                       d.out};
+    tiling.run([&](const MemberTiling::Task& t) { hyper_grad(args, t); });
     tiling.reduce(dv_partial, grad_v.data_ptr<scalar_t>());
     if (has_bias) tiling.reduce(db_partial, grad_bias.data_ptr<scalar_t>());
     if (has_delta_bias) tiling.reduce(ddb_partial, grad_delta_bias.data_ptr<scalar_t>());
@@ -545,10 +818,10 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
   Tensor grad_u = at::empty({d.E, d.in}, opts);
   Tensor grad_delta = at::empty({d.out, d.in}, opts);
   Tensor delta_side = at::empty({d.N, d.in}, opts);
-  if (d.N == 0 || d.out == 0) {
+  if (d.out == 0) {
     delta_side.zero_();
     if (compute_grad_x) grad_x.zero_();
-  } else {
+  } else if (d.N * d.in > 0) {
     at::mm_out(delta_side, g_ve, delta);
     if (compute_grad_x) at::mm_out(grad_x, g_s, weight);
   }
@@ -557,31 +830,14 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
     using opmath_t = at::opmath_type<scalar_t>;
     const MemberTiling tiling(d.E, d.B, d.in);
     std::vector<opmath_t> du_partial(tiling.partial_size(), opmath_t(0));
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    const scalar_t* up = u.const_data_ptr<scalar_t>();
-    scalar_t* bdp = delta_side.data_ptr<scalar_t>();
-    scalar_t* dxp = compute_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    tiling.run([&](const MemberTiling::Task& t) {
-      const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin;
-      const int64_t mem = t.k * d.in + c0;
-      opmath_t* du = du_partial.data() + t.partial_offset + c0;
-      for (int64_t i = t.row_begin; i < t.row_end; ++i) {
-        const int64_t row = i * d.in + c0;
-        if (dxp != nullptr) {
-          HYPERKERN_SIMD
-          for (int64_t j = 0; j < width; ++j)
-            dxp[row + j] = static_cast<scalar_t>(opmath_t(rp[mem + j]) * opmath_t(dxp[row + j]) +
-                                                 opmath_t(up[mem + j]) * opmath_t(bdp[row + j]));
-        }
-        HYPERKERN_SIMD
-        for (int64_t j = 0; j < width; ++j) {
-          const opmath_t xv = opmath_t(xp[row + j]);
-          du[j] += xv * opmath_t(bdp[row + j]);
-          bdp[row + j] = static_cast<scalar_t>(xv * opmath_t(up[mem + j]));
-        }
-      }
-    });
+    const HyperDxArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
+                                     r.const_data_ptr<scalar_t>(),
+                                     u.const_data_ptr<scalar_t>(),
+                                     compute_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr,
+                                     delta_side.data_ptr<scalar_t>(),
+                                     du_partial.data(),
+                                     d.in};
+    tiling.run([&](const MemberTiling::Task& t) { hyper_dx(args, t); });
     tiling.reduce(du_partial, grad_u.data_ptr<scalar_t>());
   });
   if (d.N == 0) {
