@@ -68,53 +68,60 @@ void for_each_member(int64_t E, const F& f) {
   for (int64_t k = paired; k < E; ++k) f(k);
 }
 
-// out[k, o, c, i, j] = w[o, c, i, j] * scale_out[k, o] * scale_in[k, (o / Og) * cg + c]: the members'
-// folded weights, (E, O, cg, kh, kw) contiguous.
-at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
-                       const Dims& d) {
+// Writes the members' folded weights w[o, c, i, j] * scale_out[k, o] * scale_in[k, (o / Og) * cg + c]
+// into part `rows` of a member_weight_buffer (in w's dtype, the product in its op-math type).
+void fold_weight_into(at::Tensor& buffer, const WeightRows& rows, const at::Tensor& weight, const at::Tensor& scale_out,
+                      const at::Tensor& scale_in, const Dims& d) {
   const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
-  at::Tensor out = at::empty({d.E, d.O, d.cg, d.kh, d.kw}, w.options());
   const int64_t K = d.kh * d.kw, row = d.cg * K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_fold_weight", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* sop = so.const_data_ptr<scalar_t>();
     const scalar_t* sip = si.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    scalar_t* base = buffer.mutable_data_ptr<scalar_t>() + rows.offset;
     at::parallel_for(0, d.E * d.O, std::max<int64_t>(1, 4096 / std::max<int64_t>(row, 1)), [&](int64_t b, int64_t e) {
       for (int64_t ko = b; ko < e; ++ko) {
         const int64_t k = ko / d.O, o = ko % d.O;
         const acc_t sk = static_cast<acc_t>(sop[ko]);
         const scalar_t* r_in = sip + k * d.C + (o / d.Og) * d.cg;
         const scalar_t* w_row = wp + o * row;
-        scalar_t* o_row = op + ko * row;
+        scalar_t* o_row = base + k * rows.member_stride + (o / d.Og) * rows.group_stride + (o % d.Og) * rows.row_stride;
         for (int64_t c = 0; c < d.cg; ++c) {
           const acc_t f = sk * static_cast<acc_t>(r_in[c]);
-          for (int64_t i = 0; i < K; ++i) o_row[c * K + i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+          for (int64_t i = 0; i < K; ++i) {
+            o_row[c * rows.c_stride + i * rows.i_stride] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+          }
         }
       }
     });
   });
+}
+
+// The members' folded weights W_k = weight * scale_out_k scale_in_k^T, (E, O, cg, kh, kw), each member
+// contiguous in x's memory format.
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
+                       const Dims& d, bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 1, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 1, 0, channels_last), weight, scale_out, scale_in, d);
   return out;
 }
 
-// Stacks two folded weights (E, O, cg, kh, kw) into (E, 2*O, cg, kh, kw) where group g's output
-// channels are [a's rows of group g | b's rows of group g]: a grouped convolution then computes both.
-at::Tensor stack_per_group(const at::Tensor& a, const at::Tensor& b, const Dims& d) {
-  return at::stack({a.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw}), b.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw})}, 2)
-      .view({d.E, 2 * d.O, d.cg, d.kh, d.kw});
+// W_k and D_k stacked per group, (E, 2 * O, cg, kh, kw): one convolution computes both branches.
+at::Tensor fold_stacked_weights(const at::Tensor& weight, const at::Tensor& s, const at::Tensor& r,
+                                const at::Tensor& delta, const at::Tensor& v, const at::Tensor& u, const Dims& d,
+                                bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 2, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d);
+  fold_weight_into(out, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d);
+  return out;
 }
 
-// Where member k's weight-gradient row for output channel o starts inside a gradient buffer:
-// base + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride; rows hold cg*kh*kw values.
-struct GradRows {
-  int64_t member_stride, group_stride, row_stride, offset;
-};
-
-// From the members' weight gradients G_k = dL/dW_k of the folded weights W_k = W * so_k si_k^T:
+// From the members' weight gradients G_k = dL/dW_k of the folded weights W_k = W * so_k si_k^T (part
+// `rows` of a member_weight_buffer):
 //   dW = sum_k G_k * so_k si_k^T, dso[k, o] = sum_{c,i,j} G_k * W * si_k, dsi[k, c] = sum_{o,i,j} G_k * W * so_k
 // (each only when requested; results in W's dtype, accumulated in its op-math type).
-void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at::Tensor& weight,
+void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const at::Tensor& weight,
                         const at::Tensor& scale_out, const at::Tensor& scale_in, const Dims& d, bool need_w,
                         bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
                         at::Tensor& d_scale_in) {
@@ -149,10 +156,13 @@ void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at:
           for (int64_t c = 0; c < d.cg; ++c) {
             const acc_t rc = static_cast<acc_t>(r_in[c]);
             acc_t gw = 0;
-            for (int64_t i = 0; i < K; ++i) gw += static_cast<acc_t>(g_row[c * K + i]) * static_cast<acc_t>(w_row[c * K + i]);
+            const scalar_t* g_c = g_row + c * rows.c_stride;
+            for (int64_t i = 0; i < K; ++i) {
+              gw += static_cast<acc_t>(g_c[i * rows.i_stride]) * static_cast<acc_t>(w_row[c * K + i]);
+            }
             if (need_w) {
               const acc_t f = sk * rc;
-              for (int64_t i = 0; i < K; ++i) dw_acc[c * K + i] += static_cast<acc_t>(g_row[c * K + i]) * f;
+              for (int64_t i = 0; i < K; ++i) dw_acc[c * K + i] += static_cast<acc_t>(g_c[i * rows.i_stride]) * f;
             }
             so_acc += gw * rc;
             if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw * sk;
@@ -200,7 +210,7 @@ at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weig
   check_optional(bias, x, {d.E, d.O}, "bias");
   const at::MemoryFormat fmt = activation_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, fmt == at::MemoryFormat::ChannelsLast);
   const std::optional<at::Tensor> bc = defined(bias) ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   if (d.N == 0) return y;
@@ -224,11 +234,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
              need_b = output_mask[4];
   const bool need_g = need_w || need_r || need_s;
   const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, channels_last);
   const auto opts = x.options();
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 1, channels_last, opts) : at::Tensor();
   at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_g) grads.zero_();
@@ -246,8 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
     });
   }
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
-  const int64_t row = d.cg * d.kh * d.kw;
-  reduce_weight_grad(grads, GradRows{d.O * row, d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r, dw,
+  reduce_weight_grad(grads, member_weight_rows(d, 1, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
                      ds, dr);
   return {dx, dw, dr, ds, db};
 }
@@ -339,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cpu(
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
   const auto bc = contiguous_opt(bias), dbc = contiguous_opt(delta_bias), e2c = contiguous_opt(e2);
-  const at::Tensor both_w = stack_per_group(fold_weight(weight, s, r, d), fold_weight(delta, v, u, d), d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   at::Tensor hd = save_hd ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options());
   if (d.N == 0) return {y, hd};
@@ -459,11 +469,12 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt), e1c = e1.contiguous();
   const at::Tensor hdc = have_hd ? hd.contiguous(fmt) : at::Tensor();
-  const at::Tensor folded_w = fold_weight(weight, s, r, d), folded_d = fold_weight(delta, v, u, d);
-  const at::Tensor both_w = stack_per_group(folded_w, folded_d, d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
+  // D_k alone, to recompute hd when the forward did not keep it
+  const at::Tensor folded_d = need_e1 && !have_hd ? fold_weight(delta, v, u, d, channels_last) : at::Tensor();
 
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, 2 * d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 2, channels_last, opts) : at::Tensor();
   at::Tensor g_sum = at::empty({d.N, d.O}, opts.dtype(acc_type));
   at::Tensor g_hd = need_e1 ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
   if (d.N == 0) {  // no images: every gradient is zero
@@ -489,14 +500,12 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
       }
     });
   }
-  const int64_t row = d.cg * d.kh * d.kw;
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
   at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
-  // Member k's stacked gradient rows: group g's W_k rows start at g * 2 * Og, its D_k rows Og later.
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r,
-                     dw, ds, dr);
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, d.Og * row}, delta, v, u, d, need_delta,
-                     need_v, need_u, ddelta, dv, du);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
+                     ds, dr);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d, need_delta, need_v, need_u,
+                     ddelta, dv, du);
   at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
   at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
   if (need_sum) {
