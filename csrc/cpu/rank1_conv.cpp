@@ -87,10 +87,19 @@ void fold_weight_into(at::Tensor& buffer, const WeightRows& rows, const at::Tens
         const scalar_t* r_in = sip + k * d.C + (o / d.Og) * d.cg;
         const scalar_t* w_row = wp + o * row;
         scalar_t* o_row = base + k * rows.member_stride + (o / d.Og) * rows.group_stride + (o % d.Og) * rows.row_stride;
-        for (int64_t c = 0; c < d.cg; ++c) {
-          const acc_t f = sk * static_cast<acc_t>(r_in[c]);
+        if (rows.c_stride == 1) {  // channels-last rows: input channels innermost, written in memory order
           for (int64_t i = 0; i < K; ++i) {
-            o_row[c * rows.c_stride + i * rows.i_stride] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+            for (int64_t c = 0; c < d.cg; ++c) {
+              o_row[i * rows.i_stride + c] =
+                  static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * sk * static_cast<acc_t>(r_in[c]));
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < d.cg; ++c) {
+            const acc_t f = sk * static_cast<acc_t>(r_in[c]);
+            for (int64_t i = 0; i < K; ++i) {
+              o_row[c * rows.c_stride + i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+            }
           }
         }
       }
@@ -126,16 +135,21 @@ void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const a
                         bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
                         at::Tensor& d_scale_in) {
   if (!(need_w || need_so || need_si)) return;
-  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
   const int64_t K = d.kh * d.kw, row = d.cg * K;
-  const auto opts = w.options();
-  if (need_w) d_weight = at::empty(w.sizes(), opts);
+  // Rows are walked in the buffer's memory order: (c, i) for NCHW, (i, c) for channels-last buffers
+  // (c_stride == 1), with the weight read in that same order.
+  const bool channels_last = rows.c_stride == 1 && rows.i_stride == d.cg && d.cg > 1 && K > 1;
+  const at::Tensor w_layout = weight.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous);
+  const at::Tensor so = scale_out.contiguous(), si = scale_in.contiguous();
+  const auto opts = weight.options();
+  if (need_w) d_weight = at::empty(weight.sizes(), opts);
   if (need_so) d_scale_out = at::empty({d.E, d.O}, opts);
   if (need_si) d_scale_in = at::empty({d.E, d.C}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_reduce_weight_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "rank1_conv_reduce_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grads.const_data_ptr<scalar_t>() + rows.offset;
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w_layout.const_data_ptr<scalar_t>();
     const scalar_t* sop = so.const_data_ptr<scalar_t>();
     const scalar_t* sip = si.const_data_ptr<scalar_t>();
     scalar_t* dwp = need_w ? d_weight.mutable_data_ptr<scalar_t>() : nullptr;
@@ -143,7 +157,7 @@ void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const a
     // dsi contributions per (k, o, c), summed over each group's output channels afterwards.
     std::vector<acc_t> si_part(need_si ? d.E * d.O * d.cg : 0);
     at::parallel_for(0, d.O, 1, [&](int64_t ob, int64_t oe) {
-      std::vector<acc_t> dw_acc(need_w ? row : 0);
+      std::vector<acc_t> dw_acc(need_w ? row : 0), scale(d.cg), gw(d.cg);
       for (int64_t o = ob; o < oe; ++o) {
         const int64_t grp = o / d.Og;
         const scalar_t* w_row = wp + o * row;
@@ -152,25 +166,47 @@ void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const a
           const scalar_t* g_row = gp + k * rows.member_stride + grp * rows.group_stride + (o % d.Og) * rows.row_stride;
           const acc_t sk = static_cast<acc_t>(sop[k * d.O + o]);
           const scalar_t* r_in = sip + k * d.C + grp * d.cg;
+          for (int64_t c = 0; c < d.cg; ++c) {
+            scale[c] = sk * static_cast<acc_t>(r_in[c]);
+            gw[c] = 0;
+          }
+          if (channels_last) {
+            for (int64_t i = 0; i < K; ++i) {
+              const scalar_t* g_i = g_row + i * d.cg;
+              const scalar_t* w_i = w_row + i * d.cg;
+              acc_t* dw_i = need_w ? dw_acc.data() + i * d.cg : nullptr;
+              for (int64_t c = 0; c < d.cg; ++c) {
+                const acc_t g = static_cast<acc_t>(g_i[c]);
+                gw[c] += g * static_cast<acc_t>(w_i[c]);
+                if (need_w) dw_i[c] += g * scale[c];
+              }
+            }
+          } else {
+            for (int64_t c = 0; c < d.cg; ++c) {
+              const scalar_t* g_c = g_row + c * K;
+              const scalar_t* w_c = w_row + c * K;
+              acc_t sum = 0;
+              for (int64_t i = 0; i < K; ++i) {
+                const acc_t g = static_cast<acc_t>(g_c[i]);
+                sum += g * static_cast<acc_t>(w_c[i]);
+                if (need_w) dw_acc[c * K + i] += g * scale[c];
+              }
+              gw[c] = sum;
+            }
+          }
           acc_t so_acc = 0;
           for (int64_t c = 0; c < d.cg; ++c) {
-            const acc_t rc = static_cast<acc_t>(r_in[c]);
-            acc_t gw = 0;
-            const scalar_t* g_c = g_row + c * rows.c_stride;
-            for (int64_t i = 0; i < K; ++i) {
-              gw += static_cast<acc_t>(g_c[i * rows.i_stride]) * static_cast<acc_t>(w_row[c * K + i]);
-            }
-            if (need_w) {
-              const acc_t f = sk * rc;
-              for (int64_t i = 0; i < K; ++i) dw_acc[c * K + i] += static_cast<acc_t>(g_c[i * rows.i_stride]) * f;
-            }
-            so_acc += gw * rc;
-            if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw * sk;
+            so_acc += gw[c] * static_cast<acc_t>(r_in[c]);
+            if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw[c] * sk;
           }
           if (need_so) dsop[k * d.O + o] = static_cast<scalar_t>(so_acc);
         }
-        if (need_w) {
-          for (int64_t i = 0; i < row; ++i) dwp[o * row + i] = static_cast<scalar_t>(dw_acc[i]);
+        if (need_w) {  // dW is (O, cg, kh, kw) contiguous like the weight
+          for (int64_t c = 0; c < d.cg; ++c) {
+            for (int64_t i = 0; i < K; ++i) {
+              dwp[o * row + c * K + i] = static_cast<scalar_t>(dw_acc[channels_last ? i * d.cg + c : c * K + i]);
+            }
+          }
         }
       }
     });
