@@ -135,5 +135,27 @@ inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& we
 // The memory format every output follows: x's (NCHW or channels-last).
 inline at::MemoryFormat activation_format(const at::Tensor& x) { return x.suggest_memory_format(); }
 
+// Per-member weight-sized buffers (the folded weights and their gradients) are (E, parts * O, cg, kh, kw):
+// output-channel group g holds [part 0's Og rows | part 1's Og rows | ...] (parts = 2 stacks W_k and
+// D_k for the hyper op), and each member's 4-D slice is contiguous in x's memory format, so ATen's
+// convolutions take it (and return its gradient) without a layout copy.
+inline at::Tensor member_weight_buffer(const Dims& d, int64_t parts, bool channels_last, const at::TensorOptions& opts) {
+  if (channels_last) return at::empty({d.E, parts * d.O, d.kh, d.kw, d.cg}, opts).permute({0, 1, 4, 2, 3});
+  return at::empty({d.E, parts * d.O, d.cg, d.kh, d.kw}, opts);
+}
+
+// Addressing of part `part` inside such a buffer: member k's row for output channel o starts at
+// offset + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride, and its element
+// (input channel c, kernel tap i) sits c * c_stride + i * i_stride further.
+struct WeightRows {
+  int64_t member_stride, group_stride, row_stride, offset, c_stride, i_stride;
+};
+
+inline WeightRows member_weight_rows(const Dims& d, int64_t parts, int64_t part, bool channels_last) {
+  const int64_t K = d.kh * d.kw, row = d.cg * K;
+  return {parts * d.O * row, parts * d.Og * row, row, part * d.Og * row, channels_last ? 1 : K,
+          channels_last ? d.cg : 1};
+}
+
 }  // namespace rank1_conv
 }  // namespace hyperkern

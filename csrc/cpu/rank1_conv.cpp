@@ -68,67 +68,88 @@ void for_each_member(int64_t E, const F& f) {
   for (int64_t k = paired; k < E; ++k) f(k);
 }
 
-// out[k, o, c, i, j] = w[o, c, i, j] * scale_out[k, o] * scale_in[k, (o / Og) * cg + c]: the members'
-// folded weights, (E, O, cg, kh, kw) contiguous.
-at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
-                       const Dims& d) {
+// Writes the members' folded weights w[o, c, i, j] * scale_out[k, o] * scale_in[k, (o / Og) * cg + c]
+// into part `rows` of a member_weight_buffer (in w's dtype, the product in its op-math type).
+void fold_weight_into(at::Tensor& buffer, const WeightRows& rows, const at::Tensor& weight, const at::Tensor& scale_out,
+                      const at::Tensor& scale_in, const Dims& d) {
   const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
-  at::Tensor out = at::empty({d.E, d.O, d.cg, d.kh, d.kw}, w.options());
   const int64_t K = d.kh * d.kw, row = d.cg * K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_fold_weight", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* sop = so.const_data_ptr<scalar_t>();
     const scalar_t* sip = si.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    scalar_t* base = buffer.mutable_data_ptr<scalar_t>() + rows.offset;
     at::parallel_for(0, d.E * d.O, std::max<int64_t>(1, 4096 / std::max<int64_t>(row, 1)), [&](int64_t b, int64_t e) {
       for (int64_t ko = b; ko < e; ++ko) {
         const int64_t k = ko / d.O, o = ko % d.O;
         const acc_t sk = static_cast<acc_t>(sop[ko]);
         const scalar_t* r_in = sip + k * d.C + (o / d.Og) * d.cg;
         const scalar_t* w_row = wp + o * row;
-        scalar_t* o_row = op + ko * row;
-        for (int64_t c = 0; c < d.cg; ++c) {
-          const acc_t f = sk * static_cast<acc_t>(r_in[c]);
-          for (int64_t i = 0; i < K; ++i) o_row[c * K + i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+        scalar_t* o_row = base + k * rows.member_stride + (o / d.Og) * rows.group_stride + (o % d.Og) * rows.row_stride;
+        if (rows.c_stride == 1) {  // channels-last rows: input channels innermost, written in memory order
+          for (int64_t i = 0; i < K; ++i) {
+            for (int64_t c = 0; c < d.cg; ++c) {
+              o_row[i * rows.i_stride + c] =
+                  static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * sk * static_cast<acc_t>(r_in[c]));
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < d.cg; ++c) {
+            const acc_t f = sk * static_cast<acc_t>(r_in[c]);
+            for (int64_t i = 0; i < K; ++i) {
+              o_row[c * rows.c_stride + i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[c * K + i]) * f);
+            }
+          }
         }
       }
     });
   });
+}
+
+// The members' folded weights W_k = weight * scale_out_k scale_in_k^T, (E, O, cg, kh, kw), each member
+// contiguous in x's memory format.
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
+                       const Dims& d, bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 1, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 1, 0, channels_last), weight, scale_out, scale_in, d);
   return out;
 }
 
-// Stacks two folded weights (E, O, cg, kh, kw) into (E, 2*O, cg, kh, kw) where group g's output
-// channels are [a's rows of group g | b's rows of group g]: a grouped convolution then computes both.
-at::Tensor stack_per_group(const at::Tensor& a, const at::Tensor& b, const Dims& d) {
-  return at::stack({a.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw}), b.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw})}, 2)
-      .view({d.E, 2 * d.O, d.cg, d.kh, d.kw});
+// W_k and D_k stacked per group, (E, 2 * O, cg, kh, kw): one convolution computes both branches.
+at::Tensor fold_stacked_weights(const at::Tensor& weight, const at::Tensor& s, const at::Tensor& r,
+                                const at::Tensor& delta, const at::Tensor& v, const at::Tensor& u, const Dims& d,
+                                bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 2, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d);
+  fold_weight_into(out, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d);
+  return out;
 }
 
-// Where member k's weight-gradient row for output channel o starts inside a gradient buffer:
-// base + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride; rows hold cg*kh*kw values.
-struct GradRows {
-  int64_t member_stride, group_stride, row_stride, offset;
-};
-
-// From the members' weight gradients G_k = dL/dW_k of the folded weights W_k = W * so_k si_k^T:
+// From the members' weight gradients G_k = dL/dW_k of the folded weights W_k = W * so_k si_k^T (part
+// `rows` of a member_weight_buffer):
 //   dW = sum_k G_k * so_k si_k^T, dso[k, o] = sum_{c,i,j} G_k * W * si_k, dsi[k, c] = sum_{o,i,j} G_k * W * so_k
 // (each only when requested; results in W's dtype, accumulated in its op-math type).
-void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at::Tensor& weight,
+void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const at::Tensor& weight,
                         const at::Tensor& scale_out, const at::Tensor& scale_in, const Dims& d, bool need_w,
                         bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
                         at::Tensor& d_scale_in) {
   if (!(need_w || need_so || need_si)) return;
-  const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
   const int64_t K = d.kh * d.kw, row = d.cg * K;
-  const auto opts = w.options();
-  if (need_w) d_weight = at::empty(w.sizes(), opts);
+  // Rows are walked in the buffer's memory order: (c, i) for NCHW, (i, c) for channels-last buffers
+  // (c_stride == 1), with the weight read in that same order.
+  const bool channels_last = rows.c_stride == 1 && rows.i_stride == d.cg && d.cg > 1 && K > 1;
+  const at::Tensor w_layout = weight.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous);
+  const at::Tensor so = scale_out.contiguous(), si = scale_in.contiguous();
+  const auto opts = weight.options();
+  if (need_w) d_weight = at::empty(weight.sizes(), opts);
   if (need_so) d_scale_out = at::empty({d.E, d.O}, opts);
   if (need_si) d_scale_in = at::empty({d.E, d.C}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_reduce_weight_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "rank1_conv_reduce_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grads.const_data_ptr<scalar_t>() + rows.offset;
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w_layout.const_data_ptr<scalar_t>();
     const scalar_t* sop = so.const_data_ptr<scalar_t>();
     const scalar_t* sip = si.const_data_ptr<scalar_t>();
     scalar_t* dwp = need_w ? d_weight.mutable_data_ptr<scalar_t>() : nullptr;
@@ -136,7 +157,7 @@ void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at:
     // dsi contributions per (k, o, c), summed over each group's output channels afterwards.
     std::vector<acc_t> si_part(need_si ? d.E * d.O * d.cg : 0);
     at::parallel_for(0, d.O, 1, [&](int64_t ob, int64_t oe) {
-      std::vector<acc_t> dw_acc(need_w ? row : 0);
+      std::vector<acc_t> dw_acc(need_w ? row : 0), scale(d.cg), gw(d.cg);
       for (int64_t o = ob; o < oe; ++o) {
         const int64_t grp = o / d.Og;
         const scalar_t* w_row = wp + o * row;
@@ -145,22 +166,47 @@ void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at:
           const scalar_t* g_row = gp + k * rows.member_stride + grp * rows.group_stride + (o % d.Og) * rows.row_stride;
           const acc_t sk = static_cast<acc_t>(sop[k * d.O + o]);
           const scalar_t* r_in = sip + k * d.C + grp * d.cg;
+          for (int64_t c = 0; c < d.cg; ++c) {
+            scale[c] = sk * static_cast<acc_t>(r_in[c]);
+            gw[c] = 0;
+          }
+          if (channels_last) {
+            for (int64_t i = 0; i < K; ++i) {
+              const scalar_t* g_i = g_row + i * d.cg;
+              const scalar_t* w_i = w_row + i * d.cg;
+              acc_t* dw_i = need_w ? dw_acc.data() + i * d.cg : nullptr;
+              for (int64_t c = 0; c < d.cg; ++c) {
+                const acc_t g = static_cast<acc_t>(g_i[c]);
+                gw[c] += g * static_cast<acc_t>(w_i[c]);
+                if (need_w) dw_i[c] += g * scale[c];
+              }
+            }
+          } else {
+            for (int64_t c = 0; c < d.cg; ++c) {
+              const scalar_t* g_c = g_row + c * K;
+              const scalar_t* w_c = w_row + c * K;
+              acc_t sum = 0;
+              for (int64_t i = 0; i < K; ++i) {
+                const acc_t g = static_cast<acc_t>(g_c[i]);
+                sum += g * static_cast<acc_t>(w_c[i]);
+                if (need_w) dw_acc[c * K + i] += g * scale[c];
+              }
+              gw[c] = sum;
+            }
+          }
           acc_t so_acc = 0;
           for (int64_t c = 0; c < d.cg; ++c) {
-            const acc_t rc = static_cast<acc_t>(r_in[c]);
-            acc_t gw = 0;
-            for (int64_t i = 0; i < K; ++i) gw += static_cast<acc_t>(g_row[c * K + i]) * static_cast<acc_t>(w_row[c * K + i]);
-            if (need_w) {
-              const acc_t f = sk * rc;
-              for (int64_t i = 0; i < K; ++i) dw_acc[c * K + i] += static_cast<acc_t>(g_row[c * K + i]) * f;
-            }
-            so_acc += gw * rc;
-            if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw * sk;
+            so_acc += gw[c] * static_cast<acc_t>(r_in[c]);
+            if (need_si) si_part[(k * d.O + o) * d.cg + c] = gw[c] * sk;
           }
           if (need_so) dsop[k * d.O + o] = static_cast<scalar_t>(so_acc);
         }
-        if (need_w) {
-          for (int64_t i = 0; i < row; ++i) dwp[o * row + i] = static_cast<scalar_t>(dw_acc[i]);
+        if (need_w) {  // dW is (O, cg, kh, kw) contiguous like the weight
+          for (int64_t c = 0; c < d.cg; ++c) {
+            for (int64_t i = 0; i < K; ++i) {
+              dwp[o * row + c * K + i] = static_cast<scalar_t>(dw_acc[channels_last ? i * d.cg + c : c * K + i]);
+            }
+          }
         }
       }
     });
@@ -200,7 +246,7 @@ at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weig
   check_optional(bias, x, {d.E, d.O}, "bias");
   const at::MemoryFormat fmt = activation_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, fmt == at::MemoryFormat::ChannelsLast);
   const std::optional<at::Tensor> bc = defined(bias) ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   if (d.N == 0) return y;
@@ -224,11 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
              need_b = output_mask[4];
   const bool need_g = need_w || need_r || need_s;
   const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, channels_last);
   const auto opts = x.options();
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 1, channels_last, opts) : at::Tensor();
   at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_g) grads.zero_();
@@ -246,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
     });
   }
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
-  const int64_t row = d.cg * d.kh * d.kw;
-  reduce_weight_grad(grads, GradRows{d.O * row, d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r, dw,
+  reduce_weight_grad(grads, member_weight_rows(d, 1, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
                      ds, dr);
   return {dx, dw, dr, ds, db};
 }
@@ -339,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cpu(
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
   const auto bc = contiguous_opt(bias), dbc = contiguous_opt(delta_bias), e2c = contiguous_opt(e2);
-  const at::Tensor both_w = stack_per_group(fold_weight(weight, s, r, d), fold_weight(delta, v, u, d), d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   at::Tensor hd = save_hd ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options());
   if (d.N == 0) return {y, hd};
@@ -459,11 +505,12 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt), e1c = e1.contiguous();
   const at::Tensor hdc = have_hd ? hd.contiguous(fmt) : at::Tensor();
-  const at::Tensor folded_w = fold_weight(weight, s, r, d), folded_d = fold_weight(delta, v, u, d);
-  const at::Tensor both_w = stack_per_group(folded_w, folded_d, d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
+  // D_k alone, to recompute hd when the forward did not keep it
+  const at::Tensor folded_d = need_e1 && !have_hd ? fold_weight(delta, v, u, d, channels_last) : at::Tensor();
 
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, 2 * d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 2, channels_last, opts) : at::Tensor();
   at::Tensor g_sum = at::empty({d.N, d.O}, opts.dtype(acc_type));
   at::Tensor g_hd = need_e1 ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
   if (d.N == 0) {  // no images: every gradient is zero
@@ -489,14 +536,12 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
       }
     });
   }
-  const int64_t row = d.cg * d.kh * d.kw;
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
   at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
-  // Member k's stacked gradient rows: group g's W_k rows start at g * 2 * Og, its D_k rows Og later.
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r,
-                     dw, ds, dr);
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, d.Og * row}, delta, v, u, d, need_delta,
-                     need_v, need_u, ddelta, dv, du);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
+                     ds, dr);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d, need_delta, need_v, need_u,
+                     ddelta, dv, du);
   at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
   at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
   if (need_sum) {

@@ -70,69 +70,79 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 
 // ---- weight folding and the weight-gradient reductions (weight-sized, E * O * cg * kh * kw) ----
 
-// out[k, o, c, i] = w[o, c, i] * so[k, o] * si[k, (o / Og) * cg + c]
+// Part `rows` of a member_weight_buffer: row (k, o) gets w[o, c, i] * so[k, o] * si[k, (o / Og) * cg + c].
 template <typename T>
 __global__ void fold_weight_kernel(const T* __restrict__ w, const T* __restrict__ so, const T* __restrict__ si,
-                                   T* __restrict__ out, int64_t E, int64_t O, int64_t C, int64_t cg, int64_t Og,
-                                   int64_t K) {
+                                   T* __restrict__ out, WeightRows rows, int64_t E, int64_t O, int64_t C, int64_t cg,
+                                   int64_t Og, int64_t K) {
   using acc_t = at::opmath_type<T>;
   const int64_t row = cg * K, total = E * O * row;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t ko = idx / row, ci = idx % row, k = ko / O, o = ko % O, c = ci / K;
+    const int64_t ko = idx / row, ci = idx % row, k = ko / O, o = ko % O, c = ci / K, i = ci % K;
     const acc_t f = static_cast<acc_t>(so[ko]) * static_cast<acc_t>(si[k * C + (o / Og) * cg + c]);
-    out[idx] = static_cast<T>(static_cast<acc_t>(w[o * row + ci]) * f);
+    out[rows.offset + k * rows.member_stride + (o / Og) * rows.group_stride + (o % Og) * rows.row_stride +
+        c * rows.c_stride + i * rows.i_stride] = static_cast<T>(static_cast<acc_t>(w[o * row + ci]) * f);
   }
 }
 
-at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
-                       const Dims& d) {
+void fold_weight_into(at::Tensor& buffer, const WeightRows& rows, const at::Tensor& weight, const at::Tensor& scale_out,
+                      const at::Tensor& scale_in, const Dims& d) {
   const at::Tensor w = weight.contiguous(), so = scale_out.contiguous(), si = scale_in.contiguous();
-  at::Tensor out = at::empty({d.E, d.O, d.cg, d.kh, d.kw}, w.options());
-  if (out.numel() == 0) return out;
-  const int64_t K = d.kh * d.kw;
+  const int64_t total = d.E * d.O * d.cg * d.kh * d.kw;
+  if (total == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rank1_conv_fold_weight_cuda", [&] {
-    fold_weight_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    fold_weight_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         w.const_data_ptr<scalar_t>(), so.const_data_ptr<scalar_t>(), si.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), d.E, d.O, d.C, d.cg, d.Og, K);
+        buffer.mutable_data_ptr<scalar_t>(), rows, d.E, d.O, d.C, d.cg, d.Og, d.kh * d.kw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// The members' folded weights W_k = weight * scale_out_k scale_in_k^T, (E, O, cg, kh, kw), each member
+// contiguous in x's memory format.
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_out, const at::Tensor& scale_in,
+                       const Dims& d, bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 1, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 1, 0, channels_last), weight, scale_out, scale_in, d);
   return out;
 }
 
-at::Tensor stack_per_group(const at::Tensor& a, const at::Tensor& b, const Dims& d) {
-  return at::stack({a.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw}), b.view({d.E, d.G, d.Og, d.cg, d.kh, d.kw})}, 2)
-      .view({d.E, 2 * d.O, d.cg, d.kh, d.kw});
+// W_k and D_k stacked per group, (E, 2 * O, cg, kh, kw): one convolution computes both branches.
+at::Tensor fold_stacked_weights(const at::Tensor& weight, const at::Tensor& s, const at::Tensor& r,
+                                const at::Tensor& delta, const at::Tensor& v, const at::Tensor& u, const Dims& d,
+                                bool channels_last) {
+  at::Tensor out = member_weight_buffer(d, 2, channels_last, weight.options());
+  fold_weight_into(out, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d);
+  fold_weight_into(out, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d);
+  return out;
 }
-
-// Member k's gradient row for output channel o starts at
-// offset + k * member_stride + (o / Og) * group_stride + (o % Og) * row_stride (cg*kh*kw values).
-struct GradRows {
-  int64_t member_stride, group_stride, row_stride, offset;
-};
 
 struct ReduceDims {
   int64_t E, O, C, cg, Og, K;
 };
 
-__device__ __forceinline__ int64_t grad_row(const GradRows& g, const ReduceDims& d, int64_t k, int64_t o) {
-  return g.offset + k * g.member_stride + (o / d.Og) * g.group_stride + (o % d.Og) * g.row_stride;
+// Offset of member k's gradient element (o, c, i) in part `rows` of a member_weight_buffer.
+__device__ __forceinline__ int64_t grad_at(const WeightRows& g, const ReduceDims& d, int64_t k, int64_t o, int64_t c,
+                                           int64_t i) {
+  return g.offset + k * g.member_stride + (o / d.Og) * g.group_stride + (o % d.Og) * g.row_stride + c * g.c_stride +
+         i * g.i_stride;
 }
 
 // dW[o, c, i] = sum_k G_k[o, c, i] * so[k, o] * si[k, (o / Og) * cg + c]
 template <typename T>
-__global__ void grad_weight_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ so,
+__global__ void grad_weight_kernel(const T* __restrict__ G, WeightRows rows, ReduceDims d, const T* __restrict__ so,
                                    const T* __restrict__ si, T* __restrict__ dw) {
   using acc_t = at::opmath_type<T>;
   const int64_t row = d.cg * d.K, total = d.O * row;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = idx / row, ci = idx % row, c = ci / d.K;
+    const int64_t o = idx / row, ci = idx % row, c = ci / d.K, i = ci % d.K;
     const int64_t c_all = (o / d.Og) * d.cg + c;
     acc_t sum = 0;
     for (int64_t k = 0; k < d.E; ++k) {
-      sum += static_cast<acc_t>(G[grad_row(rows, d, k, o) + ci]) * static_cast<acc_t>(so[k * d.O + o]) *
+      sum += static_cast<acc_t>(G[grad_at(rows, d, k, o, c, i)]) * static_cast<acc_t>(so[k * d.O + o]) *
              static_cast<acc_t>(si[k * d.C + c_all]);
     }
     dw[idx] = static_cast<T>(sum);
@@ -141,7 +151,7 @@ __global__ void grad_weight_kernel(const T* __restrict__ G, GradRows rows, Reduc
 
 // dso[k, o] = sum_{c, i} G_k[o, c, i] * w[o, c, i] * si[k, (o / Og) * cg + c]; one warp per (k, o).
 template <typename T>
-__global__ void grad_scale_out_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ w,
+__global__ void grad_scale_out_kernel(const T* __restrict__ G, WeightRows rows, ReduceDims d, const T* __restrict__ w,
                                       const T* __restrict__ si, T* __restrict__ dso) {
   using acc_t = at::opmath_type<T>;
   const int lane = threadIdx.x % 32;
@@ -150,11 +160,12 @@ __global__ void grad_scale_out_kernel(const T* __restrict__ G, GradRows rows, Re
   for (int64_t ko = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; ko < d.E * d.O;
        ko += warps) {
     const int64_t k = ko / d.O, o = ko % d.O;
-    const T* g = G + grad_row(rows, d, k, o);
     const T* si_k = si + k * d.C + (o / d.Og) * d.cg;
     acc_t sum = 0;
     for (int64_t ci = lane; ci < row; ci += 32) {
-      sum += static_cast<acc_t>(g[ci]) * static_cast<acc_t>(w[o * row + ci]) * static_cast<acc_t>(si_k[ci / d.K]);
+      const int64_t c = ci / d.K, i = ci % d.K;
+      sum += static_cast<acc_t>(G[grad_at(rows, d, k, o, c, i)]) * static_cast<acc_t>(w[o * row + ci]) *
+             static_cast<acc_t>(si_k[c]);
     }
     sum = warp_sum(sum);
     if (lane == 0) dso[ko] = static_cast<T>(sum);
@@ -163,7 +174,7 @@ __global__ void grad_scale_out_kernel(const T* __restrict__ G, GradRows rows, Re
 
 // dsi[k, c_all] = sum_{o in c_all's group, i} G_k[o, c, i] * w[o, c, i] * so[k, o]; one warp per (k, c_all).
 template <typename T>
-__global__ void grad_scale_in_kernel(const T* __restrict__ G, GradRows rows, ReduceDims d, const T* __restrict__ w,
+__global__ void grad_scale_in_kernel(const T* __restrict__ G, WeightRows rows, ReduceDims d, const T* __restrict__ w,
                                      const T* __restrict__ so, T* __restrict__ dsi) {
   using acc_t = at::opmath_type<T>;
   const int lane = threadIdx.x % 32;
@@ -175,7 +186,7 @@ __global__ void grad_scale_in_kernel(const T* __restrict__ G, GradRows rows, Red
     acc_t sum = 0;
     for (int64_t t = lane; t < span; t += 32) {
       const int64_t o = grp * d.Og + t / d.K, i = t % d.K;
-      sum += static_cast<acc_t>(G[grad_row(rows, d, k, o) + c * d.K + i]) *
+      sum += static_cast<acc_t>(G[grad_at(rows, d, k, o, c, i)]) *
              static_cast<acc_t>(w[o * row + c * d.K + i]) * static_cast<acc_t>(so[k * d.O + o]);
     }
     sum = warp_sum(sum);
@@ -183,7 +194,7 @@ __global__ void grad_scale_in_kernel(const T* __restrict__ G, GradRows rows, Red
   }
 }
 
-void reduce_weight_grad(const at::Tensor& grads, const GradRows& rows, const at::Tensor& weight,
+void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const at::Tensor& weight,
                         const at::Tensor& scale_out, const at::Tensor& scale_in, const Dims& d, bool need_w,
                         bool need_so, bool need_si, at::Tensor& d_weight, at::Tensor& d_scale_out,
                         at::Tensor& d_scale_in) {
@@ -508,7 +519,7 @@ at::Tensor batch_ensemble_conv2d_cuda(const at::Tensor& x, const at::Tensor& wei
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = activation_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, fmt == at::MemoryFormat::ChannelsLast);
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   if (y.numel() == 0) return y;
   const bool cudnn = use_cudnn(x);
@@ -532,11 +543,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
              need_b = output_mask[4];
   const bool need_g = need_w || need_r || need_s;
   const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d);
+  const at::Tensor folded = fold_weight(weight, s, r, d, channels_last);
   const auto opts = x.options();
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 1, channels_last, opts) : at::Tensor();
   at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
   if (d.N == 0) {
     if (need_g) grads.zero_();
@@ -554,8 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
     }
   }
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
-  const int64_t row = d.cg * d.kh * d.kw;
-  reduce_weight_grad(grads, GradRows{d.O * row, d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r, dw,
+  reduce_weight_grad(grads, member_weight_rows(d, 1, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
                      ds, dr);
   return {dx, dw, dr, ds, db};
 }
@@ -573,9 +584,10 @@ std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cuda(
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
   const auto bc = contiguous_opt(bias), dbc = contiguous_opt(delta_bias), e2c = contiguous_opt(e2);
-  const at::Tensor both_w = stack_per_group(fold_weight(weight, s, r, d), fold_weight(delta, v, u, d), d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
   at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
   at::Tensor hd = save_hd ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options());
   if (y.numel() == 0) return {y, hd};
@@ -585,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cuda(
     member_conv_into(both.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), both_w[k], geo, cudnn);
   }
   at::Tensor hd_out = save_hd ? hd : at::Tensor();
-  hyper_epilogue(both, e1c, bc, dbc, e2c, d, fmt == at::MemoryFormat::ChannelsLast, y, hd_out);
+  hyper_epilogue(both, e1c, bc, dbc, e2c, d, channels_last, y, hd_out);
   return {y, hd};
 }
 
@@ -621,11 +633,10 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
   const auto opts = x.options();
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt), e1c = e1.contiguous();
-  const at::Tensor folded_w = fold_weight(weight, s, r, d), folded_d = fold_weight(delta, v, u, d);
-  const at::Tensor both_w = stack_per_group(folded_w, folded_d, d);
+  const at::Tensor both_w = fold_stacked_weights(weight, s, r, delta, v, u, d, channels_last);
 
   at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? at::empty({d.E, 2 * d.O, d.cg, d.kh, d.kw}, opts) : at::Tensor();
+  at::Tensor grads = need_g ? member_weight_buffer(d, 2, channels_last, opts) : at::Tensor();
   at::Tensor g_sum = at::zeros({d.N, d.O}, opts.dtype(acc_type));
   at::Tensor g_hd = need_e1 ? at::zeros({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
   if (d.N == 0) {
@@ -636,6 +647,7 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
       if (have_hd) {
         hd_used = hd.contiguous(fmt);
       } else {  // not saved by the forward: recompute hd = conv(x, D_k) per member
+        const at::Tensor folded_d = fold_weight(delta, v, u, d, channels_last);
         hd_used = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
         const bool cudnn = use_cudnn(x);
         for (int64_t k = 0; k < d.E; ++k) {
@@ -655,13 +667,12 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
       }
     }
   }
-  const int64_t row = d.cg * d.kh * d.kw;
   at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
   at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, 0}, weight, s, r, d, need_w, need_s, need_r,
-                     dw, ds, dr);
-  reduce_weight_grad(grads, GradRows{2 * d.O * row, 2 * d.Og * row, row, d.Og * row}, delta, v, u, d, need_delta,
-                     need_v, need_u, ddelta, dv, du);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
+                     ds, dr);
+  reduce_weight_grad(grads, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d, need_delta, need_v, need_u,
+                     ddelta, dv, du);
   at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
   at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
   if (need_sum) {
