@@ -35,9 +35,11 @@ channel group), so the member's vectors are loaded once per tile and applied in 
 Kernels assume validated input (hyperkern.ops._validate.validate_conv2d): the small per-member
 vectors contiguous; x / grad / outputs with any strides; weight / delta of any layout (the launchers
 pass them in the layout each kernel reads along K: see _weight_layout). The bias gradients (sums of
-the gradient over pixels) are formed by the caller. Layouts: channels-last activations are the fast
-path (16-byte vector loads into cp.async pipelines); NCHW works through the same strided gathers
-(scalar loads). Precision: bf16 / fp16 and float32 as TF32 (or 3xTF32 when
+the gradient over pixels) are formed by the caller. Layouts: the kernels take any strides, but only
+channels-last activations give 16-byte vector loads into the cp.async pipelines (and the sm_90 specs
+cover that specialisation), so hyperkern.ops._triton_conv passes activations channels-last (copying
+other layouts at the op boundary). Launches whose channel counts / strides are not multiples of 16
+use a separate set of smaller tiles (see _TILES). Precision: bf16 / fp16 and float32 as TF32 (or 3xTF32 when
 torch.backends.cudnn.allow_tf32 is off) on Hopper wgmma with fp32 accumulators; float64 with float64
 accumulators (DMMA). `sm90_compile_specs()` lists every kernel x config x dtype for the static sm_90
 compile check (bench/static_gpu_report.py).
