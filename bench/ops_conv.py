@@ -88,6 +88,7 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
             lambda *a: torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*a, *geo, False)[0], leaves, grad)
     out["torch"] = pair(lambda *a: op(*a, *GEO, backend="torch"), leaves, grad)
     if compile_eager:
+        torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
         compiled = torch.compile(eager, dynamic=False)
         out["torch.compile"] = pair(lambda *a: compiled(*a, *GEO), leaves, grad)
     return out

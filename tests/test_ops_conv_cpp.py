@@ -100,11 +100,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
 def test_batch_ensemble_conv2d_fp64_matches_member_loop(E, B, C, O, groups, stride, padding, dilation, hw,
-                                                        channels_last):
-    args = _be_args(E, B, C, O, groups, hw, channels_last=channels_last)
+                                                        channels_last, bias):
+    args = _be_args(E, B, C, O, groups, hw, bias=bias, channels_last=channels_last)
     _check_against_reference(hyperkern.ops.batch_ensemble_conv2d, ref.batch_ensemble_conv2d_reference, args,
                              (stride, padding, dilation, groups), 1e-10, 1e-10, channels_last)
 
@@ -194,6 +195,12 @@ def test_opcheck(channels_last):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*args, *geo, save_hd))
     no_db = args[:9] + [None, None]
     torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*no_db, *geo, True))
+    plain = [t.detach() for t in args]
+    y, hd = torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*plain, *geo, True)
+    mask = [True, True, False, True, True, False, True, True, True, True, False]
+    for saved in (hd, hd.new_empty(0)):
+        torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward,
+                              (torch.randn_like(y), *plain[:8], *plain[9:], saved, *geo, mask))
 
 
 def test_torch_compile_fullgraph_matches_eager():
