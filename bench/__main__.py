@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -60,6 +61,8 @@ def _parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu measures one thread's work: use it with --device cpu --threads 1")
     if args.ensemble_size is None:
         args.ensemble_size = 2 if args.tiny else 4
     if args.per_member is None:
@@ -91,6 +94,32 @@ def linear_shapes(args, dtype) -> list[tuple[int, int, int, int]]:
     return [(E, 256, 512, 512)] if args.quick else [(E, 256, 512, 512), (E, 256, 1024, 1024)]
 
 
+def _run_conv(mod, args, dtype, device, log) -> list[dict]:
+    """bench/ops_conv.py's run(): ResNet-20 / WRN layer shapes, NCHW and channels-last, batch and hyper op."""
+    params = inspect.signature(mod.run).parameters
+    kw = {"dtype": dtype, "E": args.ensemble_size, "compile_eager": not (args.quick or args.tiny)}
+    if "device" in params:
+        kw["device"] = device
+    elif device.type != "cpu":
+        log(f"[ops] bench/ops_conv.py has no device argument (CPU only): conv rows skipped on {device.type}")
+        return []
+    if "hyper" in params:
+        kw["hyper"] = True
+    if "clock" in params and device.type == "cpu":
+        kw["clock"] = args.clock
+    if args.tiny:
+        kw.update(shapes=(min(mod.SHAPES, key=lambda k: mod.SHAPES[k][1] * mod.SHAPES[k][2] ** 2),),
+                  channels_last=(False,), B=2, rounds=args.repeats or 2)
+    elif args.quick:
+        kw.update(shapes=tuple(k for k in mod.SHAPES if mod.SHAPES[k][1] <= 64), channels_last=(False,),
+                  rounds=args.repeats or 5)
+    elif args.repeats:
+        kw["rounds"] = args.repeats
+    kw = {k: v for k, v in kw.items() if k in params}
+    log(f"[ops] conv, {str(dtype).replace('torch.', '')}, {', '.join(f'{k}={v}' for k, v in kw.items())}")
+    return mod.run(**kw)
+
+
 def run_op_suite(args, log=print) -> dict:
     """Run every op benchmark module present in this tree; returns {"rows", "modules", "missing"}."""
     device = torch.device(args.device)
@@ -111,27 +140,56 @@ def run_op_suite(args, log=print) -> dict:
                 log(f"[ops] linear, {dname}, shapes (E, B, in, out): {shapes}")
                 kw = {"repeats": args.repeats or (3 if args.quick or args.tiny else 15),
                       "inner": 1 if args.tiny else 3, "compile_": not (args.quick or args.tiny)}
+                if args.clock == "cpu" and "cpu_time" in inspect.signature(mod.run_linear).parameters:
+                    kw["cpu_time"] = True
                 new = mod.run_linear(shapes, dtype, device, **kw)
             else:
-                new = mod.run_conv(args, dtype, device, log=log)
-            for r in new:
-                r = dict(r)
+                new = _run_conv(mod, args, dtype, device, log)
+            for r in _normalise_op_rows(new):
                 r.setdefault("dtype", dname)
                 r["suite"] = "ops"
                 r["source"] = modname
-                if isinstance(r.get("shape"), tuple):
-                    r["shape"] = list(r["shape"])
                 rows.append(r)
     if missing:
         log(f"[ops] not in this tree (skipped): {', '.join(missing)}")
     return {"rows": rows, "modules": used, "missing": missing}
 
 
+_ROW_KEYS = ("shape", "format", "op", "mode", "dtype", "variant", "ms", "ratio")
+
+
+def _normalise_op_rows(rows) -> list[dict]:
+    """One dict per (op, shape, mode, variant) with ms and ratio to the floor. Accepts rows in that
+    form (bench/ops.py) and rows holding one column per variant plus "floor" (bench/ops_conv.py)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if isinstance(row.get("shape"), tuple):
+            row["shape"] = list(row["shape"])
+        if "variant" in row:
+            out.append(row)
+            continue
+        floor = row["floor"]
+        common = {k: v for k, v in row.items() if not isinstance(v, (int, float)) or k in _ROW_KEYS}
+        out.append({**common, "variant": "floor", "ms": floor, "ratio": 1.0})
+        for name, ms in row.items():
+            if name in common or name == "floor" or not isinstance(ms, (int, float)):
+                continue
+            out.append({**common, "variant": name, "ms": ms, "ratio": ms / floor})
+    return out
+
+
+def _shape_text(r: dict) -> str:
+    shape = r["shape"]
+    text = shape if isinstance(shape, str) else ", ".join(str(v) for v in shape)
+    return f"{text} ({r['format']})" if r.get("format") else text
+
+
 def format_op_table(rows: list[dict]) -> str:
     from bench.common import format_markdown_table
 
-    header = ["op", "shape", "dtype", "mode", "variant", "median ms", "x floor"]
-    body = [[r["op"], ", ".join(str(v) for v in r["shape"]), r["dtype"], r["mode"], r["variant"], f"{r['ms']:.3f}",
+    header = ["op", "shape", "dtype", "mode", "variant", "ms", "x floor"]
+    body = [[r["op"], _shape_text(r), r["dtype"], r["mode"], r["variant"], f"{r['ms']:.3f}",
              f"{r['ratio']:.3f}"] for r in rows]
     return format_markdown_table(header, body, ["l", "l", "l", "l", "l", "r", "r"])
 
@@ -199,7 +257,9 @@ def main(argv=None) -> int:
         ops_result = run_op_suite(args)
         result["suites"]["ops"] = ops_result
         print("\n## Op level\n")
-        print("floor = one plain F.linear / conv2d over the same E*B rows (2*out outputs for the hyper ops)")
+        print("floor = one plain F.linear / conv2d over the same E*B rows (2*out outputs for the hyper ops); "
+              "ms: linear rows (bench/ops.py) the median of interleaved rounds, conv rows (bench/ops_conv.py) "
+              "the best of interleaved rounds")
         print(format_op_table(ops_result["rows"]) if ops_result["rows"] else "(no op benchmark module in this tree)")
         result["targets"] += check_op_targets(ops_result["rows"], args.device)
 

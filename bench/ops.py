@@ -11,6 +11,8 @@ torch.autograd.grad for every input) it times:
   torch        hyperkern.ops.* with backend="torch" (the plain composition)
   torch.compile  torch.compile of that composition
   tabm         a TabM-style layer: (x * r) broadcast over a (E, B, in) view, GEMM, * s, + b
+  torch_unc    a torch-uncertainty-style layer (bench/peers.py): per-row r, s, b materialised with
+               repeat_interleave, then x * R, GEMM, * S, + B (batch op only)
   cpp          hyperkern.ops.* with backend="cpp" (the compiled extension), input validation included
   cpp-kernel   the same C++ op called through hyperkern.ops._cpp_linear, without the public API's
                Python validation (shows what the validation itself costs)
@@ -38,6 +40,8 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repository root
 
 import hyperkern  # noqa: E402
 from hyperkern import ops  # noqa: E402
+
+from bench import peers  # noqa: E402
 
 DEFAULT_SHAPES = ((4, 256, 512, 512), (4, 256, 1024, 1024))
 
@@ -108,6 +112,8 @@ def _variants(op: str, device: torch.device, compile_: bool) -> dict:
     if compile_:
         out["torch.compile"] = torch.compile(functools.partial(public, backend="torch"), dynamic=False)
     out["tabm"] = _tabm_batch_ensemble if op == "batch_ensemble_linear" else _tabm_hyper
+    if op == "batch_ensemble_linear":  # torch-uncertainty style (bench/peers.py); it has no hyper layer
+        out["torch_unc"] = peers.torch_uncertainty_batch_ensemble_linear
     status = _backend_status(device.type, op)
     if status.get("cpp") is None:
         from hyperkern.ops import _cpp_linear

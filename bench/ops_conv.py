@@ -1,8 +1,9 @@
 """Benchmark of the rank-1 ensemble conv2d ops against the floor.
 
 The floor is a plain conv2d over the same E*B images (for the hyper op: one plain conv2d with 2*O output
-channels, the same multiply-adds as its two branches). Rows: the "cpp" backend, the "torch" backend (the
-eager composition) and torch.compile of that composition, forward (no grad) and forward+backward (every
+channels, the same multiply-adds as its two branches). Rows: the "cpp" backend ("triton" too on CUDA), the
+"torch" backend (the eager composition), torch.compile of that composition, the peers' layers (tabm,
+torch_unc: bench/peers.py, batch op only), forward (no grad) and forward+backward (every
 input requiring grad), NCHW and channels-last, at ResNet-20 / WRN-28-10 layer shapes (3x3, padding 1).
 
     python bench/ops_conv.py                      # all shapes, both formats, fp32, torch.get_num_threads()
@@ -25,26 +26,33 @@ import torch.nn.functional as F
 import hyperkern
 from hyperkern.ops.conv import _torch_batch_ensemble_conv2d, _torch_hyper_batch_ensemble_conv2d
 
+try:
+    from bench import peers
+except ImportError:  # run as a script: python bench/ops_conv.py puts bench/ itself on sys.path
+    import peers
+
 # (label, channels, spatial size): ResNet-20 stage 1 and 3, WRN-28-10 stage 1 (E=4, B=16).
 SHAPES = {"16x32": ("ResNet-20 stage 1", 16, 32), "64x8": ("ResNet-20 stage 3", 64, 8),
           "160x32": ("WRN-28-10 stage 1", 160, 32)}
 GEO = ((1, 1), (1, 1), (1, 1), 1)  # stride, padding, dilation, groups
 
 
-def _best_of(fns: dict, rounds: int, warmup: int = 2, clock=time.perf_counter) -> dict:
+def _best_of(fns: dict, rounds: int, warmup: int = 2, clock=time.perf_counter, sync=lambda: None) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             start = clock()
             fn()
+            sync()
             best[name] = min(best[name], clock() - start)
     return {name: t * 1e3 for name, t in best.items()}
 
 
-def _case(C, H, E, B, channels_last, dtype, hyper):
+def _case(C, H, E, B, channels_last, dtype, hyper, device="cpu"):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(E * B, C, H, H, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(C, C, 3, 3, dtype=dtype) * (2 / (9 * C)) ** 0.5
@@ -57,7 +65,7 @@ def _case(C, H, E, B, channels_last, dtype, hyper):
         e1, db, e2 = torch.randn(E * B, C, dtype=dtype), torch.randn(E, C, dtype=dtype), torch.randn(E * B, C, dtype=dtype)
         args = [x, w, d, r, s, u, v, e1, b, db, e2]
     grad = torch.randn(E * B, C, H, H, dtype=dtype).contiguous(memory_format=fmt)
-    return args, grad
+    return [a.to(device) for a in args], grad.to(device)  # .to keeps the memory format
 
 
 def _variants(args, grad, hyper: bool, compile_eager: bool):
@@ -86,7 +94,12 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
         geo = [list(GEO[0]), list(GEO[1]), list(GEO[2]), GEO[3]]
         out["cpp (recompute hd)"] = pair(
             lambda *a: torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*a, *geo, False)[0], leaves, grad)
+    if x.is_cuda and "triton" in hyperkern.available_backends("cuda"):
+        out["triton"] = pair(lambda *a: op(*a, *GEO, backend="triton"), leaves, grad)
     out["torch"] = pair(lambda *a: op(*a, *GEO, backend="torch"), leaves, grad)
+    if not hyper:  # the peers' layers (bench/peers.py): TabM-style broadcast, torch-uncertainty-style repeat
+        out["tabm"] = pair(lambda *a: peers.tabm_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
+        out["torch_unc"] = pair(lambda *a: peers.torch_uncertainty_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
     if compile_eager:
         torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
         compiled = torch.compile(eager, dynamic=False)
@@ -95,7 +108,7 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
 
 
 def run(shapes=("16x32", "64x8", "160x32"), channels_last=(False, True), E=4, B=16, dtype=torch.float32,
-        rounds=None, compile_eager=True, hyper=False, threads=None, clock="wall"):
+        rounds=None, compile_eager=True, hyper=False, threads=None, clock="wall", device="cpu"):
     """Returns rows: dict(shape, format, op, mode, floor=ms, and ms per variant).
 
     clock="cpu" times with the process's CPU time instead of wall time: with one thread it measures the
@@ -110,11 +123,12 @@ def run(shapes=("16x32", "64x8", "160x32"), channels_last=(False, True), E=4, B=
         for cl in channels_last:
             for is_hyper in ((False, True) if hyper else (False,)):
                 torch.manual_seed(0)
-                args, grad = _case(C, H, E, B, cl, dtype, is_hyper)
+                args, grad = _case(C, H, E, B, cl, dtype, is_hyper, device)
                 variants = _variants(args, grad, is_hyper, compile_eager)
                 n = rounds or (5 if C * H * H > 100_000 else 20)
                 for mode, idx in (("forward", 0), ("forward+backward", 1)):
-                    times = _best_of({name: fns[idx] for name, fns in variants.items()}, n, clock=timer)
+                    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+                    times = _best_of({name: fns[idx] for name, fns in variants.items()}, n, clock=timer, sync=sync)
                     rows.append(dict(shape=f"{label}: {C}->{C} {H}x{H}", format="channels-last" if cl else "NCHW",
                                      op="hyper_batch_ensemble_conv2d" if is_hyper else "batch_ensemble_conv2d",
                                      mode=mode, **times))

@@ -56,8 +56,19 @@ def test_quick_tiny_run_writes_valid_json(tmp_path):
         assert by[(model, "plain")] <= by[(model, "batch")] < 1.5 * by[(model, "plain")]
 
     ops = data["suites"]["ops"]
+    assert ops["missing"] == [] and set(ops["modules"]) == {"bench.ops", "bench.ops_conv"}
     for r in ops["rows"]:
         assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["suite"] == "ops"
+        assert {"op", "shape", "dtype", "mode", "variant", "ratio"} <= set(r)
+    variants = {(r["op"], r["variant"]) for r in ops["rows"]}
+    for op in ("batch_ensemble_linear", "batch_ensemble_conv2d"):
+        for v in ("floor", "torch", "tabm", "torch_unc"):
+            assert (op, v) in variants, (op, v)
+    for op in ("hyper_batch_ensemble_linear", "hyper_batch_ensemble_conv2d"):
+        assert (op, "floor") in variants and (op, "torch") in variants
+    for r in ops["rows"]:
+        if r["variant"] == "floor":
+            assert r["ratio"] == 1.0
     assert "| model | mode | variant |" in proc.stdout
 
 
