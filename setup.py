@@ -29,14 +29,15 @@ def _extension():
     if force_cuda and torch.version.cuda is None:
         raise RuntimeError("FORCE_CUDA=1 but the installed torch has no CUDA support (torch.version.cuda is None); "
                            "install a CUDA build of torch to compile the CUDA kernels")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DHYPERKERN_OPENMP"]
+    # No -std flag: torch.utils.cpp_extension picks the C++ standard its headers need (C++20 from torch 2.14).
+    cxx_flags = ["-O3", "-fopenmp", "-DHYPERKERN_OPENMP"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if use_cuda:
         ext = CUDAExtension(
             "hyperkern._C",
             cpp_sources + cuda_sources,
             define_macros=define_macros + [("HYPERKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math",
                                                            "-lineinfo", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
