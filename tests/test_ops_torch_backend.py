@@ -81,3 +81,21 @@ def test_bad_inputs_name_the_argument():
         hyperkern.ops.batch_ensemble_linear(x, w, r, s, b, backend="cuda")
     with pytest.raises(TypeError, match="^x must be a torch.Tensor"):
         hyperkern.ops.batch_ensemble_linear(x.numpy(), w, r, s, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["e1", "e2"])
+def test_non_finite_embeddings_are_refused(bad, which):
+    E, B, fin, fout = 2, 3, 4, 5
+    x, w, r, s, b = _linear_args(E, B, fin, fout, dtype=torch.float32)
+    f = lambda *sh: torch.randn(*sh)  # noqa: E731
+    args = dict(delta=f(fout, fin), u=f(E, fin), v=f(E, fout), e1=f(E * B, fout), delta_bias=f(E, fout),
+                e2=f(E * B, fout))
+    args[which][4, 2] = bad
+    with pytest.raises(ValueError, match=f"^{which} contains NaN or Inf"):
+        hyperkern.ops.hyper_batch_ensemble_linear(x, w, args["delta"], r, s, args["u"], args["v"], args["e1"], b,
+                                                  args["delta_bias"], args["e2"], backend="torch")
+    # finite values whose sum overflows float32 are still accepted
+    huge = torch.full((E * B, fout), 3e38)
+    hyperkern.ops.hyper_batch_ensemble_linear(x, w, args["delta"], r, s, args["u"], args["v"], huge, b,
+                                              args["delta_bias"], huge, backend="torch")
