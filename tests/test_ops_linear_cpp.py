@@ -236,6 +236,8 @@ def test_torch_compile_fullgraph_forward_backward():
 def test_torch_compile_fullgraph_through_public_api():
     _compiled_matches_eager(lambda *a: hyperkern.ops.batch_ensemble_linear(*a, backend="cpp"),
                             _be_args(3, 2, 6, 5, dtype=torch.float32))
+    _compiled_matches_eager(lambda *a: hyperkern.ops.hyper_batch_ensemble_linear(*a, backend="cpp"),
+                            _hyper_args(3, 2, 6, 5, dtype=torch.float32))
 
 
 def test_empty_batch():
