@@ -227,10 +227,17 @@ def check_op_targets(rows: list[dict], device: str) -> list[dict]:
             out.append({"target": f"linear fwd {shape} bf16: fused >= 90% of torch.mm throughput",
                         "value": f"{floor['ms'] / best['ms'] * 100:.0f}% ({best['variant']})",
                         "ok": floor["ms"] / best["ms"] >= 0.9})
-    conv_rows = [r for r in rows if r.get("source") == "bench.ops_conv" and r["variant"] in fused]
-    for r in conv_rows:
-        out.append({"target": f"conv {r['op']} {r['mode']} {r['shape']} {r['dtype']}: {r['variant']} <= 1.15x cuDNN",
-                    "value": f"{r['ratio']:.3f}x", "ok": r["ratio"] <= 1.15})
+    # conv: the BatchEnsemble op against one cuDNN conv2d over the same E*B images, worst case over the
+    # shapes and memory formats, per backend, mode and dtype
+    worst: dict = {}
+    for r in rows:
+        if r.get("source") == "bench.ops_conv" and r["op"] == "batch_ensemble_conv2d" and r["variant"] in fused:
+            key = (r["variant"], r["mode"], r["dtype"])
+            if key not in worst or r["ratio"] > worst[key]["ratio"]:
+                worst[key] = r
+    for (variant, mode, dtype), r in sorted(worst.items()):
+        out.append({"target": f"batch_ensemble_conv2d {mode} {dtype}, {variant}: <= 1.15x cuDNN (worst shape)",
+                    "value": f"{r['ratio']:.3f}x at {_shape_text(r)}", "ok": r["ratio"] <= 1.15})
     return out
 
 

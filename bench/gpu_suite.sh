@@ -12,10 +12,14 @@
 #   PYTHON       interpreter to use (default python3)
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
+#   GPU_SUITE_STEPS  which steps to run (default "build tests ops models"), e.g. to split the suite
+#                over several sessions with a time limit: first "build tests", then "ops", then "models"
+#                (the environment and the extension check always run)
 #
 # Every step runs even when an earlier one failed (except that a failed build is reported and the
 # tests and benchmarks then run against whatever extension exists); the exit status is nonzero if
-# any step failed. RESULTS_DIR/summary.txt lists each step with its status and log file.
+# any step failed. RESULTS_DIR/summary.txt lists each step with its status and log file,
+# RESULTS_DIR/targets.md the issue's GPU targets (PASS / MISS) read from the benchmark JSON files.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,6 +29,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
+STEPS=" ${GPU_SUITE_STEPS:-build tests ops models} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 CPUS=$(nproc 2>/dev/null || echo 8)
 export MAX_JOBS=${MAX_JOBS:-$(( CPUS < 16 ? CPUS : 16 ))}
 unset TRITON_INTERPRET  # the Triton kernels must be compiled for the GPU, not interpreted
@@ -32,7 +38,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this tree's hyperkern an
 
 cd "$ROOT" || exit 1
 SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+# appended, so a suite split over several calls (GPU_SUITE_STEPS) keeps every call's lines
+echo "== $(date -u +"%Y-%m-%d %H:%M UTC") steps:${STEPS% } (GPU_SUITE_STEPS)" >> "$SUMMARY"
 FAILED=0
 
 # step NAME LOGFILE COMMAND...: run COMMAND with stdout+stderr to OUT/LOGFILE (and the terminal).
@@ -110,13 +117,15 @@ gpu_tests() {
 }
 
 step "environment" environment.txt environment
-step "build extension (sm_90)" build.log install_extension
+want build && step "build extension (sm_90)" build.log install_extension
 step "extension has CUDA + Triton ops" backends.txt check_extension
-step "tests -k 'cpp or triton' on GPU" tests.log gpu_tests
+want tests && step "tests -k 'cpp or triton' on GPU" tests.log gpu_tests
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-step "bench ops (cuda)" bench-ops.md "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" $BENCH_ARGS
+want ops && step "bench ops (cuda)" bench-ops.md \
+  "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" $BENCH_ARGS
 # shellcheck disable=SC2086
-step "bench models (cuda)" bench-models.md "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS
+want models && step "bench models (cuda)" bench-models.md \
+  "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS
 
 # The issue's GPU targets (a MISS is a result, not a failed step).
 "$PYTHON" - "$OUT" <<'PY' | tee "$OUT/targets.md"
@@ -126,7 +135,7 @@ print("resnet20 batch-ensemble train step <= 1.15x plain and >= 1.5x faster than
 for name in ("bench-ops.json", "bench-models.json"):
     path = os.path.join(sys.argv[1], name)
     if not os.path.exists(path):
-        print(f"- {name}: missing (the benchmark step failed)")
+        print(f"- {name}: missing (that benchmark step failed or has not run)")
         continue
     for t in json.load(open(path)).get("targets", []):
         print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")

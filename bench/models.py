@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import hyperkern.models as zoo
 from hyperkern._backends import resolve_backend
+from hyperkern.ops.conv import _CUDA_PREFERENCE as _CONV_CUDA_PREFERENCE
 from hyperkern.nn import EnsembleLogUniform, tile
 
 from bench.common import (MIB, describe_environment, format_markdown_table, params_bytes, peak_memory_bytes,
@@ -111,10 +112,11 @@ def _module_state_bytes(*modules):
 
 
 def _conv_backend(model, device) -> str:
+    """The backend the model's rank-1 convolutions resolve to on device (what "auto" picks there)."""
     for m in model.modules():
         if hasattr(m, "backend") and hasattr(m, "kernel_size"):
             op = "hyper_batch_ensemble_conv2d" if hasattr(m, "delta") else "batch_ensemble_conv2d"
-            return resolve_backend(m.backend, torch.device(device), op)
+            return resolve_backend(m.backend, torch.device(device), op, _CONV_CUDA_PREFERENCE)
     return "-"
 
 
