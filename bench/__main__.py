@@ -90,7 +90,7 @@ def linear_shapes(args, dtype) -> list[tuple[int, int, int, int]]:
         # large GEMM (compute-bound: the >= 90% of torch.mm target) and a thin, memory-bound one
         # (the >= 2x the eager composition target)
         large = (E, 2048, 4096, 4096) if dtype != torch.float32 else (E, 1024, 4096, 4096)
-        return [large, (E, 8192, 128, 128)] if not args.quick else [large]
+        return [large, (E, 8192, 128, 128)]
     return [(E, 256, 512, 512)] if args.quick else [(E, 256, 512, 512), (E, 256, 1024, 1024)]
 
 
