@@ -20,6 +20,7 @@ def keep_threads():
 
 
 def test_compare_prints_table_writes_json_and_diagram_and_resumes(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the reliability diagram needs the [plot] extra")
     out = tmp_path / "cmp"
     assert main(["compare", "--budget", "3", "--output-dir", str(out)] + TINY) == 0
     text = capsys.readouterr().out
