@@ -62,6 +62,38 @@ def check_finite(name: str, t):
         raise ValueError(f"{name} contains NaN or Inf; the hyperparameter embedding must be finite")
 
 
+def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
+                             delta, u, v, e1, delta_bias, e2) -> dict:
+    """Checks shared by the linear and conv ops: the per-member vectors (E, in) / (E, out), and for
+    the hyper ops delta, u, v, the per-row embeddings e1, e2 and their finiteness. Returns the named
+    tensors for check_same."""
+    N = x.shape[0]
+    check_shape("r", r, (E, in_dim), f"(ensemble_size, in_{unit})")
+    check_shape("s", s, (E, out_dim), f"(ensemble_size, out_{unit})")
+    check_shape("bias", bias, (E, out_dim), f"(ensemble_size, out_{unit})")
+    named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
+    if not hyper:
+        return named
+    for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
+        check_tensor(name, t, weight.dim() if name == "delta" else 2)
+    check_tensor("delta_bias", delta_bias, 2, optional=True)
+    check_tensor("e2", e2, 2, optional=True)
+    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+    check_shape("u", u, (E, in_dim), f"(ensemble_size, in_{unit})")
+    check_shape("v", v, (E, out_dim), f"(ensemble_size, out_{unit})")
+    check_shape("e1", e1, (N, out_dim), f"(E*B, out_{unit}): one embedding row per {row}")
+    check_shape("delta_bias", delta_bias, (E, out_dim), f"(ensemble_size, out_{unit})")
+    check_shape("e2", e2, (N, out_dim), f"(E*B, out_{unit}): one embedding row per {row}")
+    if (delta_bias is None) != (e2 is None):
+        raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2), "
+                         f"got delta_bias={'None' if delta_bias is None else 'Tensor'}, "
+                         f"e2={'None' if e2 is None else 'Tensor'}")
+    check_finite("e1", e1)
+    check_finite("e2", e2)
+    named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    return named
+
+
 def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
                     hyper: bool = False) -> int:
     """Validate the linear ops' arguments (DESIGN.md contract) and return the ensemble size E."""
@@ -72,31 +104,11 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
     check_tensor("bias", bias, 2, optional=True)
     out_f, in_f = weight.shape
     E = ensemble_size(x, r)
-    N = x.shape[0]
     if x.shape[1] != in_f:
         raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
-    check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
-    check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
-    check_shape("bias", bias, (E, out_f), "(ensemble_size, out_features)")
-    named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
-    if hyper:
-        for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
-            check_tensor(name, t, 2)
-        check_tensor("delta_bias", delta_bias, 2, optional=True)
-        check_tensor("e2", e2, 2, optional=True)
-        check_shape("delta", delta, (out_f, in_f), "same shape as weight (out_features, in_features)")
-        check_shape("u", u, (E, in_f), "(ensemble_size, in_features)")
-        check_shape("v", v, (E, out_f), "(ensemble_size, out_features)")
-        check_shape("e1", e1, (N, out_f), "(E*B, out_features): one embedding row per input row")
-        check_shape("delta_bias", delta_bias, (E, out_f), "(ensemble_size, out_features)")
-        check_shape("e2", e2, (N, out_f), "(E*B, out_features): one embedding row per input row")
-        if (delta_bias is None) != (e2 is None):
-            raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2), "
-                             f"got delta_bias={'None' if delta_bias is None else 'Tensor'}, e2={'None' if e2 is None else 'Tensor'}")
-        check_finite("e1", e1)
-        check_finite("e2", e2)
-        named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
+                                     delta, u, v, e1, delta_bias, e2)
     check_same(named)
     return E
 
@@ -130,7 +142,6 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
     if out_c % groups != 0:
         raise ValueError(f"weight.shape[0] = {out_c} output channels must be divisible by groups = {groups}")
     E = ensemble_size(x, r)
-    N = x.shape[0]
     if x.shape[1] != in_c:
         raise ValueError(f"x must have {in_c} channels (weight {tuple(weight.shape)} with groups={groups}), "
                          f"got x of shape {tuple(x.shape)}")
@@ -139,25 +150,7 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
     if h_eff < 1 or w_eff < 1:
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
                          f"kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
-    check_shape("r", r, (E, in_c), "(ensemble_size, in_channels)")
-    check_shape("s", s, (E, out_c), "(ensemble_size, out_channels)")
-    check_shape("bias", bias, (E, out_c), "(ensemble_size, out_channels)")
-    named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
-    if hyper:
-        for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
-            check_tensor(name, t, 4 if name == "delta" else 2)
-        check_tensor("delta_bias", delta_bias, 2, optional=True)
-        check_tensor("e2", e2, 2, optional=True)
-        check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
-        check_shape("u", u, (E, in_c), "(ensemble_size, in_channels)")
-        check_shape("v", v, (E, out_c), "(ensemble_size, out_channels)")
-        check_shape("e1", e1, (N, out_c), "(E*B, out_channels): one embedding row per image")
-        check_shape("delta_bias", delta_bias, (E, out_c), "(ensemble_size, out_channels)")
-        check_shape("e2", e2, (N, out_c), "(E*B, out_channels): one embedding row per image")
-        if (delta_bias is None) != (e2 is None):
-            raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2)")
-        check_finite("e1", e1)
-        check_finite("e2", e2)
-        named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    named = _check_members_and_hyper(x, weight, r, s, bias, E, in_c, out_c, "channels", "image", hyper,
+                                     delta, u, v, e1, delta_bias, e2)
     check_same(named)
     return E, stride, padding, dilation, groups
