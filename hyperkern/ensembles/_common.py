@@ -268,6 +268,21 @@ class EnsembleBase:
     member_weights: torch.Tensor | None = None
     config: TrainConfig
 
+    def _init_base(self, model, ensemble_size, config, seed, run_dir, progress):
+        """Validate and store the arguments every trainer takes."""
+        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size!r}")
+        if config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.model = model
+        self.ensemble_size = ensemble_size
+        self.config = config or TrainConfig()
+        self.seed = int(seed)
+        self.run_dir = run_dir
+        self.progress = progress
+        self.fitted = False
+        self.member_weights = None
+
     def _check_fitted(self):
         if not getattr(self, "fitted", False):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(train, val) or load(path) first")

@@ -20,21 +20,10 @@ class _SingleNetworkTrainer(EnsembleBase):
     variant = "batch"
 
     def _init_common(self, model, ensemble_size, config, seed, run_dir, progress, num_classes):
-        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size!r}")
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        self.model = model
-        self.ensemble_size = ensemble_size
-        self.config = config or TrainConfig()
-        self.seed = int(seed)
-        self.run_dir = run_dir
-        self.progress = progress
+        self._init_base(model, ensemble_size, config, seed, run_dir, progress)
         self.num_classes = num_classes
-        self.fitted = False
         self.network = None
         self.train_seconds = 0.0
-        self.member_weights = None
 
     def _prepare(self, train, val):
         x, y = as_dataset("train", train)

@@ -57,20 +57,9 @@ class _PlainMembers(EnsembleBase):
     """A weighted set of plain networks: members (state dicts + hyperparameters), member_weights."""
 
     def _init_common(self, model, ensemble_size, config, seed, run_dir, executor, progress):
-        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size!r}")
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        self.model = model
-        self.ensemble_size = ensemble_size
-        self.config = config or TrainConfig()
-        self.seed = int(seed)
-        self.run_dir = run_dir
+        self._init_base(model, ensemble_size, config, seed, run_dir, progress)
         self.executor = get_executor(executor)
-        self.progress = progress
-        self.fitted = False
         self.members: list[dict] = []
-        self.member_weights = None
         self._modules = None
         self.trained_trial_ids: list[str] = []
         self.loaded_trial_ids: list[str] = []
