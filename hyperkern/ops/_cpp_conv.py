@@ -43,19 +43,24 @@ def _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation
     return _activation(x, weight.shape[0], _output_hw(x, weight, stride, padding, dilation))
 
 
-@torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
-def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, padding, dilation, groups, output_mask):
-    E, O = s.shape
-    shapes = (None, weight.shape, r.shape, (E, O), (E, O))
+def _fake_grads(x, output_mask, shapes):
+    """Fake gradients of a backward op: empty where output_mask is false, grad_x (shape None) in x's
+    memory format, the rest with the given shapes."""
     out = []
-    for i, (need, shape) in enumerate(zip(output_mask, shapes)):
+    for need, shape in zip(output_mask, shapes):
         if not need:
             out.append(_empty(x))
-        elif i == 0:
+        elif shape is None:
             out.append(torch.empty_like(x, memory_format=suggest_memory_format(x)))
         else:
             out.append(x.new_empty(shape))
     return tuple(out)
+
+
+@torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
+def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, padding, dilation, groups, output_mask):
+    E, O = s.shape
+    return _fake_grads(x, output_mask, (None, weight.shape, r.shape, (E, O), (E, O)))
 
 
 def _batch_ensemble_conv2d_setup(ctx, inputs, output):
@@ -90,17 +95,9 @@ def _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, de
 def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd, stride,
                                                padding, dilation, groups, output_mask):
     E, O = s.shape
-    has_db = delta_bias is not None
     shapes = (None, weight.shape, weight.shape, r.shape, (E, O), r.shape, (E, O), e1.shape, (E, O), (E, O), e1.shape)
-    out = []
-    for i, (need, shape) in enumerate(zip(output_mask, shapes)):
-        if not need or (i >= 9 and not has_db):
-            out.append(_empty(x))
-        elif i == 0:
-            out.append(torch.empty_like(x, memory_format=suggest_memory_format(x)))
-        else:
-            out.append(x.new_empty(shape))
-    return tuple(out)
+    mask = list(output_mask[:9]) + [need and delta_bias is not None for need in output_mask[9:]]
+    return _fake_grads(x, mask, shapes)
 
 
 def _hyper_batch_ensemble_conv2d_setup(ctx, inputs, output):
