@@ -24,10 +24,12 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hyperkern.nn.hparams import HyperParameter, HyperParameterSpace
 from hyperkern.nn.layers import (BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d,
                                  HyperBatchEnsembleLinear, _he_normal_, check_hparams)
+from hyperkern.nn.functional import rowwise_dropout
 from hyperkern.nn.norm import EnsembleBatchNorm2d
 
 VARIANTS = ("plain", "batch", "hyper_batch")
@@ -111,6 +113,14 @@ class EnsembleModel(nn.Module):
     @staticmethod
     def _builder(variant, ensemble_size, num_hparams, **kwargs) -> LayerBuilder:
         return LayerBuilder(variant, ensemble_size, num_hparams, **kwargs)
+
+    def _drop(self, h: torch.Tensor, hparams: torch.Tensor | None) -> torch.Tensor:
+        """Dropout for models with a "dropout" hyperparameter (self._dropout_column; self.dropout is the
+        fixed rate of the plain and batch variants): hyper_batch rows each use their own rate."""
+        if hparams is not None:
+            rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
+            return rowwise_dropout(h, rate, self.training)
+        return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
 
     def _register_l2(self, layer: nn.Module, kernel_group: str, bias_group: str | None = None):
         """layer's kernel (and delta) is penalised with hyperparameter kernel_group, its bias (and

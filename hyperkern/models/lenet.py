@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from hyperkern.models._base import EnsembleModel, call_layer, l2_space
-from hyperkern.nn.functional import rowwise_dropout
 
 __all__ = ["LeNet5", "lenet5"]
 
@@ -57,12 +56,6 @@ class LeNet5(EnsembleModel):
             self._register_l2(getattr(self, name), f"l2_{name}")
         self._register_l2(self.dense, "l2_dense_kernel", "l2_dense_bias")
         self._dropout_column = space.index("dropout")
-
-    def _drop(self, h: torch.Tensor, hparams: torch.Tensor | None) -> torch.Tensor:
-        if hparams is not None:
-            rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
-            return rowwise_dropout(h, rate, self.training)
-        return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
 
     def forward(self, x: torch.Tensor, hparams: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, hparams)
