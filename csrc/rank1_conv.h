@@ -17,6 +17,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 
 namespace hyperkern {
 namespace rank1_conv {
@@ -155,6 +156,24 @@ inline WeightRows member_weight_rows(const Dims& d, int64_t parts, int64_t part,
   const int64_t K = d.kh * d.kw, row = d.cg * K;
   return {parts * d.O * row, parts * d.Og * row, row, part * d.Og * row, channels_last ? 1 : K,
           channels_last ? d.cg : 1};
+}
+
+// Gradients of bias, delta_bias and e2 of the hyper op from g_sum[n, o] = sum over positions of the
+// output gradient (accumulation dtype): db_k = sum_n g_sum, ddelta_bias_k = sum_n g_sum * e2,
+// de2[n] = g_sum[n] * delta_bias_k. Empty tensors where not needed. Device-agnostic ATen code.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> hyper_bias_grads(
+    const at::Tensor& g_sum, const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2,
+    const Dims& d, bool need_b, bool need_db, bool need_e2, at::ScalarType out_type) {
+  const auto opts = g_sum.options().dtype(out_type);
+  at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
+  if (!(need_b || need_db || need_e2)) return {db, ddb, de2};
+  const at::Tensor sums = g_sum.view({d.E, d.B, d.O});
+  if (need_b) db = sums.sum(1).to(out_type);
+  if (need_db) ddb = (sums * e2->to(g_sum.scalar_type()).view({d.E, d.B, d.O})).sum(1).to(out_type);
+  if (need_e2) {
+    de2 = (sums * delta_bias->to(g_sum.scalar_type()).view({d.E, 1, d.O})).view({d.N, d.O}).to(out_type);
+  }
+  return {db, ddb, de2};
 }
 
 }  // namespace rank1_conv

@@ -43,7 +43,7 @@ def _deterministic_lambda():
     dropout: the remaining computation is deterministic, with or without data parallelism."""
     from hyperkern.nn.hparams import EnsembleLogUniform
 
-    mlp_module = importlib.import_module("hyperkern.models.mlp")  # (hyperkern.models.mlp is also a function)
+    base_module = importlib.import_module("hyperkern.models._base")  # where EnsembleModel._drop looks it up
 
     def midpoint_rsample(self, batch_size, generator=None):
         E, m = self.log_low.shape
@@ -51,7 +51,7 @@ def _deterministic_lambda():
         return lam[:, None, :].expand(E, batch_size, m).reshape(E * batch_size, m)
 
     EnsembleLogUniform.rsample = midpoint_rsample
-    mlp_module.rowwise_dropout = lambda h, rate, training=True: h
+    base_module.rowwise_dropout = lambda h, rate, training=True: h
 
 
 class _Stop(Exception):
@@ -169,9 +169,9 @@ def test_hyper_batch_ddp_matches_single_process_with_deterministic_lambda(ddp_ru
     _, ranks = ddp_run
     from hyperkern.nn.hparams import EnsembleLogUniform
 
-    mlp_module = importlib.import_module("hyperkern.models.mlp")
+    base_module = importlib.import_module("hyperkern.models._base")
     monkeypatch.setattr(EnsembleLogUniform, "rsample", EnsembleLogUniform.rsample)
-    monkeypatch.setattr(mlp_module, "rowwise_dropout", mlp_module.rowwise_dropout)
+    monkeypatch.setattr(base_module, "rowwise_dropout", base_module.rowwise_dropout)
     _deterministic_lambda()  # undone by monkeypatch after the test
     train, val = _data()
     single = HyperBatchEnsembleTrainer(SPEC, 2, config=CONFIG, seed=4, progress=False).fit(train, val)

@@ -627,7 +627,6 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
   const bool has_db = defined(delta_bias);
   const bool need_db = output_mask[9] && has_db, need_e2 = output_mask[10] && has_db;
   const bool need_g = need_w || need_r || need_s || need_delta || need_u || need_v;
-  const bool need_sum = need_b || need_db || need_e2;
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto opts = x.options();
@@ -674,13 +673,7 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
   reduce_weight_grad(grads, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d, need_delta, need_v, need_u,
                      ddelta, dv, du);
   at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
-  at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
-  if (need_sum) {
-    const at::Tensor sums = g_sum.view({d.E, d.B, d.O});
-    if (need_b) db = sums.sum(1).to(x.scalar_type());
-    if (need_db) ddb = (sums * e2->to(acc_type).view({d.E, d.B, d.O})).sum(1).to(x.scalar_type());
-    if (need_e2) de2 = (sums * delta_bias->to(acc_type).view({d.E, 1, d.O})).view({d.N, d.O}).to(x.scalar_type());
-  }
+  auto [db, ddb, de2] = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, x.scalar_type());
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }
 
