@@ -69,15 +69,35 @@ class _PreActBlock(nn.Module):
 
 
 class _ResNetBase(EnsembleModel):
-    def _build(self, b: LayerBuilder, block, in_channels: int, stem: int, widths, num_blocks: int, num_classes: int):
+    """The CIFAR ResNets' shared construction: input conv (stem channels) -> 3 groups of blocks with
+    `widths` channels (strides 1, 2, 2) -> dense, with the L2 groups of the module docstring.
+    depth = 6n + depth_offset gives n blocks per group. Post-activation networks (ResNet-20) get
+    input_bn after the input conv, pre-activation ones (WRN) final_bn after the last group."""
+
+    def __init__(self, num_classes, in_channels, *, block, depth, depth_offset, width, widths, stem, preact, variant,
+                 ensemble_size, bn, l2_range, backend, fast_init, fast_init_std, tie_fast_weights, embedding_std,
+                 device, dtype):
+        super().__init__()
+        if (depth - depth_offset) % 6 or depth < 6 + depth_offset:
+            examples = ", ".join(str(6 * n + depth_offset) for n in (1, 2, 3, 4, 6))
+            raise ValueError(f"depth must be 6n+{depth_offset} with n >= 1 ({examples}, ...), got {depth!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        space = l2_space(_GROUP_NAMES, l2_range)
+        self._setup(variant, ensemble_size, space, num_classes, in_channels)
+        b = LayerBuilder(variant, ensemble_size, space.num_hparams, bn=bn, backend=backend, fast_init=fast_init,
+                         fast_init_std=fast_init_std, tie_fast_weights=tie_fast_weights, embedding_std=embedding_std,
+                         device=device, dtype=dtype)
+        self.depth, self.width, self.bn = depth, width, bn
+        num_blocks = (depth - depth_offset) // 6
         self.input_conv = b.conv(in_channels, stem, 3, 1, 1)
         self.groups = nn.ModuleList()
         cin = stem
-        for g, width in enumerate(widths):
+        for g, group_width in enumerate(widths):
             blocks = nn.ModuleList()
             for i in range(num_blocks):
-                blocks.append(block(b, cin, width, (1 if g == 0 else 2) if i == 0 else 1))
-                cin = width
+                blocks.append(block(b, cin, group_width, (1 if g == 0 else 2) if i == 0 else 1))
+                cin = group_width
             self.groups.append(blocks)
         self.dense = b.linear(cin, num_classes)
         self._register_l2(self.input_conv, "l2_input_conv")
@@ -86,7 +106,10 @@ class _ResNetBase(EnsembleModel):
                 for conv in blk.convs():
                     self._register_l2(conv, f"l2_group{g + 1}")
         self._register_l2(self.dense, "l2_dense_kernel", "l2_dense_bias")
-        return cin
+        if preact:
+            self.final_bn = b.batch_norm(cin)
+        else:
+            self.input_bn = b.batch_norm(stem)
 
     def _features(self, x, hparams):
         raise NotImplementedError
@@ -98,13 +121,6 @@ class _ResNetBase(EnsembleModel):
         h = self._features(x, hparams)
         h = F.adaptive_avg_pool2d(h, 1).flatten(1)
         return call_layer(self.dense, h, hparams)
-
-
-def _common(variant, ensemble_size, bn, backend, fast_init, fast_init_std, tie_fast_weights, embedding_std, device,
-            dtype, num_hparams):
-    return LayerBuilder(variant, ensemble_size, num_hparams, bn=bn, backend=backend, fast_init=fast_init,
-                        fast_init_std=fast_init_std, tie_fast_weights=tie_fast_weights, embedding_std=embedding_std,
-                        device=device, dtype=dtype)
 
 
 class ResNet20(_ResNetBase):
@@ -119,18 +135,11 @@ class ResNet20(_ResNetBase):
                  depth: int = 20, width: int = 16, bn: str = "shared", l2_range=(0.1, 100.0), backend: str = "auto",
                  fast_init: str = "normal", fast_init_std: float | None = None, tie_fast_weights: bool = True,
                  embedding_std: float = 1e-4, device=None, dtype=None):
-        super().__init__()
-        if (depth - 2) % 6 or depth < 8:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth!r}")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
-        space = l2_space(_GROUP_NAMES, l2_range)
-        self._setup(variant, ensemble_size, space, num_classes, in_channels)
-        b = _common(variant, ensemble_size, bn, backend, fast_init, fast_init_std, tie_fast_weights, embedding_std,
-                    device, dtype, space.num_hparams)
-        self.depth, self.width, self.bn = depth, width, bn
-        self._build(b, _BasicBlock, in_channels, width, (width, 2 * width, 4 * width), (depth - 2) // 6, num_classes)
-        self.input_bn = b.batch_norm(width)
+        super().__init__(num_classes, in_channels, block=_BasicBlock, depth=depth, depth_offset=2, width=width,
+                         widths=(width, 2 * width, 4 * width), stem=width, preact=False, variant=variant,
+                         ensemble_size=ensemble_size, bn=bn, l2_range=l2_range, backend=backend, fast_init=fast_init,
+                         fast_init_std=fast_init_std, tie_fast_weights=tie_fast_weights,
+                         embedding_std=embedding_std, device=device, dtype=dtype)
 
     def _features(self, x, hparams):
         h = F.relu(self.input_bn(call_layer(self.input_conv, x, hparams)))
@@ -152,19 +161,11 @@ class WideResNet(_ResNetBase):
                  depth: int = 28, width: int = 10, bn: str = "shared", l2_range=(0.1, 100.0), backend: str = "auto",
                  fast_init: str = "normal", fast_init_std: float | None = None, tie_fast_weights: bool = True,
                  embedding_std: float = 1e-4, device=None, dtype=None):
-        super().__init__()
-        if (depth - 4) % 6 or depth < 10:
-            raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
-        space = l2_space(_GROUP_NAMES, l2_range)
-        self._setup(variant, ensemble_size, space, num_classes, in_channels)
-        b = _common(variant, ensemble_size, bn, backend, fast_init, fast_init_std, tie_fast_weights, embedding_std,
-                    device, dtype, space.num_hparams)
-        self.depth, self.width, self.bn = depth, width, bn
-        cout = self._build(b, _PreActBlock, in_channels, 16, (16 * width, 32 * width, 64 * width), (depth - 4) // 6,
-                           num_classes)
-        self.final_bn = b.batch_norm(cout)
+        super().__init__(num_classes, in_channels, block=_PreActBlock, depth=depth, depth_offset=4, width=width,
+                         widths=(16 * width, 32 * width, 64 * width), stem=16, preact=True, variant=variant,
+                         ensemble_size=ensemble_size, bn=bn, l2_range=l2_range, backend=backend, fast_init=fast_init,
+                         fast_init_std=fast_init_std, tie_fast_weights=tie_fast_weights,
+                         embedding_std=embedding_std, device=device, dtype=dtype)
 
     def _features(self, x, hparams):
         h = call_layer(self.input_conv, x, hparams)
