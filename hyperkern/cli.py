@@ -250,6 +250,12 @@ def _write_outputs(output_dir, payload, probs_by_label, labels, quiet_errors) ->
 
 def run_compare(args) -> dict:
     from hyperkern.ensembles import BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer, HyperDeepEnsemble
+    from hyperkern.ensembles.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every rank would train everything and write the same output directory
+        raise SystemExit("hyperkern: compare runs in one process; under torchrun use `hyperkern train --method batch` "
+                         "or `--method hyper_batch` (data-parallel), or `hyperkern compare --executor process|ray` "
+                         "to spread the search")
 
     data, spec, config, executor = _setup(args)
     progress = not args.no_progress

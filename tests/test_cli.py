@@ -77,6 +77,15 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
         main(["compare", "--ensemble-size", "0"])
 
 
+def test_compare_refuses_to_run_on_every_torchrun_rank(tmp_path, monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit, match="compare runs in one process"):
+        main(["compare", "--output-dir", str(out)] + TINY)
+    assert not out.exists()  # refused before anything was written
+
+
 def test_module_entry_point_help():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "hyperkern", "compare", "--help"], capture_output=True, text=True,

@@ -1,5 +1,6 @@
 """Trainers: the batch-ensemble step against a hand-written member loop, the hyper-batch bilevel loop's
 modes and objectives, deep ensembles, save/load, mid-training resume, executors."""
+import contextlib
 import os
 
 import pytest
@@ -301,3 +302,33 @@ def test_process_executor_gives_the_same_members(digits):
         assert a["trial_id"] == b["trial_id"]
         for key in a["state_dict"]:
             assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_epoch_checkpoints_carry_the_cuda_generators_when_cuda_is_in_use(digits, tmp_path, monkeypatch):
+    """On a GPU, dropout and lambda draws use the CUDA generators: the checkpoint stores every device's
+    state and a resume restores it. (Simulated here: torch.cuda reports one initialised device.)"""
+    from hyperkern.ensembles import _loop
+
+    saved_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [saved_state.clone()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    assert torch.equal(_loop._rng_states()["cuda_rng"][0], saved_state)
+    train, val, _ = digits
+    kwargs = dict(config=TrainConfig(epochs=2, batch_size=32), seed=3, progress=False, hparams={"dropout": 0.2})
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    forked = []
+    monkeypatch.setattr(torch.random, "fork_rng",
+                        lambda devices=(), **kw: forked.append(list(devices)) or contextlib.nullcontext())
+    with pytest.raises(_Stop):
+        BatchEnsembleTrainer(SPEC, 2, run_dir=str(run_dir), **kwargs).fit(train, val,
+                                                                          on_epoch_end=_stop_after_first_epoch)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert torch.equal(ckpt["cuda_rng"][0], saved_state)
+    BatchEnsembleTrainer(SPEC, 2, run_dir=str(run_dir), **kwargs).fit(train, val)
+    assert len(restored) == 1 and restored[0][1] == 0 and torch.equal(restored[0][0], saved_state)
+    assert forked and all(devices == [0] for devices in forked)  # seeded() forks the current CUDA device's RNG too

@@ -246,8 +246,10 @@ class _NullBar:
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Run a block with torch's global CPU RNG seeded by seed, restoring the caller's RNG state after."""
-    with torch.random.fork_rng(devices=[]):
+    """Run a block with torch's global RNG seeded by seed, restoring the caller's RNG states after (the
+    CPU generator's, and the current CUDA device's when CUDA is in use)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         torch.manual_seed(int(seed))
         yield
 

@@ -57,7 +57,7 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
                              f"with {steps_per_epoch} steps per epoch); delete it to start over")
         set_state(ckpt["payload"])
         generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        _set_rng_states(ckpt)
         start_epoch = int(ckpt["epoch"])
         earlier_seconds = float(ckpt.get("train_seconds", 0.0))
     last_loss = float("nan")
@@ -78,7 +78,7 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
             if checkpoint_path is not None:
                 write = atomic_save if checkpoint_io is None else checkpoint_io.write_checkpoint
                 write({"kind": "epoch-checkpoint", "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
-                       "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                       "generator": generator.get_state(), **_rng_states(),
                        "train_seconds": earlier_seconds + time.perf_counter() - started,
                        "payload": get_state()}, checkpoint_path)
             if on_epoch_end is not None:
@@ -87,6 +87,23 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
         bar.close()
     return {"epochs_run": config.epochs - start_epoch, "resumed_from_epoch": start_epoch, "last_loss": last_loss,
             "train_seconds": earlier_seconds + time.perf_counter() - started}
+
+
+def _rng_states() -> dict:
+    """torch's global RNG states for an epoch checkpoint: the CPU generator, and every CUDA device's
+    when CUDA is in use (dropout and lambda sampling on a GPU draw from the device generators)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(ckpt: dict):
+    torch.set_rng_state(ckpt["torch_rng"])
+    cuda_states = ckpt.get("cuda_rng")
+    if cuda_states and torch.cuda.is_available():
+        for device, state in enumerate(cuda_states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
 
 
 def l2_strengths(model: nn.Module, hparams: dict) -> dict:
