@@ -204,7 +204,7 @@ def test_only_rank_0_writes_checkpoints(ddp_run):
     assert ranks[1]["checkpoint_writes"] == []
     assert len(ranks[0]["checkpoint_writes"]) == 2 + 1 + 1 + 2  # hb-straight, hb-resume (1 + 1), batch
     ckpt = load_checkpoint(os.path.join(out, "batch", "checkpoint.pt"))
-    assert ckpt["epoch"] == 2 and ckpt["world_size"] == WORLD and len(ckpt["torch_rng_per_rank"]) == WORLD
+    assert ckpt["epoch"] == 2 and ckpt["world_size"] == WORLD and len(ckpt["rng_per_rank"]) == WORLD
     assert not [f for f in os.listdir(os.path.join(out, "batch")) if ".tmp-" in f]
 
 

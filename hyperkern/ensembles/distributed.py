@@ -224,19 +224,21 @@ class DistributedContext:
 
     # ---- checkpoints (the checkpoint_io of hyperkern.ensembles._loop.run_epochs) ----
     def read_checkpoint(self, path: str) -> dict | None:
-        """Rank 0 reads path (if it exists) and broadcasts it; each rank gets it with its own RNG state
-        in "torch_rng". None when there is no checkpoint."""
+        """Rank 0 reads path (if it exists) and broadcasts it; each rank gets it with its own RNG states
+        in "torch_rng" (and "cuda_rng" when the run used CUDA). None when there is no checkpoint."""
         ckpt = self.call_on_main(lambda: load_checkpoint(path) if os.path.isfile(path) else None)
         if ckpt is None:
             return None
-        states = ckpt.get("torch_rng_per_rank")
+        states = ckpt.get("rng_per_rank")
+        if states is None and ckpt.get("torch_rng_per_rank") is not None:  # written before CUDA states were kept
+            states = [{"torch_rng": state} for state in ckpt["torch_rng_per_rank"]]
         if states is None and self.world_size == 1:  # a single-process checkpoint, resumed by one rank
             return ckpt
         if states is None or len(states) != self.world_size:
             raise ValueError(f"{path}: checkpoint written by {len(states) if states is not None else 'a single'} "
                              f"process(es), this run has {self.world_size} ranks; resume with the same number of "
                              "ranks or delete it to start over")
-        return {**ckpt, "torch_rng": states[self.rank]}
+        return {**{k: v for k, v in ckpt.items() if k != "cuda_rng"}, **states[self.rank]}
 
     def write_checkpoint(self, obj: dict, path: str) -> None:
         """Every rank calls this: the ranks' RNG states are gathered, rank 0 writes obj atomically, then
@@ -244,7 +246,8 @@ class DistributedContext:
         import torch.distributed as dist
 
         states = [None] * self.world_size
-        dist.all_gather_object(states, obj.get("torch_rng"), group=self.group)
+        mine = {key: obj[key] for key in ("torch_rng", "cuda_rng") if key in obj}
+        dist.all_gather_object(states, mine, group=self.group)
         if self.is_main:
-            atomic_save({**obj, "torch_rng_per_rank": states, "world_size": self.world_size}, path)
+            atomic_save({**obj, "rng_per_rank": states, "world_size": self.world_size}, path)
         self.barrier()
