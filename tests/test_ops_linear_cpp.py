@@ -104,6 +104,39 @@ def test_hyper_batch_ensemble_linear_optional_terms(bias, delta_bias):
                              args, HYPER_NAMES, torch.float64)
 
 
+def test_workspace_reuse_across_shapes_dtypes_and_setting(monkeypatch):
+    """The per-thread scratch workspace: calls that grow, shrink and change the dtype of the cached
+    buffers give the reference results, bit-identical with the workspace off; earlier outputs are
+    never overwritten by later calls (nothing returned lives in the workspace)."""
+    torch.manual_seed(0)
+    calls = [(4, 3, 17, 9, torch.float64), (3, 70, 40, 600, torch.float32), (2, 30, 24, 20, torch.float64),
+             (3, 70, 40, 600, torch.bfloat16), (4, 3, 17, 9, torch.float32)]
+    kept = []
+    for E, B, fin, fout, dtype in calls:
+        for op, reference, make, names in ((hyperkern.ops.batch_ensemble_linear, ref.batch_ensemble_linear_reference,
+                                            _be_args, BE_NAMES),
+                                           (hyperkern.ops.hyper_batch_ensemble_linear,
+                                            ref.hyper_batch_ensemble_linear_reference, _hyper_args, HYPER_NAMES)):
+            args = make(E, B, fin, fout, dtype=dtype)
+            grad_out = torch.randn(E * B, fout, dtype=dtype)
+            monkeypatch.setenv("HYPERKERN_CPU_WORKSPACE", "1")
+            y_on, g_on = _grads(op, args, grad_out, backend="cpp")
+            monkeypatch.setenv("HYPERKERN_CPU_WORKSPACE", "0")
+            y_off, g_off = _grads(op, args, grad_out, backend="cpp")
+            assert torch.equal(y_on, y_off)
+            for name, a, b in zip(names, g_on, g_off):
+                assert (a is None and b is None) or torch.equal(a, b), name
+            _check_against_reference(op, reference, args, names, dtype)
+            kept.append((y_on, y_on.clone(), g_on, [None if t is None else t.clone() for t in g_on]))
+    for y, y_copy, grads, grad_copies in kept:
+        assert torch.equal(y, y_copy)
+        for a, b in zip(grads, grad_copies):
+            assert (a is None and b is None) or torch.equal(a, b)
+    monkeypatch.setenv("HYPERKERN_CPU_WORKSPACE", "yes")
+    with pytest.raises(RuntimeError, match="HYPERKERN_CPU_WORKSPACE must be 0 .off. or 1"):
+        hyperkern.ops.batch_ensemble_linear(*_be_args(2, 3, 4, 5, dtype=torch.float32), backend="cpp")
+
+
 def test_member_major_rows_use_their_own_member():
     # Changing member 1's fast weights may change only member 1's rows.
     x, w, r, s, b = _be_args(3, 4, 6, 5)

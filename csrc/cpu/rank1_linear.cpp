@@ -39,7 +39,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -67,6 +69,34 @@ using rank1_linear::present;
 constexpr int64_t kElementGrain = 1 << 14;
 // Size of the backward's G_k buffer (member groups are chosen to fit it, at least one member).
 constexpr int64_t kWeightGradBufferBytes = int64_t(4) << 20;
+
+// Scratch buffers that never leave an op call (the scaled GEMM operands, the G_k buffer) come from a
+// per-thread workspace, one buffer per slot, kept between calls: a fresh allocation of that size is
+// new memory every call (glibc hands it back to the kernel on free), and first-touching its pages costs
+// 5-6 % of a forward+backward at E=4, B=256, in=out=512 (bench/RESULTS.md). A slot keeps at most
+// kWorkspaceSlotBytes; larger scratch is allocated per call. Slots in use at the same time differ.
+// HYPERKERN_CPU_WORKSPACE=0 turns the cache off (every scratch buffer allocated per call).
+enum WorkspaceSlot : int { kScaledInput = 0, kScaledGrad = 1, kScaledGradHyper = 2, kDeltaSide = 3, kGBuffer = 4,
+                           kScaledWeight = 5, kWorkspaceSlots = 6 };
+constexpr int64_t kWorkspaceSlotBytes = int64_t(32) << 20;
+
+Tensor scratch(WorkspaceSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  const int64_t item = static_cast<int64_t>(opts.dtype().itemsize());
+  const int64_t bytes = numel * item;
+  const char* setting = std::getenv("HYPERKERN_CPU_WORKSPACE");
+  TORCH_CHECK(setting == nullptr || std::strcmp(setting, "0") == 0 || std::strcmp(setting, "1") == 0,
+              "HYPERKERN_CPU_WORKSPACE must be 0 (off) or 1 (on, the default), got '", setting, "'");
+  const bool enabled = setting == nullptr || std::strcmp(setting, "1") == 0;
+  if (!enabled || bytes == 0 || bytes > kWorkspaceSlotBytes || opts.device().type() != at::kCPU) {
+    return at::empty(sizes, opts);
+  }
+  thread_local std::array<Tensor, kWorkspaceSlots> slots;
+  Tensor& buffer = slots[slot];
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, opts.dtype(at::kByte));
+  // A view, so it keeps the storage alive even if a later call grows the slot.
+  return buffer.narrow(0, 0, bytes).view(opts.dtype().toScalarType()).view(sizes);
+}
 
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(width, 1)); }
 
@@ -539,7 +569,7 @@ std::tuple<Tensor, Tensor, Tensor> rank1_weight_grads(const Tensor& g, const Ten
   const int64_t weight_elems = std::max<int64_t>(1, d.out * d.in);
   const int64_t group = std::max<int64_t>(
       1, std::min<int64_t>(d.E, kWeightGradBufferBytes / (weight_elems * int64_t(c10::elementSize(gemm_dtype)))));
-  Tensor G = at::empty({group, d.out, d.in}, x.options().dtype(gemm_dtype));
+  Tensor G = scratch(kGBuffer, {group, d.out, d.in}, x.options().dtype(gemm_dtype));
   const Tensor g3 = g_gemm.view({d.E, d.B, d.out}), x3 = x_gemm.view({d.E, d.B, d.in});
   const int64_t threads = at::get_num_threads();
   const int64_t blocks =
@@ -603,7 +633,7 @@ Tensor batch_ensemble_linear_cpu(const Tensor& x_in, const Tensor& weight_in, co
 
   if (d.in > 0 && prefer_scaled_weight(d)) {
     // Weight scaling: W_k = W * (s_k r_k^T), y_k = b_k + x_k @ W_k^T per member.
-    Tensor w_k = at::empty_like(weight);
+    Tensor w_k = scratch(kScaledWeight, weight.sizes(), weight.options());
     for (int64_t k = 0; k < d.E; ++k) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_scale_weight",
                                       [&] {
@@ -638,7 +668,7 @@ Tensor batch_ensemble_linear_cpu(const Tensor& x_in, const Tensor& weight_in, co
   if (d.in == 0) {
     y.zero_();
   } else {
-    Tensor x_scaled = at::empty_like(x);
+    Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_ensemble_linear_prologue", [&] {
       const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
                                          x_scaled.data_ptr<scalar_t>(), d.in, d.B};
@@ -665,7 +695,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
   const auto opts = x.options();
 
   Tensor grad_bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor g_scaled = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();
+  Tensor g_scaled = compute_grad_x ? scratch(kScaledGrad, {d.N, d.out}, opts) : Tensor();
 
   // One pass over g: g * s_k (the dx GEMM's prologue) and db_k = colsum(g_k).
   if (has_bias || compute_grad_x) {
@@ -725,7 +755,7 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cpu(
     delta_out.zero_();
   } else {
     // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM.
-    Tensor x_scaled = at::empty_like(x);
+    Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
     for (const Tensor* scale : {&u, &r}) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
         const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale->const_data_ptr<scalar_t>(),
@@ -781,8 +811,8 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
   Tensor grad_e2 = has_delta_bias ? at::empty({d.N, d.out}, opts) : at::empty({0}, opts);
   Tensor grad_e1 = at::empty({d.N, d.out}, opts);
   Tensor grad_v = at::empty({d.E, d.out}, opts);
-  Tensor g_s = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();  // g * s_k
-  Tensor g_ve = at::empty({d.N, d.out}, opts);                               // g * v_k * e1
+  Tensor g_s = compute_grad_x ? scratch(kScaledGrad, {d.N, d.out}, opts) : Tensor();  // g * s_k
+  Tensor g_ve = scratch(kScaledGradHyper, {d.N, d.out}, opts);              // g * v_k * e1
 
   // Pass over g: the GEMM prologues g * s_k and g * v_k * e1, the per-row gradients
   // de1 = g * v_k * delta_out and de2 = g * delta_bias_k, and the member column sums
@@ -819,7 +849,7 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
   Tensor grad_x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
   Tensor grad_u = at::empty({d.E, d.in}, opts);
   Tensor grad_delta = at::empty({d.out, d.in}, opts);
-  Tensor delta_side = at::empty({d.N, d.in}, opts);
+  Tensor delta_side = scratch(kDeltaSide, {d.N, d.in}, opts);
   if (d.out == 0) {
     delta_side.zero_();
     if (compute_grad_x) grad_x.zero_();
