@@ -31,7 +31,13 @@ except ImportError as exc:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether triton runs in its interpreter. Read once, at import: triton decides it when the
+    kernels are defined (hyperkern.ops imports them), so a later change of the variable changes
+    nothing."""
+    return _TRITON_INTERPRET
+
+
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d")
@@ -90,7 +96,16 @@ def backend_status(device_type: str | None = None, op: str = "batch_ensemble_lin
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cached = _STATUS.get((device_type, op))
+    if cached is not None:
+        return dict(cached)
     return {"torch": None, "cpp": _cpp_reason(device_type, op), "triton": _triton_reason(device_type)}
+
+
+# Every op's status on CPU and CUDA, computed once: resolve_backend runs on every op call (and inside
+# torch.compile traces), and none of its inputs change after import.
+_STATUS: dict[tuple[str, str], dict[str, str | None]] = {}
+_STATUS.update({(dev, op): backend_status(dev, op) for dev in ("cpu", "cuda") for op in OPS})
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
@@ -106,7 +121,7 @@ def resolve_backend(backend: str, device: torch.device, op: str,
     raise ValueError."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    status = backend_status(device.type, op)
+    status = _STATUS.get((device.type, op)) or backend_status(device.type, op)
     if backend == "auto":
         order = prefer_on_cuda if device.type == "cuda" else ("cpp",)
         for name in order:
