@@ -246,3 +246,28 @@ def test_layers_run_on_every_available_backend(backend, family):
         want = ref.hyper_batch_ensemble_conv2d_reference(xc, hc.weight, hc.delta, hc.r, hc.s, hc.u, hc.v, e[:, :16],
                                                          hc.bias, hc.delta_bias, e[:, 16:], 1, 1)
         torch.testing.assert_close(hc(xc, z).double(), want, rtol=1e-4, atol=2e-3)
+
+
+def test_hyper_layers_do_not_reread_their_own_embeddings(monkeypatch):
+    """The public hyper ops check e1 / e2 for NaN / Inf (reading the values: a device sync on CUDA);
+    the layers compute e1, e2 from checked hparams and skip that per-layer check."""
+    from hyperkern.ops import _validate
+
+    E, B, m = 2, 3, 4
+    lin = hnn.HyperBatchEnsembleLinear(5, 6, ensemble_size=E, num_hparams=m)
+    conv = hnn.HyperBatchEnsembleConv2d(3, 4, 3, padding=1, ensemble_size=E, num_hparams=m)
+    hp = torch.rand(E * B, m)
+    x, img = torch.randn(E * B, 5), torch.randn(E * B, 3, 6, 6)
+    want = (lin(x, hp), conv(img, hp))
+    reads = []
+    monkeypatch.setattr(_validate, "check_finite", lambda name, t: reads.append(name))
+    got = (lin(x, hp), conv(img, hp))
+    assert reads == []
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.undo()
+    e1 = lin.embed(hp)[0].detach().clone()
+    e1[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="e1 contains NaN or Inf"):
+        hyperkern.ops.hyper_batch_ensemble_linear(x, lin.weight, lin.delta, lin.r, lin.s, lin.u, lin.v, e1,
+                                                  lin.bias, lin.delta_bias, lin.embed(hp)[1])

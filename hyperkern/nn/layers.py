@@ -21,6 +21,8 @@ from torch.nn.modules.utils import _pair
 
 import hyperkern.ops as ops
 from hyperkern._backends import BACKENDS
+from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
+from hyperkern.ops.linear import _hyper_batch_ensemble_linear as _hyper_linear
 
 __all__ = ["BatchEnsembleLinear", "BatchEnsembleConv2d", "HyperBatchEnsembleLinear", "HyperBatchEnsembleConv2d",
            "FAST_INITS", "check_hparams"]
@@ -459,9 +461,10 @@ class HyperBatchEnsembleLinear(_HyperMixin, BatchEnsembleLinear):
         if T != 1:  # extra middle dims: every position of row i uses row i's embedding
             e1 = e1.repeat_interleave(T, 0)
             e2 = None if e2 is None else e2.repeat_interleave(T, 0)
-        y = ops.hyper_batch_ensemble_linear(x2.reshape(-1, self.in_features), self.weight, self.delta, self.r,
-                                            self.s, self.u, self.v, e1, self.bias, self.delta_bias, e2,
-                                            backend=self.backend)
+        # e1, e2 come from this layer's embedding of checked hparams: no per-layer finiteness check
+        # (on CUDA it would be a device sync in every layer)
+        y = _hyper_linear(x2.reshape(-1, self.in_features), self.weight, self.delta, self.r, self.s, self.u, self.v,
+                          e1, self.bias, self.delta_bias, e2, self.backend, False)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -517,9 +520,9 @@ class HyperBatchEnsembleConv2d(_HyperMixin, BatchEnsembleConv2d):
         self._check_x(x)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
         e1, e2 = self.embed(hparams)
-        return ops.hyper_batch_ensemble_conv2d(x, self.weight, self.delta, self.r, self.s, self.u, self.v, e1,
-                                               self.bias, self.delta_bias, e2, self.stride, self.padding,
-                                               self.dilation, self.groups, backend=self.backend)
+        return _hyper_conv2d(x, self.weight, self.delta, self.r, self.s, self.u, self.v, e1, self.bias,
+                             self.delta_bias, e2, self.stride, self.padding, self.dilation, self.groups, self.backend,
+                             False)  # no per-layer finiteness check of e1, e2: see HyperBatchEnsembleLinear
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_hparams={self.num_hparams}, tie_fast_weights={self.tie_fast_weights}, "

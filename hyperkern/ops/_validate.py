@@ -63,10 +63,10 @@ def check_finite(name: str, t):
 
 
 def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
-                             delta, u, v, e1, delta_bias, e2) -> dict:
+                             delta, u, v, e1, delta_bias, e2, check_embeddings=True) -> dict:
     """Checks shared by the linear and conv ops: the per-member vectors (E, in) / (E, out), and for
-    the hyper ops delta, u, v, the per-row embeddings e1, e2 and their finiteness. Returns the named
-    tensors for check_same."""
+    the hyper ops delta, u, v, the per-row embeddings e1, e2 and (check_embeddings) their finiteness,
+    which reads the values: a device sync on CUDA. Returns the named tensors for check_same."""
     N = x.shape[0]
     check_shape("r", r, (E, in_dim), f"(ensemble_size, in_{unit})")
     check_shape("s", s, (E, out_dim), f"(ensemble_size, out_{unit})")
@@ -88,14 +88,15 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
         raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2), "
                          f"got delta_bias={'None' if delta_bias is None else 'Tensor'}, "
                          f"e2={'None' if e2 is None else 'Tensor'}")
-    check_finite("e1", e1)
-    check_finite("e2", e2)
+    if check_embeddings:
+        check_finite("e1", e1)
+        check_finite("e2", e2)
     named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
     return named
 
 
 def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
-                    hyper: bool = False) -> int:
+                    hyper: bool = False, check_embeddings: bool = True) -> int:
     """Validate the linear ops' arguments (DESIGN.md contract) and return the ensemble size E."""
     check_tensor("x", x, 2)
     check_tensor("weight", weight, 2)
@@ -108,7 +109,7 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
         raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
-                                     delta, u, v, e1, delta_bias, e2)
+                                     delta, u, v, e1, delta_bias, e2, check_embeddings)
     check_same(named)
     return E
 
@@ -125,7 +126,7 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta=None, u=None, v=None, e1=None,
-                    delta_bias=None, e2=None, hyper: bool = False):
+                    delta_bias=None, e2=None, hyper: bool = False, check_embeddings: bool = True):
     """Validate the conv ops' arguments; return (E, stride, padding, dilation, groups) normalised."""
     check_tensor("x", x, 4)
     check_tensor("weight", weight, 4)
@@ -151,6 +152,6 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
                          f"kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_c, out_c, "channels", "image", hyper,
-                                     delta, u, v, e1, delta_bias, e2)
+                                     delta, u, v, e1, delta_bias, e2, check_embeddings)
     check_same(named)
     return E, stride, padding, dilation, groups

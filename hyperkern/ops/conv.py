@@ -90,8 +90,17 @@ def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: to
     with r_k, u_k on input channels; s_k, v_k, bias_k, delta_bias_k and the per-image embeddings
     e1, e2 (E*B, C_out) on output channels, broadcast over the output's spatial positions.
     """
+    return _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                        dilation, groups, backend, True)
+
+
+def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
+                                 groups, backend: str, check_embeddings: bool) -> torch.Tensor:
+    """hyper_batch_ensemble_conv2d; check_embeddings=False skips the finiteness check of e1 and e2 (a
+    device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
-                                                           delta, u, v, e1, delta_bias, e2, hyper=True)
+                                                           delta, u, v, e1, delta_bias, e2, hyper=True,
+                                                           check_embeddings=check_embeddings)
     name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d", _CUDA_PREFERENCE)
     if name == "torch":
         return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,

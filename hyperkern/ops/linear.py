@@ -82,7 +82,15 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
     Returns:
         (E*B, out) member-major outputs.
     """
-    validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True)
+    return _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, backend, True)
+
+
+def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, backend: str,
+                                 check_embeddings: bool) -> torch.Tensor:
+    """hyper_batch_ensemble_linear; check_embeddings=False skips the finiteness check of e1 and e2 (a
+    device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
+    validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True,
+                    check_embeddings=check_embeddings)
     name = resolve_backend(backend, x.device, "hyper_batch_ensemble_linear")
     if name == "torch":
         return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
