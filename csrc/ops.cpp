@@ -1,6 +1,6 @@
 // hyperkern._C: the one place where every hyperkern op schema is defined.
 // Implementations register per dispatch key in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA);
-// fake (meta) kernels and autograd are registered from Python (hyperkern/ops/_cpp_*.py).
+// fake (meta) kernels are registered from Python (hyperkern/ops/_cpp_*.py), autograd in csrc/autograd.cpp.
 // Inputs reaching these kernels were validated by hyperkern.ops (shapes, dtypes, devices); the
 // kernels only TORCH_CHECK what would otherwise be memory-unsafe.
 #include <Python.h>

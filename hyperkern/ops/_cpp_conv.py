@@ -1,6 +1,6 @@
 """The "cpp" backend of the rank-1 ensemble conv2d ops: torch.library custom ops implemented in the
 compiled extension hyperkern._C (csrc/cpu/rank1_conv.cpp, csrc/cuda/rank1_conv.cu), with their fake
-(meta) kernels for torch.compile and their autograd formulas registered here.
+(meta) kernels for torch.compile registered here and their autograd in C++ (csrc/autograd.cpp).
 
 Layout: x is (E*B, C, H, W) member-major, images k*B .. (k+1)*B-1 belong to member k, NCHW or
 channels-last (outputs follow x's memory format). weight, delta: (O, C/groups, kh, kw); r, u: (E, C);
@@ -63,22 +63,7 @@ def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, paddin
     return _fake_grads(x, output_mask, (None, weight.shape, r.shape, (E, O), (E, O)))
 
 
-def _batch_ensemble_conv2d_setup(ctx, inputs, output):
-    x, weight, r, s, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight, r, s)
-    ctx.geometry = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-
-
-def _batch_ensemble_conv2d_backward(ctx, grad_y):
-    x, weight, r, s = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[i]) for i in range(4)] + [ctx.has_bias and bool(ctx.needs_input_grad[4])]
-    grads = _ops.batch_ensemble_conv2d_backward(grad_y, x, weight, r, s, *ctx.geometry, mask)
-    return tuple(g if need else None for g, need in zip(grads, mask)) + (None,) * 4
-
-
-torch.library.register_autograd("hyperkern::batch_ensemble_conv2d", _batch_ensemble_conv2d_backward,
-                                setup_context=_batch_ensemble_conv2d_setup)
+# Autograd: csrc/autograd.cpp.
 
 
 # ---- hyper_batch_ensemble_conv2d ------------------------------------------------------------------
@@ -100,27 +85,7 @@ def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u
     return _fake_grads(x, mask, shapes)
 
 
-def _hyper_batch_ensemble_conv2d_setup(ctx, inputs, output):
-    x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd = inputs
-    ctx.save_for_backward(x, weight, delta, r, s, u, v, e1, delta_bias, e2, output[1])
-    ctx.geometry = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-    ctx.has_delta_bias = delta_bias is not None
-    ctx.mark_non_differentiable(output[1])
-
-
-def _hyper_batch_ensemble_conv2d_backward(ctx, grad_y, grad_hd):
-    x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [bool(needs[i]) for i in range(8)] + [ctx.has_bias and bool(needs[8])] + \
-        [ctx.has_delta_bias and bool(needs[i]) for i in (9, 10)]
-    grads = _ops.hyper_batch_ensemble_conv2d_backward(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd,
-                                                      *ctx.geometry, mask)
-    return tuple(g if need else None for g, need in zip(grads, mask)) + (None,) * 5
-
-
-torch.library.register_autograd("hyperkern::hyper_batch_ensemble_conv2d", _hyper_batch_ensemble_conv2d_backward,
-                                setup_context=_hyper_batch_ensemble_conv2d_setup)
+# Autograd: csrc/autograd.cpp (hd is non-differentiable and saved for the backward).
 
 
 # ---- entry points used by hyperkern.ops.conv (arguments validated there) ------------------------------

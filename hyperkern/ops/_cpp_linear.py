@@ -2,8 +2,8 @@
 
 The schemas live in csrc/ops.cpp, the kernels in csrc/cpu/rank1_linear.cpp (CPU) and
 csrc/cuda/rank1_linear.cu (CUDA). This module adds what the compiler stack needs around them: fake
-(meta) implementations, so the ops trace under torch.compile(fullgraph=True), and autograd formulas
-that call the C++ backward ops.
+(meta) implementations, so the ops trace under torch.compile(fullgraph=True). Their autograd
+(calling the C++ backward ops) is registered in C++, csrc/autograd.cpp.
 
 Rows are member-major: x is (E*B, in) and rows k*B .. (k+1)*B-1 belong to member k (E = r.shape[0]).
 The functions below take arguments already validated by hyperkern.ops.linear (they may be
@@ -39,23 +39,7 @@ def _batch_ensemble_linear_backward_fake(grad_out, x, weight, r, s, has_bias, co
     return grad_x, weight.new_empty(weight.shape), r.new_empty(r.shape), s.new_empty(s.shape), grad_bias
 
 
-def _batch_ensemble_linear_setup_context(ctx, inputs, output):
-    x, weight, r, s, bias = inputs
-    ctx.save_for_backward(x, weight, r, s)
-    ctx.has_bias = bias is not None
-
-
-def _batch_ensemble_linear_backward(ctx, grad_out):
-    x, weight, r, s = ctx.saved_tensors
-    compute_grad_x = bool(ctx.needs_input_grad[0])
-    grad_x, grad_weight, grad_r, grad_s, grad_bias = _ops.batch_ensemble_linear_backward(
-        grad_out, x, weight, r, s, ctx.has_bias, compute_grad_x)
-    return (grad_x if compute_grad_x else None, grad_weight, grad_r, grad_s,
-            grad_bias if ctx.has_bias else None)
-
-
-torch.library.register_autograd("hyperkern::batch_ensemble_linear", _batch_ensemble_linear_backward,
-                                setup_context=_batch_ensemble_linear_setup_context)
+# Autograd of hyperkern::batch_ensemble_linear is registered in C++ (csrc/autograd.cpp).
 
 
 def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
@@ -86,28 +70,8 @@ def _hyper_batch_ensemble_linear_backward_fake(grad_out, x, weight, delta, r, s,
             grad_delta_bias, grad_e2)
 
 
-def _hyper_setup_context(ctx, inputs, output):
-    x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2 = inputs
-    _, delta_out = output
-    ctx.mark_non_differentiable(delta_out)
-    ctx.save_for_backward(x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_out)
-    ctx.has_bias = bias is not None
-
-
-def _hyper_backward(ctx, grad_out, _grad_delta_out):
-    x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_out = ctx.saved_tensors
-    compute_grad_x = bool(ctx.needs_input_grad[0])
-    (grad_x, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1, grad_bias, grad_delta_bias,
-     grad_e2) = _ops.hyper_batch_ensemble_linear_backward(grad_out, x, weight, delta, r, s, u, v, e1, delta_bias, e2,
-                                                          delta_out, ctx.has_bias, compute_grad_x)
-    has_delta_bias = delta_bias is not None
-    return (grad_x if compute_grad_x else None, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1,
-            grad_bias if ctx.has_bias else None, grad_delta_bias if has_delta_bias else None,
-            grad_e2 if has_delta_bias else None)
-
-
-torch.library.register_autograd("hyperkern::hyper_batch_ensemble_linear", _hyper_backward,
-                                setup_context=_hyper_setup_context)
+# Autograd of hyperkern::hyper_batch_ensemble_linear is registered in C++ (csrc/autograd.cpp): delta_out
+# is non-differentiable and saved for the backward.
 
 
 def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
