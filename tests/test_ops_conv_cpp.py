@@ -204,8 +204,8 @@ def test_opcheck(channels_last):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    # Through the backend's entry points: hyperkern.ops.conv picks the backend module with importlib,
-    # which dynamo does not trace.
+    # Through the backend's entry points, forward and backward (the public API under torch.compile is
+    # covered by tests/test_models_compile.py).
     geo = ((1, 1), (1, 1), (1, 1), 1)
 
     def loss(x, w, r, s, b, d, u, v, e1, db, e2):
