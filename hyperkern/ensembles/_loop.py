@@ -120,6 +120,19 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, fast_params, multiplier: float,
+                      weight: float = 1.0):
+    """One weight update: zero_grad, backward of loss * weight (a data-parallel rank's share), the fast
+    weights' gradients scaled by multiplier (the reference's 0.5), optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight if weight != 1.0 else loss).backward()
+    if multiplier != 1.0:
+        for p in fast_params:
+            if p.grad is not None:
+                p.grad.mul_(multiplier)
+    optimizer.step()
+
+
 def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, hparams: dict, *,
                   data_seed: int, n_train: int | None = None, checkpoint_path: str | None = None,
                   on_epoch_end=None, progress: bool = False, desc: str = "train", distributed=None) -> dict:
@@ -166,13 +179,7 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
         loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
         if l2:
             loss = loss + model.l2_penalty(l2) / n_train
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight if weight != 1.0 else loss).backward()
-        if fast and multiplier != 1.0:
-            for p in fast:
-                if p.grad is not None:
-                    p.grad.mul_(multiplier)
-        optimizer.step()
+        backward_and_step(loss, optimizer, fast, multiplier, weight)
         return float(loss.detach())
 
     def get_state():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperkern.ensembles._common import seeded
-from hyperkern.ensembles._loop import _set_lr, member_log_probs, run_epochs
+from hyperkern.ensembles._loop import _set_lr, backward_and_step, member_log_probs, run_epochs
 from hyperkern.ensembles.batch import _SingleNetworkTrainer
 from hyperkern.nn.hparams import EnsembleLogUniform
 
@@ -134,13 +134,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             logits = forward(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
             # the penalty is a mean over rows too: the rank weight makes both terms global-batch means
             loss = F.cross_entropy(logits, yb.repeat(E)) + net.l2_penalty(lam) / n_train
-            opt_w.zero_grad(set_to_none=True)
-            (loss * weight if weight != 1.0 else loss).backward()
-            if fast and multiplier != 1.0:
-                for p in fast:
-                    if p.grad is not None:
-                        p.grad.mul_(multiplier)
-            opt_w.step()
+            backward_and_step(loss, opt_w, fast, multiplier, weight)
             if (step + 1) % config.val_every == 0:
                 distribution_step()
             return float(loss.detach())
