@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CLOCKS", "sync", "time_interleaved", "peak_memory_bytes", "describe_environment", "device_name",
+__all__ = ["CLOCKS", "sync", "time_interleaved", "peak_memory_bytes", "describe_environment", "device_name", "cpu_name",
            "params_bytes", "format_markdown_table", "MIB"]
 
 MIB = float(1 << 20)
@@ -163,10 +163,15 @@ def params_bytes(tensors) -> int:
 
 
 def device_name(device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    """GPU name, or the CPU model (cpu_name)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

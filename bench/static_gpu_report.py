@@ -39,7 +39,6 @@ import importlib
 import multiprocessing
 import os
 import pkgutil
-import platform
 import re
 import shutil
 import subprocess
@@ -47,6 +46,8 @@ import sys
 import tempfile
 import time
 import traceback
+
+from bench.common import cpu_name
 
 SECTION = "## Static GPU report (sm_90)"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -203,17 +204,6 @@ def write_results(section_body: str, path: str = RESULTS) -> None:
         text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
     with open(path, "w") as f:
         f.write(text)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
