@@ -11,25 +11,14 @@ import time
 import pytest
 import torch
 
-from hyperkern.data import load_digits
 from hyperkern.ensembles import HyperDeepEnsemble, ModelSpec, RunDirectory, TrainConfig, greedy_selection
 from hyperkern.ensembles.search import build_member
 
 SPEC = ModelSpec("mlp", 10, (1, 8, 8), {"backend": "torch", "hidden_features": (16,)})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits(seed=0)
-    return d.train.subset(slice(0, 200)), d.val.subset(slice(0, 80)), d.test.subset(slice(0, 80))
 
 
 def test_fixed_init_seed_gives_identical_initial_weights():

@@ -32,6 +32,8 @@ CONFIG = TrainConfig(epochs=2, batch_size=25, lr=0.1, val_every=2, hparam_lr=0.0
 N_TRAIN, N_VAL = 90, 40
 WORLD = 2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _data():
     d = load_digits(seed=0)
@@ -130,14 +132,6 @@ def ddp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
     torch_mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
     return out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _assert_states_close(a, b, **tol):

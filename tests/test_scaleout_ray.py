@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-from hyperkern.data import load_digits
 from hyperkern.ensembles import (HyperDeepEnsemble, LocalExecutor, ModelSpec, ProcessExecutor, RayExecutor,
                                  TrainConfig, TrialFailure, TrialsFailedError, default_search_space,
                                  greedy_selection, register_model)
@@ -25,18 +24,8 @@ HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (pip install \"hyperkern[distributed]\")")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits(seed=0)
-    return d.train.subset(slice(0, 200)), d.val.subset(slice(0, 80)), d.test.subset(slice(0, 80))
 
 
 @pytest.fixture(scope="module")
