@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import hyperkern.models as zoo
-from hyperkern._backends import resolve_backend
+from hyperkern._backends import available_backends, resolve_backend
 from hyperkern.ops.conv import _CUDA_PREFERENCE as _CONV_CUDA_PREFERENCE
 from hyperkern.nn import EnsembleLogUniform, tile
 
@@ -57,7 +57,7 @@ from bench.peers import swap_batch_ensemble_layers
 __all__ = ["model_configs", "build_candidates", "run_models", "format_models_table", "check_model_targets",
            "ALL_VARIANTS"]
 
-ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch/tabm", "batch/torch_unc", "hyper_batch", "deep/loop",
+ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch[triton]", "batch/tabm", "batch/torch_unc", "hyper_batch", "deep/loop",
                 "deep/vmap")
 N_TRAIN = 50_000  # CIFAR-10's training set: the hyper_batch penalty is divided by it (METHOD.md section 3)
 
@@ -168,11 +168,14 @@ def build_candidates(arch: str, kwargs: dict, *, E: int, B: int, image: int, dev
         model = _make(arch, kwargs, "batch", E, device, dtype)
         be = _conv_backend(model, device)
         out["batch"] = _rank1_candidate("batch", model, x_one, y_one, E, device, be, "auto backend")
-    if "batch[torch]" in variants:
-        probe = _make(arch, kwargs, "batch", E, "meta", dtype)
-        if _conv_backend(probe, device) != "torch":
-            model = _make(arch, kwargs, "batch", E, device, dtype, backend="torch")
-            out["batch[torch]"] = _rank1_candidate("batch[torch]", model, x_one, y_one, E, device, "torch")
+    # the other backends, where "auto" picks another one (Triton on the GPU only: on the CPU it is the interpreter)
+    for forced in ("torch", "triton") if device.type == "cuda" else ("torch",):
+        label = f"batch[{forced}]"
+        if label in variants and forced in available_backends(device.type):
+            probe = _make(arch, kwargs, "batch", E, "meta", dtype)
+            if _conv_backend(probe, device) != forced:
+                model = _make(arch, kwargs, "batch", E, device, dtype, backend=forced)
+                out[label] = _rank1_candidate(label, model, x_one, y_one, E, device, forced)
     for style, label in (("tabm", "batch/tabm"), ("torch_uncertainty", "batch/torch_unc")):
         if label in variants:
             model = swap_batch_ensemble_layers(_make(arch, kwargs, "batch", E, device, dtype), style)

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import zero_present
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["rank1_conv2d_forward", "rank1_conv2d_input_grad", "rank1_conv2d_weight_grad", "sm90_compile_specs",
@@ -522,9 +524,9 @@ _hyper_forward = _autotuned(_rank1_conv2d_forward_kernel, "forward", True, "x_pt
 _input_grad = _autotuned(_rank1_conv2d_input_grad_kernel, "input_grad", False, "g_ptr")
 _hyper_input_grad = _autotuned(_rank1_conv2d_input_grad_kernel, "input_grad", True, "g_ptr")
 _weight_grad = _autotuned(_rank1_conv2d_weight_grad_kernel, "weight_grad", False, "x_ptr",
-                          reset_to_zero=_WEIGHT_GRAD_OUTPUTS)
+                          pre_hook=zero_present(_WEIGHT_GRAD_OUTPUTS))
 _hyper_weight_grad = _autotuned(_rank1_conv2d_weight_grad_kernel, "weight_grad", True, "x_ptr",
-                                reset_to_zero=_WEIGHT_GRAD_OUTPUTS)
+                                pre_hook=zero_present(_WEIGHT_GRAD_OUTPUTS))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import zero_present
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Row-wise (bias / embedding gradient) tiles are fixed, so the launcher knows the partial-sum layout.
@@ -116,11 +118,11 @@ def rank1_linear_forward_kernel(
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         r = tl.load(r_ptrs, mask=k_mask, other=0.0)
         wt = tl.load(wt_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(x * r[None, :], wt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x * r[None, :], wt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HYPER:
             u = tl.load(u_ptrs, mask=k_mask, other=0.0)
             dt = tl.load(dt_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc_delta = tl.dot(x * u[None, :], dt, acc_delta, input_precision=DOT_PRECISION)
+            acc_delta = tl.dot(x * u[None, :], dt, acc_delta, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             u_ptrs += BLOCK_K
             dt_ptrs += BLOCK_K * stride_dk
         x_ptrs += BLOCK_K * stride_xk
@@ -196,12 +198,12 @@ def rank1_linear_grad_input_kernel(
         g = tl.load(g_ptrs, mask=a_mask, other=0.0)
         s = tl.load(s_ptrs, mask=k_mask, other=0.0)
         w = tl.load(w_ptrs, mask=b_mask, other=0.0)
-        acc = tl.dot(g * s[None, :], w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(g * s[None, :], w, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HYPER:
             e1 = tl.load(e1_ptrs, mask=a_mask, other=0.0)
             v = tl.load(v_ptrs, mask=k_mask, other=0.0)
             d = tl.load(d_ptrs, mask=b_mask, other=0.0)
-            acc_delta = tl.dot(g * e1 * v[None, :], d, acc_delta, input_precision=DOT_PRECISION)
+            acc_delta = tl.dot(g * e1 * v[None, :], d, acc_delta, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             e1_ptrs += BLOCK_K * stride_e1n
             d_ptrs += BLOCK_K * stride_dn
             v_ptrs += BLOCK_K
@@ -276,7 +278,7 @@ def rank1_linear_grad_weight_kernel(
                 e1t = tl.load(e1_base + e1t_offs, mask=e1_mask, other=1.0)
                 gt = gt * e1t
                 e1_base += BLOCK_R * stride_e1m
-            acc = tl.dot(gt, x, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(gt, x, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             g_base += BLOCK_R * stride_gm
             x_base += BLOCK_R * stride_xm
         # member epilogue: ds_k, dr_k partials from P_k and the weight tile, then dW += P_k * (s_k r_k^T)
@@ -381,7 +383,7 @@ _TILES = {
     ("grad_input", "16-bit", True, True): ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
                                            (64, 128, 64, 8, 4)),
     ("grad_input", "tf32", False, True): _ROW_TF32,
-    ("grad_input", "tf32", True, True): ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
+    ("grad_input", "tf32", True, True): ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
                                          (64, 64, 32, 8, 4)),
     ("grad_input", "tf32x3", False, True): _ROW_TF32X3,
     ("grad_input", "tf32x3", True, True): ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4)),
@@ -431,6 +433,29 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     return "16-bit"
 
 
+_OPERAND_BYTES = {"16-bit": 2, "tf32": 4, "tf32x3": 4, "fp64": 8}
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90
+
+
+def pipelined_shared_bytes(kind: str, cls: str, hyper: bool, tile) -> int:
+    """Shared memory the software pipeline of a tile takes: num_stages copies of every 2-D tile
+    its reduction loop loads (forward: x, W and for hyper Delta; grad_input: g, W and for hyper
+    e1, Delta; grad_weight: g^T, x and for hyper e1). Triton 3.6 on an H200 asked for exactly this
+    (+512 B) for the hyper grad_input (128, 128, 32) tf32 tile with 4 stages: 262656 B, over the
+    232448 B an sm_90 block may use, so the launch failed. Independent of the Triton version, unlike
+    the compiled kernels' metadata that bench/static_gpu_report.py reads."""
+    m, n, k, _warps, stages = tile
+    if kind == "grad_weight":  # (BLOCK_O, BLOCK_R) g^T and (BLOCK_R, BLOCK_I) x
+        elements = m * k + k * n + (m * k if hyper else 0)
+    else:  # (BLOCK_M, BLOCK_K) rows and (BLOCK_K, BLOCK_N) weight
+        elements = m * k + k * n + ((k * n + (m * k if kind == "grad_input" else 0)) if hyper else 0)
+    return stages * elements * _OPERAND_BYTES[cls]
+
+
+def _device_shared_limit(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _interpreter_config(kind: str):
     m, n, k = _KIND_AXES[kind]
     if kind == "grad_weight":
@@ -451,20 +476,34 @@ def _configs(kind: str) -> dict:
 _CONFIGS = {kind: _configs(kind) for kind in _KIND_AXES}
 
 
-def launchable_configs(kind: str, dtype: torch.dtype, hyper: bool, precision: str, aligned: bool) -> list:
+def launchable_configs(kind: str, dtype: torch.dtype, hyper: bool, precision: str, aligned: bool,
+                       shared_limit: int | None = None) -> list:
     """The triton.Config objects the autotuner of kind ("forward", "grad_input", "grad_weight") may
-    launch for this input dtype, op (hyper or not), tl.dot input precision and layout class."""
+    launch for this input dtype, op (hyper or not), tl.dot input precision and layout class; with
+    shared_limit, only the tiles whose pipelined_shared_bytes fit it (at least the smallest one)."""
     if INTERPRET:
         return list(_CONFIGS[kind].values())
-    key = (kind, operand_class(dtype, precision), bool(hyper), bool(aligned))
-    return [_CONFIGS[kind][tile] for tile in _TILES[key]]
+    cls = operand_class(dtype, precision)
+    tiles = _TILES[(kind, cls, bool(hyper), bool(aligned))]
+    if shared_limit is not None:
+        tiles = tiles_that_fit(tiles, kind, cls, hyper, shared_limit)
+    return [_CONFIGS[kind][tile] for tile in tiles]
+
+
+def tiles_that_fit(tiles, kind: str, cls: str, hyper: bool, shared_limit: int) -> list:
+    """The tiles whose pipelined_shared_bytes fit shared_limit; the smallest one if none does."""
+    def need(t):
+        return pipelined_shared_bytes(kind, cls, hyper, t)
+
+    return [t for t in tiles if need(t) <= shared_limit] or [min(tiles, key=need)]
 
 
 def _pruner(kind: str, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        keep = {id(c) for c in launchable_configs(kind, args[tensor_arg].dtype, args["HYPER"], args["DOT_PRECISION"],
-                                                  args["ALIGNED"])}
+        t = args[tensor_arg]
+        keep = {id(c) for c in launchable_configs(kind, t.dtype, args["HYPER"], args["DOT_PRECISION"], args["ALIGNED"],
+                                                  _device_shared_limit(t.device))}
         return [c for c in configs if id(c) in keep]
     return prune
 
@@ -481,7 +520,7 @@ def _autotuned(kernel, kind: str, tensor_arg: str, **kwargs):
 _forward = _autotuned(rank1_linear_forward_kernel, "forward", "x_ptr")
 _grad_input = _autotuned(rank1_linear_grad_input_kernel, "grad_input", "g_ptr")
 _grad_weight = _autotuned(rank1_linear_grad_weight_kernel, "grad_weight", "g_ptr",
-                          reset_to_zero=["ds_part_ptr", "dr_part_ptr", "dv_part_ptr", "du_part_ptr"])
+                          pre_hook=zero_present(["ds_part_ptr", "dr_part_ptr", "dv_part_ptr", "du_part_ptr"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -280,6 +280,26 @@ def test_sm90_tile_table_is_complete_and_wgmma_shaped():
         assert all(spec["signature"][name] == "constexpr" for name in spec["constexprs"])
 
 
+def test_every_tile_pipeline_fits_sm90_shared_memory():
+    # Measured on an H200 (Triton 3.6): the hyper grad_input tf32 tile (128, 128, 32) with 4 stages
+    # asked for 262656 B = 4 stages x 4 operand tiles x 16 KiB + 512 B and could not launch.
+    assert kernels.pipelined_shared_bytes("grad_input", "tf32", True, (128, 128, 32, 8, 4)) == 262144
+    assert kernels.pipelined_shared_bytes("grad_input", "tf32", False, (128, 128, 32, 8, 4)) == 131072
+    assert kernels.pipelined_shared_bytes("forward", "16-bit", True, (128, 64, 64, 8, 3)) == 3 * 2 * (
+        128 * 64 + 2 * 64 * 64)
+    assert kernels.pipelined_shared_bytes("grad_weight", "fp64", True, (32, 32, 32, 4, 2)) == 2 * 8 * 3 * 32 * 32
+    for (kind, cls, hyper, _aligned), tiles in kernels._TILES.items():
+        for tile in tiles:
+            assert kernels.pipelined_shared_bytes(kind, cls, hyper, tile) <= kernels.H100_MAX_SHARED, (kind, cls, tile)
+    # a smaller device (an A100: 166912 B per block) keeps only the tiles that fit, at least the smallest one
+    tiles = kernels._TILES[("grad_input", "tf32", True, True)]
+    fit = kernels.tiles_that_fit(tiles, "grad_input", "tf32", True, 166912)
+    assert fit and all(kernels.pipelined_shared_bytes("grad_input", "tf32", True, t) <= 166912 for t in fit)
+    assert len(fit) < len(tiles)
+    assert kernels.tiles_that_fit(tiles, "grad_input", "tf32", True, 1) == [
+        min(tiles, key=lambda t: kernels.pipelined_shared_bytes("grad_input", "tf32", True, t))]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot is not faithful in the Triton interpreter; needs a GPU")
 def test_bfloat16_on_gpu():
     args = [None if a is None else a.bfloat16() for a in _hyper_args(4, 100, 96, 80)]
