@@ -12,6 +12,7 @@
 #   PYTHON       interpreter to use (default python3)
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
+#   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
 #   GPU_SUITE_STEPS  which steps to run (default "build tests ops models"), e.g. to split the suite
 #                over several sessions with a time limit: first "build tests", then "ops", then "models"
 #                (the environment and the extension check always run)
@@ -63,6 +64,9 @@ environment() {
   git -C "$ROOT" log -1 --format="commit %H %s" 2>/dev/null || true
   nvidia-smi || true
   command -v nvcc && nvcc --version
+  # the C++ compiler the extension is built with (an H200 image's /opt/gcc g++ built an extension whose
+  # TORCH_CHECK messages crashed in std::ostringstream: bench/RESULTS.md, first GPU run)
+  echo "c++: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>/dev/null | head -1)"
   "$PYTHON" - <<'PY'
 import platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
@@ -112,7 +116,11 @@ PY
 }
 
 gpu_tests() {
-  "$PYTHON" -m pytest -q "$ROOT/tests" -k "cpp or triton" -p no:cacheprovider -rfE \
+  # parallel workers when pytest-xdist is there: the Triton tests spend most of their time compiling
+  # (about 50 s with 8 workers on 16 cores); a worker that crashes is reported and replaced
+  local parallel=()
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-8}"); fi
+  "$PYTHON" -m pytest -q "$ROOT/tests" -k "cpp or triton" -p no:cacheprovider -rfE "${parallel[@]}" \
     --junitxml="$OUT/gpu-tests-junit.xml"
 }
 

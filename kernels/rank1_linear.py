@@ -452,8 +452,10 @@ def pipelined_shared_bytes(kind: str, cls: str, hyper: bool, tile) -> int:
     return stages * elements * _OPERAND_BYTES[cls]
 
 
-def _device_shared_limit(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+def _device_shared_limit(device: torch.device) -> int | None:
+    """Shared memory one block may opt into on device (None: unknown, e.g. ROCm's properties lack it)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or getattr(props, "shared_memory_per_block", None)
 
 
 def _interpreter_config(kind: str):
