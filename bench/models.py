@@ -11,6 +11,7 @@ Every candidate processes E*B member-images per step:
   batch               hyperkern BatchEnsemble (variant="batch", backend="auto"): one minibatch of B
                       images tiled E times (hyperkern.nn.tile), shared BatchNorm over the E*B rows
   batch[torch]        the same with backend="torch" (only when "auto" resolves to another backend)
+  batch[triton]       the same with backend="triton" (CUDA only, when "auto" resolves to another backend)
   batch/tabm          the batch model's parameters computed TabM style (bench/peers.py: broadcast views)
   batch/torch_unc     ... torch-uncertainty style (bench/peers.py: factors repeat_interleave'd per row)
   hyper_batch         hyperkern hyper-batch ensemble: per-row lambdas sampled from the members'
@@ -57,8 +58,8 @@ from bench.peers import swap_batch_ensemble_layers
 __all__ = ["model_configs", "build_candidates", "run_models", "format_models_table", "check_model_targets",
            "ALL_VARIANTS"]
 
-ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch[triton]", "batch/tabm", "batch/torch_unc", "hyper_batch", "deep/loop",
-                "deep/vmap")
+ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch[triton]", "batch/tabm", "batch/torch_unc", "hyper_batch",
+                "deep/loop", "deep/vmap")
 N_TRAIN = 50_000  # CIFAR-10's training set: the hyper_batch penalty is divided by it (METHOD.md section 3)
 
 
