@@ -172,6 +172,10 @@ def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats
                 for name, (ms, ms_min) in times.items():
                     rows.append({"op": op, "shape": (E, B, fin, fout), "mode": mode, "variant": name, "ms": ms,
                                  "ratio": ms / floor, "min_ms": ms_min, "min_ratio": ms_min / floor_min})
+                # as soon as it is measured: a run stopped by a time limit keeps what it measured
+                print(f"[ops] {op} {(E, B, fin, fout)} {mode}: floor {floor:.3f} ms | " + " | ".join(
+                    f"{name} {ms:.3f} ms ({ms / floor:.2f}x)" for name, (ms, _) in times.items() if name != "floor"),
+                      flush=True)
     return rows
 
 
