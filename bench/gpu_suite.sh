@@ -13,8 +13,9 @@
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
 #   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
-#   GPU_SUITE_STEPS  which steps to run (default "build tests ops models"), e.g. to split the suite
-#                over several sessions with a time limit: first "build tests", then "ops", then "models"
+#   GPU_SUITE_STEPS  which steps to run (default "build tests ops strategies models"), e.g. to split the
+#                suite over several sessions with a time limit: first "build tests", then "ops strategies",
+#                then "models" ("strategies": bench/conv_strategies.py, the CUDA conv A/B)
 #                (the environment and the extension check always run)
 #
 # Every step runs even when an earlier one failed (except that a failed build is reported and the
@@ -30,7 +31,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=" ${GPU_SUITE_STEPS:-build tests ops models} "
+STEPS=" ${GPU_SUITE_STEPS:-build tests ops strategies models} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 CPUS=$(nproc 2>/dev/null || echo 8)
 export MAX_JOBS=${MAX_JOBS:-$(( CPUS < 16 ? CPUS : 16 ))}
@@ -131,6 +132,8 @@ want tests && step "tests -k 'cpp or triton' on GPU" tests.log gpu_tests
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 want ops && step "bench ops (cuda)" bench-ops.md \
   "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" $BENCH_ARGS
+want strategies && step "conv strategies (cuda)" conv-strategies.md \
+  "$PYTHON" -m bench.conv_strategies --device cuda
 # shellcheck disable=SC2086
 want models && step "bench models (cuda)" bench-models.md \
   "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS

@@ -18,7 +18,7 @@ from hyperkern.ops import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `bench` is a top-level folder of the repository, not an installed package
 
-from bench import common, peers  # noqa: E402
+from bench import common, conv_strategies, peers  # noqa: E402
 
 
 def test_quick_tiny_run_writes_valid_json(tmp_path):
@@ -148,3 +148,15 @@ def test_time_interleaved_reports_every_candidate_and_checks_arguments():
         common.time_interleaved({"a": make("a")}, "cpu", repeats=0)
     with pytest.raises(ValueError, match="clock"):
         common.time_interleaved({"a": make("a")}, "cpu", clock="sundial")
+
+
+def test_conv_strategies_run_and_their_check_catches_a_wrong_strategy():
+    rows = conv_strategies.run(["4x6"], E=2, B=2, dtype=torch.float32, device="cpu", repeats=1, warmup=0,
+                               log=lambda _: None)
+    names = {r["strategy"] for r in rows}
+    assert {"floor", "cpp", "member-loop", "composition"} <= names and len(rows) == 2 * len(names)
+    assert all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows)
+    good = conv_strategies.strategies(2, 2, torch.device("cpu"))["member-loop"]
+    swapped = {"swapped": lambda x, w, r, s, b: good(x, w, s, r, b)}  # r and s exchanged: a layout mix-up
+    with pytest.raises(AssertionError, match="swapped: y differs"):
+        conv_strategies.check(swapped, 4, 6, 2, 2, torch.float32, "cpu")
