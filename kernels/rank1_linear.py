@@ -434,7 +434,7 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
 
 
 _OPERAND_BYTES = {"16-bit": 2, "tf32": 4, "tf32x3": 4, "fp64": 8}
-H100_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90 (as in bench/static_gpu_report.py)
 
 
 def pipelined_shared_bytes(kind: str, cls: str, hyper: bool, tile) -> int:

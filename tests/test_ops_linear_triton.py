@@ -290,7 +290,7 @@ def test_every_tile_pipeline_fits_sm90_shared_memory():
     assert kernels.pipelined_shared_bytes("grad_weight", "fp64", True, (32, 32, 32, 4, 2)) == 2 * 8 * 3 * 32 * 32
     for (kind, cls, hyper, _aligned), tiles in kernels._TILES.items():
         for tile in tiles:
-            assert kernels.pipelined_shared_bytes(kind, cls, hyper, tile) <= kernels.H100_MAX_SHARED, (kind, cls, tile)
+            assert kernels.pipelined_shared_bytes(kind, cls, hyper, tile) <= kernels.SM90_MAX_SHARED, (kind, cls, tile)
     # a smaller device (an A100: 166912 B per block) keeps only the tiles that fit, at least the smallest one
     tiles = kernels._TILES[("grad_input", "tf32", True, True)]
     fit = kernels.tiles_that_fit(tiles, "grad_input", "tf32", True, 166912)
