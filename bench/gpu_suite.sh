@@ -13,10 +13,12 @@
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
 #   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
-#   GPU_SUITE_STEPS  which steps to run (default "build tests ops strategies models"), e.g. to split the
-#                suite over several sessions with a time limit: first "build tests", then "ops strategies",
-#                then "models" ("strategies": bench/conv_strategies.py, the CUDA conv A/B)
-#                (the environment and the extension check always run)
+#   GPU_SUITE_STEPS  which steps to run (default "build tests ops strategies models"; "strategies" is
+#                bench/conv_strategies.py, the CUDA conv A/B). The environment and the extension check
+#                always run. To split the suite over calls with a time limit, on machines that start
+#                bare, keep "build" in each call: "build tests strategies", then "build ops models" with
+#                BENCH_ARGS=--quick. On an H200 (bench/RESULTS.md, first GPU run): build about 40 s, the
+#                Triton tests about 55 s and the cpp tests over 2 min with 8-14 workers.
 #
 # Every step runs even when an earlier one failed (except that a failed build is reported and the
 # tests and benchmarks then run against whatever extension exists); the exit status is nonzero if
