@@ -514,8 +514,15 @@ def _min_tile(kind: str, axis: int) -> int:
     return min(c.kwargs[_KIND_AXES[kind][axis]] for c in _CONFIGS[kind].values())
 
 
+# The autotuner caches its choice per key. Both ops share one kernel per kind, and the batch op passes
+# placeholder tensors of the same dtype for the hyper-only ones, so the key must hold every argument
+# the pruner reads (HYPER, DOT_PRECISION, ALIGNED): without HYPER, the hyper op reused the batch op's
+# choice at the same shape, a tile the hyper kernel cannot fit in shared memory (seen on an H200).
+TUNING_KEY = ["E", "B", "IN", "OUT", "ALIGNED", "HYPER", "DOT_PRECISION"]
+
+
 def _autotuned(kernel, kind: str, tensor_arg: str, **kwargs):
-    return triton.autotune(list(_CONFIGS[kind].values()), key=["E", "B", "IN", "OUT", "ALIGNED"],
+    return triton.autotune(list(_CONFIGS[kind].values()), key=TUNING_KEY,
                            prune_configs_by={"early_config_prune": _pruner(kind, tensor_arg)}, **kwargs)(kernel)
 
 

@@ -280,6 +280,21 @@ def test_sm90_tile_table_is_complete_and_wgmma_shaped():
         assert all(spec["signature"][name] == "constexpr" for name in spec["constexprs"])
 
 
+def test_autotune_cache_key_separates_what_the_pruner_reads():
+    # Both ops share one autotuned kernel per kind and pass same-dtype placeholders for the hyper-only
+    # tensors: a key without HYPER made the hyper op reuse the batch op's tile at the same shape, which
+    # did not fit in shared memory on an H200. Every argument the pruner reads must be in the key.
+    for tuner in (kernels._forward, kernels._grad_input, kernels._grad_weight):
+        assert {"HYPER", "DOT_PRECISION", "ALIGNED", "E", "B", "IN", "OUT"} <= set(tuner.keys), tuner.keys
+    from hyperkern.kernels import rank1_conv
+
+    # the conv ops have one autotuner per op, so HYPER is implied there
+    assert rank1_conv._forward is not rank1_conv._hyper_forward
+    for tuner in (rank1_conv._forward, rank1_conv._hyper_forward, rank1_conv._input_grad,
+                  rank1_conv._hyper_input_grad, rank1_conv._weight_grad, rank1_conv._hyper_weight_grad):
+        assert {"DOT_PRECISION", "ALIGNED"} <= set(tuner.keys), tuner.keys
+
+
 def test_every_tile_pipeline_fits_sm90_shared_memory():
     # Measured on an H200 (Triton 3.6): the hyper grad_input tf32 tile (128, 128, 32) with 4 stages
     # asked for 262656 B = 4 stages x 4 operand tiles x 16 KiB + 512 B and could not launch.
