@@ -97,7 +97,8 @@ def check(fns: dict, C: int, H: int, E: int, B: int, dtype, device) -> None:
         y = fn(*leaves)
         grads = torch.autograd.grad(y, leaves, grad)
         for what, got, want in zip(("y", "dx", "dW", "dr", "ds", "db"), (y, *grads), (ref_y, *ref_g)):
-            err = ((got.detach().double().cpu() - want.detach()).abs().max() / want.detach().abs().max().clamp_min(1e-12))
+            want = want.detach()
+            err = (got.detach().double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-12)
             if not err <= tol:  # also catches NaN
                 raise AssertionError(f"{name}: {what} differs from the float64 composition by {err:.3g} (max-relative)")
 

@@ -278,7 +278,8 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
             plain_ms = times["plain"]["ms"] if "plain" in times else None
             # one line per phase as soon as it is timed: a run stopped by a time limit keeps what it measured
             log(f"[models] {cfg['name']} {mode}: " + ", ".join(
-                f"{n} {t['ms']:.2f} ms" + (f" ({t['ms'] / plain_ms:.3f}x)" if plain_ms else "") for n, t in times.items()))
+                f"{n} {t['ms']:.2f} ms" + (f" ({t['ms'] / plain_ms:.3f}x)" if plain_ms else "")
+                for n, t in times.items()))
             for name, t in times.items():
                 c = cands[name]
                 peak = None
