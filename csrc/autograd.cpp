@@ -62,6 +62,62 @@ std::vector<bool> needs(AutogradContext* ctx, const std::vector<bool>& present) 
   return mask;
 }
 
+// The hyper ops save the same tensors (x, weight, delta, r, s, u, v, e1, delta_bias, e2 and the
+// Delta-branch output the forward kept) and flags; both backward ops read them back the same way.
+void save_hyper(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
+                const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& e1, const OptTensor& bias,
+                const OptTensor& delta_bias, const OptTensor& e2, const Tensor& kept) {
+  ctx->save_for_backward({x, weight, delta, r, s, u, v, e1, delta_bias.value_or(Tensor()), e2.value_or(Tensor()),
+                          kept});
+  ctx->saved_data["has_bias"] = present(bias);
+  ctx->saved_data["has_delta_bias"] = present(delta_bias);
+  ctx->mark_non_differentiable({kept});
+}
+
+struct HyperSaved {
+  variable_list t;       // as saved by save_hyper: t[0..7] = x .. e1, t[10] = the kept Delta-branch output
+  OptTensor delta_bias, e2;
+  bool has_bias;
+  std::vector<bool> mask;  // which of the 11 tensor inputs need a gradient
+};
+
+HyperSaved load_hyper(AutogradContext* ctx) {
+  HyperSaved h;
+  h.t = ctx->get_saved_variables();
+  h.has_bias = ctx->saved_data["has_bias"].toBool();
+  const bool has_delta_bias = ctx->saved_data["has_delta_bias"].toBool();
+  h.delta_bias = has_delta_bias ? OptTensor(h.t[8]) : std::nullopt;
+  h.e2 = has_delta_bias ? OptTensor(h.t[9]) : std::nullopt;
+  h.mask = needs(ctx, {true, true, true, true, true, true, true, true, h.has_bias, has_delta_bias, has_delta_bias});
+  return h;
+}
+
+// Conv geometry, kept for the backward op.
+void save_geometry(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                   int64_t groups) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["groups"] = groups;
+}
+
+struct SavedGeometry {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+};
+
+SavedGeometry load_geometry(AutogradContext* ctx) {
+  return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
+}
+
+template <size_t N>
+std::array<bool, N> as_array(const std::vector<bool>& mask) {
+  std::array<bool, N> out{};
+  for (size_t i = 0; i < N; ++i) out[i] = mask[i];
+  return out;
+}
+
 // ---- batch_ensemble_linear ------------------------------------------------------------------------
 
 class BatchEnsembleLinear : public torch::autograd::Function<BatchEnsembleLinear> {
@@ -102,11 +158,7 @@ class HyperBatchEnsembleLinear : public torch::autograd::Function<HyperBatchEnse
             "hyperkern::hyper_batch_ensemble_linear");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, delta_out] = op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2);
-    ctx->save_for_backward({x, weight, delta, r, s, u, v, e1, delta_bias.value_or(Tensor()), e2.value_or(Tensor()),
-                            delta_out});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->saved_data["has_delta_bias"] = present(delta_bias);
-    ctx->mark_non_differentiable({delta_out});
+    save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, delta_out);
     return {y, delta_out};
   }
 
@@ -116,16 +168,11 @@ class HyperBatchEnsembleLinear : public torch::autograd::Function<HyperBatchEnse
                         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                         bool, bool)>("hyperkern::hyper_batch_ensemble_linear_backward");
     check_first_order("hyper_batch_ensemble_linear");
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool has_delta_bias = ctx->saved_data["has_delta_bias"].toBool();
-    const std::vector<bool> mask = needs(ctx, {true, true, true, true, true, true, true, true, has_bias,
-                                               has_delta_bias, has_delta_bias});
-    const OptTensor delta_bias = has_delta_bias ? OptTensor(saved[8]) : std::nullopt;
-    const OptTensor e2 = has_delta_bias ? OptTensor(saved[9]) : std::nullopt;
-    const Grads11 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
-                                saved[7], delta_bias, e2, saved[10], has_bias, mask[0]);
-    return to_list(out, mask, 11);
+    const HyperSaved h = load_hyper(ctx);
+    const variable_list& t = h.t;
+    const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
+                                h.has_bias, h.mask[0]);
+    return to_list(out, h.mask, 11);
   }
 };
 
@@ -142,10 +189,7 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, weight, r, s});
     ctx->saved_data["has_bias"] = present(bias);
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
+    save_geometry(ctx, stride, padding, dilation, groups);
     return op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
   }
 
@@ -157,10 +201,9 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
     check_first_order("batch_ensemble_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
-    const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
-                               ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                               ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt(),
-                               {mask[0], mask[1], mask[2], mask[3], mask[4]});
+    const SavedGeometry g = load_geometry(ctx);
+    const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], g.stride, g.padding, g.dilation,
+                               g.groups, as_array<5>(mask));
     return to_list(out, mask, 9);
   }
 };
@@ -181,15 +224,8 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, hd] =
         op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
-    ctx->save_for_backward({x, weight, delta, r, s, u, v, e1, delta_bias.value_or(Tensor()), e2.value_or(Tensor()),
-                            hd});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->saved_data["has_delta_bias"] = present(delta_bias);
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->mark_non_differentiable({hd});
+    save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd);
+    save_geometry(ctx, stride, padding, dilation, groups);
     return {y, hd};
   }
 
@@ -199,20 +235,12 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
         const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
         at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>)>("hyperkern::hyper_batch_ensemble_conv2d_backward");
     check_first_order("hyper_batch_ensemble_conv2d");
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool has_delta_bias = ctx->saved_data["has_delta_bias"].toBool();
-    const std::vector<bool> mask = needs(ctx, {true, true, true, true, true, true, true, true, has_bias,
-                                               has_delta_bias, has_delta_bias});
-    std::array<bool, 11> output_mask;
-    for (size_t i = 0; i < 11; ++i) output_mask[i] = mask[i];
-    const OptTensor delta_bias = has_delta_bias ? OptTensor(saved[8]) : std::nullopt;
-    const OptTensor e2 = has_delta_bias ? OptTensor(saved[9]) : std::nullopt;
-    const Grads11 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
-                                saved[7], delta_bias, e2, saved[10], ctx->saved_data["stride"].toIntVector(),
-                                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                                ctx->saved_data["groups"].toInt(), output_mask);
-    return to_list(out, mask, 16);
+    const HyperSaved h = load_hyper(ctx);
+    const variable_list& t = h.t;
+    const SavedGeometry g = load_geometry(ctx);
+    const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
+                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask));
+    return to_list(out, h.mask, 16);
   }
 };
 
