@@ -13,10 +13,10 @@
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
 #   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
-#   GPU_SUITE_STEPS  which steps to run (default "build tests ops strategies models"; "strategies" is
-#                bench/conv_strategies.py, the CUDA conv A/B). The environment and the extension check
+#   GPU_SUITE_STEPS  which steps to run (default "build tests ops models"; "ops" includes the conv
+#                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start
-#                bare, keep "build" in each call: "build tests strategies", then "build ops models" with
+#                bare, keep "build" in each call: "build tests", then "build ops models" with
 #                BENCH_ARGS=--quick. On an H200 (bench/RESULTS.md, first GPU run): build about 40 s, the
 #                Triton tests about 55 s and the cpp tests over 2 min with 8-14 workers.
 #
@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=" ${GPU_SUITE_STEPS:-build tests ops strategies models} "
+STEPS=" ${GPU_SUITE_STEPS:-build tests ops models} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 CPUS=$(nproc 2>/dev/null || echo 8)
 export MAX_JOBS=${MAX_JOBS:-$(( CPUS < 16 ? CPUS : 16 ))}
@@ -134,8 +134,6 @@ want tests && step "tests -k 'cpp or triton' on GPU" tests.log gpu_tests
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 want ops && step "bench ops (cuda)" bench-ops.md \
   "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" $BENCH_ARGS
-want strategies && step "conv strategies (cuda)" conv-strategies.md \
-  "$PYTHON" -m bench.conv_strategies --device cuda
 # shellcheck disable=SC2086
 want models && step "bench models (cuda)" bench-models.md \
   "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS

@@ -3,12 +3,14 @@
 The floor is a plain conv2d over the same E*B images (for the hyper op: one plain conv2d with 2*O output
 channels, the same multiply-adds as its two branches). Rows: the "cpp" backend ("triton" too on CUDA), the
 "torch" backend (the eager composition), torch.compile of that composition, the peers' layers (tabm,
-torch_unc: bench/peers.py, batch op only), forward (no grad) and forward+backward (every
+torch_unc: bench/peers.py, batch op only), the per-member loop with folded weights ("member loop"; on CUDA
+also "member streams", one stream per member; bench/peers.py), forward (no grad) and forward+backward (every
 input requiring grad), NCHW and channels-last, at ResNet-20 / WRN-28-10 layer shapes (3x3, padding 1).
 
     python bench/ops_conv.py                      # all shapes, both formats, fp32, torch.get_num_threads()
     python bench/ops_conv.py --threads 2 --no-compile --shapes 16x32 64x8
     python bench/ops_conv.py --hyper              # also the hyper-batch op (hd saved vs recomputed)
+    python bench/ops_conv.py --device cuda --no-compile --batch 32   # the GPU A/B of the conv strategies
 
 Times are the best of `rounds` interleaved rounds (each round runs every variant once after warm-up),
 which is robust to other processes sharing the CPU. Importable: run(...) returns the rows, table(rows)
@@ -100,6 +102,13 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
     if not hyper:  # the peers' layers (bench/peers.py): TabM-style broadcast, torch-uncertainty-style repeat
         out["tabm"] = pair(lambda *a: peers.tabm_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
         out["torch_unc"] = pair(lambda *a: peers.torch_uncertainty_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
+        # the cpp backend's per-member arithmetic in PyTorch, and on CUDA with the members on their own
+        # streams: what overlapping the E small convolutions would gain (bench/RESULTS.md, first GPU run)
+        out["member loop"] = pair(lambda *a: peers.member_loop_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
+        if x.is_cuda:
+            streams = [torch.cuda.Stream(x.device) for _ in range(args[2].shape[0])]
+            out["member streams"] = pair(
+                lambda *a: peers.member_loop_batch_ensemble_conv2d(*a, *GEO, streams=streams), leaves, grad)
     if compile_eager:
         torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
         compiled = torch.compile(eager, dynamic=False)
@@ -168,17 +177,23 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager composition")
     p.add_argument("--hyper", action="store_true", help="also benchmark hyper_batch_ensemble_conv2d")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: process CPU time (meaningful with --threads 1 on a shared machine)")
     a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    if a.clock == "cpu" and a.device == "cuda":
+        p.error("--clock cpu times CPU work: use it with --device cpu")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
-    print(f"device: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, dtype {a.dtype}, E={a.ensemble_size}, B={a.batch} per member, "
-          f"3x3 conv, padding 1; {a.clock} clock; cpp available: {'cpp' in hyperkern.available_backends('cpu')}")
+    where = (torch.cuda.get_device_name() if a.device == "cuda"
+             else f"CPU {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(f"device: {where}, torch {torch.__version__}, dtype {a.dtype}, E={a.ensemble_size}, B={a.batch} per "
+          f"member, 3x3 conv, padding 1; {a.clock} clock; backends: {hyperkern.available_backends(a.device)}")
     rows = run(a.shapes, tuple(f == "channels-last" for f in a.formats), a.ensemble_size, a.batch, dtype, a.rounds,
-               not a.no_compile, a.hyper, clock=a.clock)
+               not a.no_compile, a.hyper, clock=a.clock, device=a.device)
     print()
     print(table(rows))
 

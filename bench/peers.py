@@ -13,6 +13,10 @@ Rows are member-major in both: rows k*B .. (k+1)*B-1 belong to member k (E = r.s
 same layout as hyperkern, so every variant computes the same numbers from the same parameters.
 The conv analogues apply r to input channels and s, b to output channels, broadcast over H, W.
 
+Besides the peers, one strategy of hyperkern's own design space: member_loop_batch_ensemble_conv2d runs one
+plain convolution per member with the folded weight W * s_k r_k^T (the cpp backend's arithmetic, written
+with F.conv2d), optionally each member on its own CUDA stream so the E small convolutions can overlap.
+
 Modules: TabMStyleLayer / TorchUncertaintyStyleLayer wrap an existing hyperkern BatchEnsembleLinear
 or BatchEnsembleConv2d and compute with ITS parameters; swap_batch_ensemble_layers(model, style)
 puts them into a batch-variant zoo model, giving "the same network written the peer's way".
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from hyperkern.nn import BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d, HyperBatchEnsembleLinear
 
 __all__ = ["tabm_batch_ensemble_linear", "torch_uncertainty_batch_ensemble_linear", "tabm_batch_ensemble_conv2d",
-           "torch_uncertainty_batch_ensemble_conv2d", "TabMStyleLayer", "TorchUncertaintyStyleLayer", "PEER_STYLES",
+           "torch_uncertainty_batch_ensemble_conv2d", "member_loop_batch_ensemble_conv2d", "TabMStyleLayer", "TorchUncertaintyStyleLayer", "PEER_STYLES",
            "swap_batch_ensemble_layers"]
 
 
@@ -77,6 +81,35 @@ def torch_uncertainty_batch_ensemble_conv2d(x, weight, r, s, bias=None, stride=1
     if bias is not None:
         y = y + torch.repeat_interleave(bias, rows_per_member, dim=0)[:, :, None, None]
     return y
+
+
+def member_loop_batch_ensemble_conv2d(x, weight, r, s, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                                      streams=None):
+    """One F.conv2d per member with the folded weight W_k = W * s_k r_k^T, outputs concatenated.
+    streams: None, or one CUDA stream per member; member k then runs on streams[k] (autograd runs its
+    backward there too) and the current stream waits for all of them."""
+    E = r.shape[0]
+    B = x.shape[0] // E
+    O, cg = weight.shape[:2]
+    in_scale = r.view(E, groups, 1, cg).expand(E, groups, O // groups, cg).reshape(E, O, cg)  # r of each W column
+
+    def member(k):
+        wk = weight * (s[k][:, None] * in_scale[k])[:, :, None, None]
+        return F.conv2d(x[k * B:(k + 1) * B], wk, None if bias is None else bias[k], stride, padding, dilation,
+                        groups)
+
+    if streams is None:
+        return torch.cat([member(k) for k in range(E)])
+    main = torch.cuda.current_stream(x.device)
+    outs = []
+    for k, stream in enumerate(streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            outs.append(member(k))
+    for stream, y in zip(streams, outs):
+        main.wait_stream(stream)
+        y.record_stream(main)  # allocated on a side stream, read by the main stream's cat
+    return torch.cat(outs)
 
 
 # ---- modules ----

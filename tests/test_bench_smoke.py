@@ -18,7 +18,7 @@ from hyperkern.ops import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `bench` is a top-level folder of the repository, not an installed package
 
-from bench import common, conv_strategies, peers  # noqa: E402
+from bench import common, ops_conv, peers  # noqa: E402
 
 
 def test_quick_tiny_run_writes_valid_json(tmp_path):
@@ -87,7 +87,8 @@ def test_peer_linear_matches_reference(fn):
     torch.testing.assert_close(fn(x, w, r, s, None), reference.batch_ensemble_linear_reference(x, w, r, s, None))
 
 
-@pytest.mark.parametrize("fn", [peers.tabm_batch_ensemble_conv2d, peers.torch_uncertainty_batch_ensemble_conv2d])
+@pytest.mark.parametrize("fn", [peers.tabm_batch_ensemble_conv2d, peers.torch_uncertainty_batch_ensemble_conv2d,
+                                peers.member_loop_batch_ensemble_conv2d])
 def test_peer_conv_matches_reference(fn):
     E, B, cin, cout = 2, 3, 4, 6
     x = torch.randn(E * B, cin, 7, 6, dtype=torch.float64)
@@ -150,13 +151,28 @@ def test_time_interleaved_reports_every_candidate_and_checks_arguments():
         common.time_interleaved({"a": make("a")}, "cpu", clock="sundial")
 
 
-def test_conv_strategies_run_and_their_check_catches_a_wrong_strategy():
-    rows = conv_strategies.run(["4x6"], E=2, B=2, dtype=torch.float32, device="cpu", repeats=1, warmup=0,
-                               log=lambda _: None)
-    names = {r["strategy"] for r in rows}
-    assert {"floor", "cpp", "member-loop", "composition"} <= names and len(rows) == 2 * len(names)
-    assert all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows)
-    good = conv_strategies.strategies(2, 2, torch.device("cpu"))["member-loop"]
-    swapped = {"swapped": lambda x, w, r, s, b: good(x, w, s, r, b)}  # r and s exchanged: a layout mix-up
-    with pytest.raises(AssertionError, match="swapped: y differs"):
-        conv_strategies.check(swapped, 4, 6, 2, 2, torch.float32, "cpu")
+def test_member_loop_strategy_matches_reference_grouped_and_is_timed_by_the_conv_bench():
+    E, B, C = 2, 3, 4
+    x = torch.randn(E * B, C, 6, 6, dtype=torch.float64)
+    w = torch.randn(C, C // 2, 3, 3, dtype=torch.float64)
+    r, s, b = _fast(E, C), _fast(E, C), torch.randn(E, C, dtype=torch.float64)
+    want = reference.batch_ensemble_conv2d_reference(x, w, r, s, b, padding=1, groups=2)
+    got = peers.member_loop_batch_ensemble_conv2d(x, w, r, s, b, 1, 1, 1, 2)
+    torch.testing.assert_close(got, want)
+    swapped = peers.member_loop_batch_ensemble_conv2d(x, w, s, r, b, 1, 1, 1, 2)  # r and s exchanged: a mix-up
+    assert not torch.allclose(swapped, want)
+    rows = ops_conv.run(shapes=("16x32",), channels_last=(False,), E=2, B=1, rounds=1, compile_eager=False)
+    assert len(rows) == 2 and all(row["member loop"] > 0 and row["floor"] > 0 for row in rows)
+    assert "member streams" not in rows[0]  # CUDA only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_member_streams_strategy_matches_reference_on_gpu():
+    E, B, C = 4, 3, 8
+    x = torch.randn(E * B, C, 6, 6, dtype=torch.float64)
+    w = torch.randn(C, C, 3, 3, dtype=torch.float64)
+    r, s, b = _fast(E, C), _fast(E, C), torch.randn(E, C, dtype=torch.float64)
+    want = reference.batch_ensemble_conv2d_reference(x, w, r, s, b, padding=1)
+    streams = [torch.cuda.Stream() for _ in range(E)]
+    got = peers.member_loop_batch_ensemble_conv2d(*(t.cuda() for t in (x, w, r, s, b)), 1, 1, streams=streams)
+    torch.testing.assert_close(got.cpu(), want)
