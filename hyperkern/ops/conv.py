@@ -17,8 +17,9 @@ from hyperkern.ops._validate import validate_conv2d
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
 
 # On CUDA tensors, "auto" takes the first available of these. cpp (cuDNN convolutions with fused CUDA
-# scaling kernels) comes first as the conservative choice: neither backend has been timed on a GPU yet
-# (bench/gpu_suite.sh times both against cuDNN's conv2d; reorder this by what it measures).
+# scaling kernels) comes first as the conservative choice: only cpp has been timed on a GPU, at model level
+# (bench/RESULTS.md, first GPU run); `python bench/ops_conv.py --device cuda` times both against cuDNN's
+# conv2d, so reorder this by what it measures.
 _CUDA_PREFERENCE = ("cpp", "triton")
 
 
