@@ -180,31 +180,43 @@ class HyperBatchEnsembleLinear : public torch::autograd::Function<HyperBatchEnse
 
 class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d> {
  public:
+  // train: a gradient will be taken (grad mode on and an input requires grad), so the forward runs the
+  // train op, which also returns what the device's backward reads (pre); otherwise the plain op.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& r,
                         const Tensor& s, const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups) {
+                        at::IntArrayRef dilation, int64_t groups, bool train) {
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t)>("hyperkern::batch_ensemble_conv2d");
+    static const auto train_op =
+        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>(
+            "hyperkern::batch_ensemble_conv2d_train");
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, weight, r, s});
     ctx->saved_data["has_bias"] = present(bias);
     save_geometry(ctx, stride, padding, dilation, groups);
-    return op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+    if (!train) {
+      ctx->save_for_backward({x, weight, r, s, Tensor()});
+      return op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+    }
+    auto [y, pre] = train_op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+    ctx->save_for_backward({x, weight, r, s, pre});
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         find_op<Grads5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
-                       at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>)>(
+                       at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>, const OptTensor&)>(
             "hyperkern::batch_ensemble_conv2d_backward");
     check_first_order("batch_ensemble_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
+    const OptTensor pre = saved[4].defined() && saved[4].numel() > 0 ? OptTensor(saved[4]) : std::nullopt;
     const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], g.stride, g.padding, g.dilation,
-                               g.groups, as_array<5>(mask));
-    return to_list(out, mask, 9);
+                               g.groups, as_array<5>(mask), pre);
+    return to_list(out, mask, 10);
   }
 };
 
@@ -259,7 +271,10 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_autograd(
 Tensor batch_ensemble_conv2d_autograd(const Tensor& x, const Tensor& weight, const Tensor& r, const Tensor& s,
                                       const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
-  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups);
+  const bool train = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || weight.requires_grad() || r.requires_grad() || s.requires_grad() ||
+                      (present(bias) && bias->requires_grad()));
+  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train);
 }
 
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_autograd(

@@ -34,9 +34,14 @@ TORCH_LIBRARY(hyperkern, m) {
   // (O, C/groups, kh, kw); r, u (E, C); s, v, bias, delta_bias (E, O); e1, e2 (E*B, O).
   m.def("batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups) -> Tensor");
-  // Gradients for (x, weight, r, s, bias) where output_mask is true, else empty tensors.
+  // The forward as autograd runs it: (y, pre) with pre = conv(x * r_k, weight), the unscaled convolution,
+  // where the device's backward reads it (CUDA: ds without a second convolution), else an empty tensor.
+  m.def("batch_ensemble_conv2d_train(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
+  // Gradients for (x, weight, r, s, bias) where output_mask is true, else empty tensors. pre: the
+  // train op's (absent or empty: recomputed where the device needs it).
   m.def("batch_ensemble_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor r, Tensor s, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[5] output_mask) "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[5] output_mask, Tensor? pre=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (y, hd) with hd = conv(x * u_k, delta) * v_k kept for the backward when save_hd, else empty.
   m.def("hyper_batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "

@@ -186,6 +186,13 @@ def test_opcheck(channels_last):
                                                            channels_last=channels_last))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d, (x, w, r, s, b, *geo))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d, (x, w, r, s, None, *geo))
+    # the train op: the CPU kernel keeps nothing for its backward (an empty pre)
+    y, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(x.detach(), w.detach(), r.detach(), s.detach(),
+                                                             b.detach(), *geo)
+    assert pre.numel() == 0
+    torch.testing.assert_close(y, torch.ops.hyperkern.batch_ensemble_conv2d(x, w, r, s, b, *geo))
+    torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_train,
+                          (x.detach(), w.detach(), r.detach(), s.detach(), b.detach(), *geo))
     g = torch.randn(4, 6, 5, 2)
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_backward,
                           (g, x.detach(), w.detach(), r.detach(), s.detach(), *geo, [True, False, True, True, False]))

@@ -257,11 +257,22 @@ at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weig
   return y;
 }
 
+// The CPU backward reads the members' weight gradients, not the unscaled convolution: nothing more to save.
+std::tuple<at::Tensor, at::Tensor> batch_ensemble_conv2d_train_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const at::Tensor& r, const at::Tensor& s,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                  at::IntArrayRef dilation, int64_t groups) {
+  return {batch_ensemble_conv2d_cpu(x, weight, r, s, bias, stride, padding, dilation, groups),
+          at::empty({0}, x.options())};
+}
+
 // Gradients for (x, weight, r, s, bias) where output_mask says so; the others are empty tensors.
+// `pre` is not used on the CPU (the gradients come from the members' weight gradients).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
     const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, const std::optional<at::Tensor>& /*pre*/) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
@@ -550,6 +561,7 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
 
 TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
   m.impl("batch_ensemble_conv2d", &batch_ensemble_conv2d_cpu);
+  m.impl("batch_ensemble_conv2d_train", &batch_ensemble_conv2d_train_cpu);
   m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_cpu);
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cpu);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cpu);

@@ -1,16 +1,16 @@
-// CUDA kernels of the rank-1 ensemble conv2d ops (schemas in csrc/ops.cpp; fake kernels and autograd
-// in hyperkern/ops/_cpp_conv.py). Same algorithm as csrc/cpu/rank1_conv.cpp:
+// CUDA kernels of the rank-1 ensemble conv2d ops (schemas in csrc/ops.cpp, autograd in csrc/autograd.cpp,
+// fake kernels in hyperkern/ops/_cpp_conv.py).
 //
 // x is member-major: images k*B .. (k+1)*B-1 of the (E*B, C, H, W) input belong to member k; NCHW or
 // channels-last (every activation-sized output follows x's memory format).
-// - Member k's fast weights are folded into its own weight W_k = W * s_k r_k^T (a tiny kernel), so a
-//   member is one cuDNN convolution of its B images, written straight into its slice of the output
-//   (at::cudnn_convolution_out; no scaling pass over x and no copy of y). A vectorised kernel then
-//   adds the per-member bias in place. Without cuDNN: at::convolution per member plus a copy.
-// - Backward per member: ATen's convolution backward with the folded weight gives dx_k and the
-//   member's weight gradient G_k = dL/dW_k (together the work of one conv backward of E*B images);
-//   dW, ds, dr are weight-sized reductions of the G_k (reduction kernels). Nothing activation-sized is
-//   saved beyond x.
+// - Batch op: one convolution of all E*B images between two scaling passes, xr = x * r_k, then
+//   pre = conv(xr, W) (cuDNN through ATen), then y = pre * s_k + bias_k (in place, or into its own buffer
+//   when the train op keeps pre for the backward). The backward's first pass over g writes gc = g * s_k
+//   with the per-(image, channel) sums of g and g * pre (db, ds); one convolution backward of gc at xr
+//   (recomputed, one pass) gives dxr and dW; a last pass turns dxr into dx = dxr * r_k in place while
+//   summing dxr * x (dr). On an H200 this beat one cuDNN convolution per member with folded weights
+//   W_k = W * s_k r_k^T (the CPU kernel's scheme): cuDNN at B images per call is slower than at E*B
+//   images, and each member's weight is folded and transposed (bench/RESULTS.md).
 // - Hyper op: W_k and D_k = delta * v_k u_k^T are stacked per group into one weight of 2*O output
 //   channels; each member's convolution writes [h | hd] into one (E*B, 2*O, Ho, Wo) buffer and a
 //   vectorised epilogue kernel computes y = h + e1 * hd + bias + delta_bias * e2 (and keeps hd when
@@ -232,55 +232,6 @@ void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const a
 
 // ---- activation-sized elementwise kernels (vectorised along the contiguous inner run) -----------------
 
-// y[n, o, p] += bias[n / B, o]. NCHW: a vector holds VEC positions of one channel (P % VEC == 0);
-// channels-last: VEC consecutive channels of one position (O % VEC == 0).
-template <typename T, int VEC>
-__global__ void add_member_bias_kernel(T* __restrict__ y, const T* __restrict__ bias, int64_t vectors, int64_t O,
-                                       int64_t P, int64_t B, bool channels_last) {
-  using acc_t = at::opmath_type<T>;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < vectors;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = idx * VEC;
-    int64_t n, o;
-    if (channels_last) {
-      n = e / (P * O);
-      o = e % O;
-    } else {
-      n = e / (O * P);
-      o = (e / P) % O;
-    }
-    const T* b = bias + (n / B) * O + o;
-    Vec<T, VEC> v = reinterpret_cast<Vec<T, VEC>*>(y)[idx];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      v.v[j] = static_cast<T>(static_cast<acc_t>(v.v[j]) + static_cast<acc_t>(b[channels_last ? j : 0]));
-    }
-    reinterpret_cast<Vec<T, VEC>*>(y)[idx] = v;
-  }
-}
-
-void add_member_bias(at::Tensor& y, const at::Tensor& bias, const Dims& d, bool channels_last) {
-  if (y.numel() == 0) return;
-  const int64_t P = d.Ho * d.Wo;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "rank1_conv_add_member_bias_cuda", [&] {
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const int vec = vector_width<scalar_t>(channels_last ? d.O : P, {yp});
-    auto launch = [&](auto vec_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      const int64_t vectors = y.numel() / V;
-      add_member_bias_kernel<scalar_t, V><<<blocks_for(vectors), kThreads, 0, stream>>>(yp, bp, vectors, d.O, P,
-                                                                                          d.B, channels_last);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec == 8) launch(std::integral_constant<int, 8>{});
-    else if (vec == 4) launch(std::integral_constant<int, 4>{});
-    else if (vec == 2) launch(std::integral_constant<int, 2>{});
-    else launch(std::integral_constant<int, 1>{});
-  });
-}
-
 // y = h + e1 * hd + bias + delta_bias * e2 and (when hd_out) hd_out = hd, reading h and hd from the
 // stacked convolution output `both` (N, 2*O, Ho, Wo): channel o's h is (o / Og) * 2 * Og + o % Og and
 // its hd Og channels later. NCHW vectors run along positions (P % VEC == 0), channels-last vectors
@@ -479,6 +430,141 @@ void hyper_grad_prep(const at::Tensor& g, const at::Tensor& e1, const at::Tensor
   });
 }
 
+// ---- the batch op's scaling passes around one convolution of all E*B images -----------------------
+
+// out[n, c, p] = in[n, c, p] * f[n / B, c] + add[n / B, c] (f, add optional; out may alias in or be absent)
+// and the per-(image, channel) sums over positions sum_in[n, c] = sum_p in, sum_aux[n, c] = sum_p in * aux
+// (each optional). NCHW: one warp per (n, c) row of P positions, vectors of VEC positions.
+template <typename T, int VEC>
+__global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f, const T* __restrict__ add,
+                                           const T* aux, T* out, at::opmath_type<T>* __restrict__ sum_in,
+                                           at::opmath_type<T>* __restrict__ sum_aux, int64_t rows, int64_t C,
+                                           int64_t P, int64_t B) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; row < rows; row += warps) {
+    const int64_t kc = (row / C / B) * C + row % C;
+    const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
+    const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+    acc_t total = 0, total_aux = 0;
+    for (int64_t p = static_cast<int64_t>(lane) * VEC; p < P; p += 32 * VEC) {
+      const int64_t at = row * P + p;
+      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(in + at);
+      if (out != nullptr) {
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<T>(static_cast<acc_t>(v.v[j]) * scale + shift);
+        *reinterpret_cast<Vec<T, VEC>*>(out + at) = o;
+      }
+      if (sum_in != nullptr) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) total += static_cast<acc_t>(v.v[j]);
+      }
+      if (sum_aux != nullptr) {
+        const Vec<T, VEC> a = *reinterpret_cast<const Vec<T, VEC>*>(aux + at);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) total_aux += static_cast<acc_t>(v.v[j]) * static_cast<acc_t>(a.v[j]);
+      }
+    }
+    if (sum_in != nullptr) {
+      total = warp_sum(total);
+      if (lane == 0) sum_in[row] = total;
+    }
+    if (sum_aux != nullptr) {
+      total_aux = warp_sum(total_aux);
+      if (lane == 0) sum_aux[row] = total_aux;
+    }
+  }
+}
+
+// Channels-last: block (32, 8) per (image n, 32 channels); threadIdx.x walks channels (coalesced),
+// threadIdx.y strides over positions; the per-channel sums are reduced across y.
+template <typename T>
+__global__ void scale_channels_nhwc_kernel(const T* in, const T* __restrict__ f, const T* __restrict__ add,
+                                           const T* aux, T* out, at::opmath_type<T>* __restrict__ sum_in,
+                                           at::opmath_type<T>* __restrict__ sum_aux, int64_t C, int64_t P, int64_t B) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ acc_t shared_in[8][33], shared_aux[8][33];
+  const int64_t n = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
+  acc_t total = 0, total_aux = 0;
+  if (c < C) {
+    const int64_t kc = (n / B) * C + c;
+    const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
+    const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+    for (int64_t p = threadIdx.y; p < P; p += blockDim.y) {
+      const int64_t at = (n * P + p) * C + c;
+      const acc_t v = static_cast<acc_t>(in[at]);
+      if (out != nullptr) out[at] = static_cast<T>(v * scale + shift);
+      total += v;
+      if (sum_aux != nullptr) total_aux += v * static_cast<acc_t>(aux[at]);
+    }
+  }
+  if (sum_in == nullptr && sum_aux == nullptr) return;
+  shared_in[threadIdx.y][threadIdx.x] = total;
+  shared_aux[threadIdx.y][threadIdx.x] = total_aux;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    acc_t a = 0, b = 0;
+    for (int y = 0; y < static_cast<int>(blockDim.y); ++y) {
+      a += shared_in[y][threadIdx.x];
+      b += shared_aux[y][threadIdx.x];
+    }
+    if (sum_in != nullptr) sum_in[n * C + c] = a;
+    if (sum_aux != nullptr) sum_aux[n * C + c] = b;
+  }
+}
+
+// One pass over the activation `in` (N, C, P positions) in its memory format: writes out (when defined;
+// may be `in` itself) = in * f_k + add_k and the (N, C) opmath sums sum_in, sum_aux (when defined).
+void scale_channels(const at::Tensor& in, const at::Tensor& f, const std::optional<at::Tensor>& add,
+                    const at::Tensor& aux, const at::Tensor& out, const at::Tensor& sum_in, const at::Tensor& sum_aux,
+                    int64_t B, bool channels_last) {
+  const int64_t N = in.size(0), C = in.size(1), P = in.size(2) * in.size(3);
+  if (N == 0 || C == 0) return;
+  if (P == 0) {  // empty images: every sum is zero
+    if (sum_in.defined()) sum_in.zero_();
+    if (sum_aux.defined()) sum_aux.zero_();
+    return;
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rank1_conv_scale_channels_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ap = defined(add) ? add->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = aux.defined() ? aux.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+    acc_t* s1 = sum_in.defined() ? sum_in.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* s2 = sum_aux.defined() ? sum_aux.mutable_data_ptr<acc_t>() : nullptr;
+    if (channels_last) {
+      const dim3 block(32, 8);
+      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(C, 32)));
+      scale_channels_nhwc_kernel<scalar_t><<<grid, block, 0, stream>>>(ip, fp, ap, xp, op, s1, s2, C, P, B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int vec = vector_width<scalar_t>(P, {ip, xp, op});
+    const int64_t rows = N * C;
+    auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      scale_channels_nchw_kernel<scalar_t, V><<<blocks_for(rows * 32), kThreads, 0, stream>>>(ip, fp, ap, xp, op, s1,
+                                                                                            s2, rows, C, P, B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec == 8) launch(std::integral_constant<int, 8>{});
+    else if (vec == 4) launch(std::integral_constant<int, 4>{});
+    else if (vec == 2) launch(std::integral_constant<int, 2>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+}
+
+// (N, C) opmath per-image sums -> (E, C) per-member sums in dtype.
+at::Tensor member_sums(const at::Tensor& per_image, const Dims& d, at::ScalarType dtype) {
+  return per_image.view({d.E, d.B, per_image.size(1)}).sum(1).to(dtype);
+}
+
 // ---- convolutions ----------------------------------------------------------------------------------
 
 bool use_cudnn(const at::Tensor& x) {
@@ -509,65 +595,121 @@ std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
 
 // ---- batch_ensemble_conv2d ---------------------------------------------------------------------------
 
-at::Tensor batch_ensemble_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
-                                      const at::Tensor& s, const std::optional<at::Tensor>& bias,
-                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups) {
+// conv(xr, weight) over all images at once (cuDNN through ATen), in xr's memory format.
+at::Tensor conv_all(const at::Tensor& xr, const at::Tensor& weight, const Geometry& geo, at::MemoryFormat fmt) {
+  return at::convolution(xr, weight.contiguous(fmt), std::nullopt, geo.stride, geo.padding, geo.dilation, false,
+                         {0, 0}, geo.groups)
+      .contiguous(fmt);
+}
+
+// xr = x * r_k, one pass.
+at::Tensor scale_input(const at::Tensor& xc, const at::Tensor& r, const Dims& d, at::MemoryFormat fmt) {
+  at::Tensor xr = empty_like_format(xc.sizes(), xc, fmt);
+  scale_channels(xc, r.contiguous(), std::nullopt, at::Tensor(), xr, at::Tensor(), at::Tensor(), d.B,
+                 fmt == at::MemoryFormat::ChannelsLast);
+  return xr;
+}
+
+// y = conv(x * r_k, W) * s_k + bias_k as one convolution of all E*B images between two scaling passes;
+// keep_pre: also return pre = conv(x * r_k, W) (y gets its own buffer), else y overwrites it.
+std::tuple<at::Tensor, at::Tensor> one_conv_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                                                    const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation, int64_t groups, bool keep_pre) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_optional(bias, x, {d.E, d.O}, "bias");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = activation_format(x);
-  const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d, fmt == at::MemoryFormat::ChannelsLast);
-  at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
-  if (y.numel() == 0) return y;
-  const bool cudnn = use_cudnn(x);
-  for (int64_t k = 0; k < d.E; ++k) {
-    member_conv_into(y.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded[k], geo, cudnn);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  if (d.N == 0) {
+    at::Tensor y = empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt);
+    return {y, keep_pre ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options())};
   }
-  if (defined(bias)) add_member_bias(y, bias->contiguous(), d, fmt == at::MemoryFormat::ChannelsLast);
-  return y;
+  const at::Tensor pre = conv_all(scale_input(x.contiguous(fmt), r, d, fmt), weight, geo, fmt);
+  at::Tensor y = keep_pre ? at::empty_like(pre) : pre;
+  scale_channels(pre, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
+                 channels_last);
+  return {y, keep_pre ? pre : at::empty({0}, x.options())};
 }
 
+at::Tensor batch_ensemble_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                                      const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups) {
+  return std::get<0>(one_conv_forward(x, weight, r, s, bias, stride, padding, dilation, groups, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_ensemble_conv2d_train_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                    const at::Tensor& r, const at::Tensor& s,
+                                                                    const std::optional<at::Tensor>& bias,
+                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                    at::IntArrayRef dilation, int64_t groups) {
+  return one_conv_forward(x, weight, r, s, bias, stride, padding, dilation, groups, true);
+}
+
+// With gc = g * s_k: db_k = sum g, ds_k = sum g * pre, (dxr, dW) = conv backward of gc at input xr (one
+// call over all images), dx = dxr * r_k, dr_k = sum dxr * x (sums over member k's images and positions).
+// pre absent: recomputed (one more convolution) when ds is needed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
     const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, const std::optional<at::Tensor>& pre) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
+  const bool have_pre = defined(pre) && pre->numel() > 0;
+  if (have_pre) {
+    check_shape(*pre, {d.N, d.O, d.Ho, d.Wo}, "pre");
+    check_same_kind(x, *pre, "pre");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_r = output_mask[2], need_s = output_mask[3],
              need_b = output_mask[4];
-  const bool need_g = need_w || need_r || need_s;
+  const bool need_conv = need_x || need_w || need_r;
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
-  const at::Tensor folded = fold_weight(weight, s, r, d, channels_last);
   const auto opts = x.options();
-  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
-  at::Tensor grads = need_g ? member_weight_buffer(d, 1, channels_last, opts) : at::Tensor();
-  at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
-  if (d.N == 0) {
-    if (need_g) grads.zero_();
-    if (need_b) db.zero_();
-  } else if (need_x || need_g || need_b) {
-    const std::vector<int64_t> bias_sizes{d.O};
-    for (int64_t k = 0; k < d.E; ++k) {
-      auto [dxk, gk, dbk] = at::convolution_backward(
-          g.narrow(0, k * d.B, d.B), xc.narrow(0, k * d.B, d.B), folded[k],
-          need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), geo.stride, geo.padding,
-          geo.dilation, false, {0, 0}, geo.groups, {need_x, need_g, need_b});
-      if (need_x) dx.narrow(0, k * d.B, d.B).copy_(dxk);
-      if (need_g) grads[k].copy_(gk);
-      if (need_b) db[k].copy_(dbk);
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), dr = at::empty({0}, opts),
+             ds = at::empty({0}, opts), db = at::empty({0}, opts);
+  if (d.N == 0) {  // no images: every gradient is zero
+    if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
+    if (need_w) dw = at::zeros(weight.sizes(), opts);
+    if (need_r) dr = at::zeros({d.E, d.C}, opts);
+    if (need_s) ds = at::zeros({d.E, d.O}, opts);
+    if (need_b) db = at::zeros({d.E, d.O}, opts);
+    return {dx, dw, dr, ds, db};
+  }
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
+  at::Tensor xr;
+  if (need_w || (need_s && !have_pre)) xr = scale_input(xc, r, d, fmt);
+  at::Tensor pre_used;
+  if (need_s) pre_used = have_pre ? pre->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
+  at::Tensor g_sum = need_b ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
+  at::Tensor g_pre = need_s ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
+  at::Tensor gc = need_conv ? at::empty_like(g) : at::Tensor();
+  if (need_conv || need_s || need_b) {
+    scale_channels(g, s.contiguous(), std::nullopt, pre_used, gc, g_sum, g_pre, d.B, channels_last);
+  }
+  if (need_b) db = member_sums(g_sum, d, x.scalar_type());
+  if (need_s) ds = member_sums(g_pre, d, x.scalar_type());
+  if (need_conv) {
+    auto [dxr, dw_all, unused] =
+        at::convolution_backward(gc, need_w ? xr : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
+                                 geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_r, need_w, false});
+    if (need_w) dw = dw_all.contiguous();
+    if (need_x || need_r) {
+      dxr = dxr.contiguous(fmt);
+      at::Tensor dxr_x = need_r ? at::empty({d.N, d.C}, opts.dtype(acc_type)) : at::Tensor();
+      // dx = dxr * r_k in place, with dr's sums read before each element is overwritten
+      scale_channels(dxr, r.contiguous(), std::nullopt, need_r ? xc : at::Tensor(), need_x ? dxr : at::Tensor(),
+                     at::Tensor(), dxr_x, d.B, channels_last);
+      if (need_x) dx = dxr;
+      if (need_r) dr = member_sums(dxr_x, d, x.scalar_type());
     }
   }
-  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
-  reduce_weight_grad(grads, member_weight_rows(d, 1, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
-                     ds, dr);
   return {dx, dw, dr, ds, db};
 }
 
@@ -681,6 +823,7 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
 
 TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
   m.impl("batch_ensemble_conv2d", &batch_ensemble_conv2d_cuda);
+  m.impl("batch_ensemble_conv2d_train", &batch_ensemble_conv2d_train_cuda);
   m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_cuda);
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cuda);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cuda);

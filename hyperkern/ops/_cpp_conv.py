@@ -57,13 +57,21 @@ def _fake_grads(x, output_mask, shapes):
     return tuple(out)
 
 
+@torch.library.register_fake("hyperkern::batch_ensemble_conv2d_train")
+def _batch_ensemble_conv2d_train_fake(x, weight, r, s, bias, stride, padding, dilation, groups):
+    """(y, pre): the CUDA kernel keeps pre = conv(x * r_k, weight) for its backward, the CPU kernel nothing."""
+    y = _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups)
+    return y, (torch.empty_like(y) if x.device.type == "cuda" else _empty(x))
+
+
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
-def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, padding, dilation, groups, output_mask):
+def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, padding, dilation, groups, output_mask,
+                                         pre=None):
     E, O = s.shape
     return _fake_grads(x, output_mask, (None, weight.shape, r.shape, (E, O), (E, O)))
 
 
-# Autograd: csrc/autograd.cpp.
+# Autograd: csrc/autograd.cpp (the train op's pre is saved for the backward).
 
 
 # ---- hyper_batch_ensemble_conv2d ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler over bench/models.py's candidates.
 
-    python -m bench.profile --device cuda --model wrn28-10 --variants plain batch "batch[torch]"
-    python -m bench.profile --model resnet20 --variants plain batch --top 15     # CPU
+    python -m bench.profile_step --device cuda --model wrn28-10 --variants plain batch "batch[torch]"
+    python -m bench.profile_step --model resnet20 --variants plain batch --top 15     # CPU
 
 For each variant: one warm-up step, then `--steps` profiled training steps; prints the `--top` kernels
 (CUDA) or operators (CPU) by self time per step, and the step's total self time, so two variants' tables
@@ -30,9 +30,9 @@ def profile_variant(candidate, device: torch.device, steps: int, top: int) -> st
             torch.cuda.synchronize()
     events = prof.key_averages()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    if device.type == "cuda":  # kernels and copies only: operators repeat their kernels' device time
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     rows = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)
-    if device.type == "cuda":  # kernels only: CPU-side operators also carry (zero) device self time
-        rows = [e for e in rows if getattr(e, attr, 0.0) > 0]
     total = sum(getattr(e, attr, 0.0) for e in rows) / steps / 1e3
     lines = [f"| ms/step | % | calls/step | {'kernel' if device.type == 'cuda' else 'operator'} |",
              "|---:|---:|---:|---|"]
