@@ -3,9 +3,10 @@
     python -m bench.profile_step --device cuda --model wrn28-10 --variants plain batch "batch[torch]"
     python -m bench.profile_step --model resnet20 --variants plain batch --top 15     # CPU
 
-For each variant: one warm-up step, then `--steps` profiled training steps; prints the `--top` kernels
-(CUDA) or operators (CPU) by self time per step, and the step's total self time, so two variants' tables
-show which kernels make the difference (e.g. per-member convolutions at B images against one over E*B).
+For each variant: one warm-up step, then `--steps` profiled training steps; prints the `--top` kernels by
+device time (CUDA) and the `--top` host-side operators by self CPU time, each with the step's total, so two
+variants' tables show which kernels make the difference (e.g. per-member convolutions at B images against
+one over E*B) and, for small networks whose step is bound by the host, where the host time goes.
 """
 from __future__ import annotations
 
@@ -29,17 +30,23 @@ def profile_variant(candidate, device: torch.device, steps: int, top: int) -> st
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = []
     if device.type == "cuda":  # kernels and copies only: operators repeat their kernels' device time
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        tables.append(_table(kernels, "self_device_time_total", steps, top, "kernel"))
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    tables.append(_table(host, "self_cpu_time_total", steps, top, "host operator (self CPU time)"))
+    return "\n\n".join(tables)
+
+
+def _table(events, attr: str, steps: int, top: int, label: str) -> str:
     rows = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)
     total = sum(getattr(e, attr, 0.0) for e in rows) / steps / 1e3
-    lines = [f"| ms/step | % | calls/step | {'kernel' if device.type == 'cuda' else 'operator'} |",
-             "|---:|---:|---:|---|"]
+    lines = [f"| ms/step | % | calls/step | {label} |", "|---:|---:|---:|---|"]
     for e in rows[:top]:
         ms = getattr(e, attr, 0.0) / steps / 1e3
-        lines.append(f"| {ms:.3f} | {100 * ms / total:.1f} | {e.count / steps:g} | {e.key[:110]} |")
-    lines.append(f"| {total:.3f} | 100 | | total self time per step |")
+        lines.append(f"| {ms:.3f} | {100 * ms / max(total, 1e-12):.1f} | {e.count / steps:g} | {e.key[:110]} |")
+    lines.append(f"| {total:.3f} | 100 | {sum(e.count for e in rows) / steps:g} | total per step |")
     return "\n".join(lines)
 
 

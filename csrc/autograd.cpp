@@ -213,7 +213,7 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
-    const OptTensor pre = saved[4].defined() && saved[4].numel() > 0 ? OptTensor(saved[4]) : std::nullopt;
+    const OptTensor pre = saved[4].defined() && saved[4].dim() == 4 ? OptTensor(saved[4]) : std::nullopt;  // CPU: empty
     const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], g.stride, g.padding, g.dilation,
                                g.groups, as_array<5>(mask), pre);
     return to_list(out, mask, 10);

@@ -434,46 +434,67 @@ void hyper_grad_prep(const at::Tensor& g, const at::Tensor& e1, const at::Tensor
 
 // out[n, c, p] = in[n, c, p] * f[n / B, c] + add[n / B, c] (f, add optional; out may alias in or be absent)
 // and the per-(image, channel) sums over positions sum_in[n, c] = sum_p in, sum_aux[n, c] = sum_p in * aux
-// (each optional). NCHW: one warp per (n, c) row of P positions, vectors of VEC positions.
+// (each optional). NCHW: `lanes` threads (a power of two <= 32, about P / VEC) per (n, c) row of P
+// positions, 32 / lanes rows per warp; each lane loads kUnroll vectors before using them (memory-level
+// parallelism: the loads cannot be reordered past the stores otherwise, as out may alias in).
+constexpr int kUnroll = 4;
+
 template <typename T, int VEC>
 __global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f, const T* __restrict__ add,
                                            const T* aux, T* out, at::opmath_type<T>* __restrict__ sum_in,
                                            at::opmath_type<T>* __restrict__ sum_aux, int64_t rows, int64_t C,
-                                           int64_t P, int64_t B) {
+                                           int64_t P, int64_t B, int lanes) {
   using acc_t = at::opmath_type<T>;
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, sub = lane % lanes;
+  const int64_t per_warp = 32 / lanes;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; row < rows; row += warps) {
-    const int64_t kc = (row / C / B) * C + row % C;
-    const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
-    const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+  const int64_t step = static_cast<int64_t>(lanes) * VEC;
+  for (int64_t base = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32 * per_warp; base < rows;
+       base += warps * per_warp) {
+    const int64_t row = base + lane / lanes;
     acc_t total = 0, total_aux = 0;
-    for (int64_t p = static_cast<int64_t>(lane) * VEC; p < P; p += 32 * VEC) {
-      const int64_t at = row * P + p;
-      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(in + at);
-      if (out != nullptr) {
-        Vec<T, VEC> o;
+    if (row < rows) {  // no early exit: every lane takes part in the shuffles below
+      const int64_t kc = (row / C / B) * C + row % C;
+      const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
+      const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+      const T* in_row = in + row * P;
+      for (int64_t p0 = static_cast<int64_t>(sub) * VEC; p0 < P; p0 += kUnroll * step) {
+        Vec<T, VEC> v[kUnroll], a[kUnroll];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<T>(static_cast<acc_t>(v.v[j]) * scale + shift);
-        *reinterpret_cast<Vec<T, VEC>*>(out + at) = o;
-      }
-      if (sum_in != nullptr) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t p = p0 + u * step;
+          if (p < P) {
+            v[u] = *reinterpret_cast<const Vec<T, VEC>*>(in_row + p);
+            if (sum_aux != nullptr) a[u] = *reinterpret_cast<const Vec<T, VEC>*>(aux + row * P + p);
+          }
+        }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) total += static_cast<acc_t>(v.v[j]);
-      }
-      if (sum_aux != nullptr) {
-        const Vec<T, VEC> a = *reinterpret_cast<const Vec<T, VEC>*>(aux + at);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t p = p0 + u * step;
+          if (p >= P) break;
+          if (out != nullptr) {
+            Vec<T, VEC> o;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) total_aux += static_cast<acc_t>(v.v[j]) * static_cast<acc_t>(a.v[j]);
+            for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<T>(static_cast<acc_t>(v[u].v[j]) * scale + shift);
+            *reinterpret_cast<Vec<T, VEC>*>(out + row * P + p) = o;
+          }
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            total += static_cast<acc_t>(v[u].v[j]);
+            if (sum_aux != nullptr) total_aux += static_cast<acc_t>(v[u].v[j]) * static_cast<acc_t>(a[u].v[j]);
+          }
+        }
       }
     }
-    if (sum_in != nullptr) {
-      total = warp_sum(total);
-      if (lane == 0) sum_in[row] = total;
-    }
-    if (sum_aux != nullptr) {
-      total_aux = warp_sum(total_aux);
-      if (lane == 0) sum_aux[row] = total_aux;
+    if (sum_in != nullptr || sum_aux != nullptr) {
+      for (int offset = lanes / 2; offset > 0; offset >>= 1) {  // within each group of `lanes` lanes
+        total += __shfl_down_sync(0xffffffffu, total, offset);
+        total_aux += __shfl_down_sync(0xffffffffu, total_aux, offset);
+      }
+      if (sub == 0 && row < rows) {
+        if (sum_in != nullptr) sum_in[row] = total;
+        if (sum_aux != nullptr) sum_aux[row] = total_aux;
+      }
     }
   }
 }
@@ -547,10 +568,12 @@ void scale_channels(const at::Tensor& in, const at::Tensor& f, const std::option
     }
     const int vec = vector_width<scalar_t>(P, {ip, xp, op});
     const int64_t rows = N * C;
+    int lanes = 32;  // the largest power of two <= 32 that still gives each lane a vector of every row
+    while (lanes > 1 && lanes * vec > P) lanes /= 2;
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
-      scale_channels_nchw_kernel<scalar_t, V><<<blocks_for(rows * 32), kThreads, 0, stream>>>(ip, fp, ap, xp, op, s1,
-                                                                                            s2, rows, C, P, B);
+      scale_channels_nchw_kernel<scalar_t, V><<<blocks_for(ceil_div(rows, 32 / lanes) * 32), kThreads, 0, stream>>>(
+          ip, fp, ap, xp, op, s1, s2, rows, C, P, B, lanes);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec == 8) launch(std::integral_constant<int, 8>{});
@@ -659,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
   const Dims d = check_conv(x, weight, r, s, geo);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
-  const bool have_pre = defined(pre) && pre->numel() > 0;
+  const bool have_pre = defined(pre) && pre->dim() == 4;  // the CPU train op returns an empty 1-D pre
   if (have_pre) {
     check_shape(*pre, {d.N, d.O, d.Ho, d.Wo}, "pre");
     check_same_kind(x, *pre, "pre");
