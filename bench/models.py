@@ -48,7 +48,6 @@ import torch.nn.functional as F
 
 import hyperkern.models as zoo
 from hyperkern._backends import available_backends, resolve_backend
-from hyperkern.ops.conv import _CUDA_PREFERENCE as _CONV_CUDA_PREFERENCE
 from hyperkern.nn import EnsembleLogUniform, tile
 
 from bench.common import (MIB, describe_environment, format_markdown_table, params_bytes, peak_memory_bytes,
@@ -117,7 +116,7 @@ def _conv_backend(model, device) -> str:
     for m in model.modules():
         if hasattr(m, "backend") and hasattr(m, "kernel_size"):
             op = "hyper_batch_ensemble_conv2d" if hasattr(m, "delta") else "batch_ensemble_conv2d"
-            return resolve_backend(m.backend, torch.device(device), op, _CONV_CUDA_PREFERENCE)
+            return resolve_backend(m.backend, torch.device(device), op)
     return "-"
 
 

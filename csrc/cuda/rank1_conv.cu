@@ -9,8 +9,9 @@
 //   with the per-(image, channel) sums of g and g * pre (db, ds); one convolution backward of gc at xr
 //   (recomputed, one pass) gives dxr and dW; a last pass turns dxr into dx = dxr * r_k in place while
 //   summing dxr * x (dr). On an H200 this beat one cuDNN convolution per member with folded weights
-//   W_k = W * s_k r_k^T (the CPU kernel's scheme): cuDNN at B images per call is slower than at E*B
-//   images, and each member's weight is folded and transposed (bench/RESULTS.md).
+//   W_k = W * s_k r_k^T (the CPU kernel's scheme; WRN-28-10 train step 50.2 -> 42.9 ms, plain 37.1):
+//   cuDNN at B images per call is slower than at E*B images, and each member's weight is folded and
+//   transposed (bench/RESULTS.md, GPU run 2). The price is memory: pre is one more activation per layer.
 // - Hyper op: W_k and D_k = delta * v_k u_k^T are stacked per group into one weight of 2*O output
 //   channels; each member's convolution writes [h | hd] into one (E*B, 2*O, Ho, Wo) buffer and a
 //   vectorised epilogue kernel computes y = h + e1 * hd + bias + delta_bias * e2 (and keeps hd when

@@ -16,12 +16,6 @@ from hyperkern.ops._validate import validate_conv2d
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
 
-# On CUDA tensors, "auto" takes the first available of these. cpp (cuDNN convolutions with fused CUDA
-# scaling kernels) comes first as the conservative choice: only cpp has been timed on a GPU, at model level
-# (bench/RESULTS.md, first GPU run); `python bench/ops_conv.py --device cuda` times both against cuDNN's
-# conv2d, so reorder this by what it measures.
-_CUDA_PREFERENCE = ("cpp", "triton")
-
 
 def _members(t: torch.Tensor, E: int) -> torch.Tensor:
     """(E*B, C, ...) -> (E, B, C, 1, 1) broadcastable view of per-row channel vectors or (E, B, C, H, W)."""
@@ -74,7 +68,7 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         (E*B, C_out, H_out, W_out) member-major outputs.
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    name = resolve_backend(backend, x.device, "batch_ensemble_conv2d", _CUDA_PREFERENCE)
+    name = resolve_backend(backend, x.device, "batch_ensemble_conv2d")
     if name == "torch":
         return _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     return backend_module("conv", name).batch_ensemble_conv2d(
@@ -104,7 +98,7 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
                                                            delta, u, v, e1, delta_bias, e2, hyper=True,
                                                            check_embeddings=check_embeddings)
-    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d", _CUDA_PREFERENCE)
+    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d")
     if name == "torch":
         return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
                                                   stride, padding, dilation, groups)
