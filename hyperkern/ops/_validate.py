@@ -115,6 +115,10 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    # fast path for what the layers pass on every call (two plain ints)
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= minimum and value[1] >= minimum:
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
