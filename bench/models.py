@@ -254,11 +254,36 @@ def build_candidates(arch: str, kwargs: dict, *, E: int, B: int, image: int, dev
     return out
 
 
+def graphed(fn: Callable[[], object], device: torch.device, warmup: int = 3) -> Callable[[], None]:
+    """fn captured into one CUDA graph (after `warmup` calls on a side stream, which also creates the
+    optimizer state and runs cuDNN's / Triton's autotuning outside the capture); returns its replay.
+    Raises RuntimeError when fn cannot be captured (e.g. it reads a device value on the host)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, configs=None, quick: bool = False,
                tiny: bool = False, repeats: int | None = None, warmup: int | None = None,
-               variants=ALL_VARIANTS, memory: bool = True, clock: str = "wall", log=print) -> list[dict]:
-    """Time (and measure the memory of) every candidate of every config; returns result rows."""
+               variants=ALL_VARIANTS, memory: bool = True, clock: str = "wall", cuda_graphs: bool = False,
+               log=print) -> list[dict]:
+    """Time (and measure the memory of) every candidate of every config; returns result rows.
+
+    cuda_graphs: time each step as the replay of one CUDA graph (CUDA only; no memory column), which
+    takes the host's Python and launch costs out of small networks' steps: what is left is GPU time.
+    Rows get mode "train (graph)" / "infer (graph)"; a candidate that cannot be captured is left out
+    with its reason logged.
+    """
     device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
     if configs is None:
         configs = model_configs(device.type, quick=quick, tiny=tiny)
     repeats = repeats if repeats is not None else (3 if quick or tiny else 10)
@@ -272,8 +297,10 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
         for mode in ("train", "infer"):
             for c in cands.values():
                 c.set_mode(mode)
-            times = time_interleaved({n: (c.train_step if mode == "train" else c.infer) for n, c in cands.items()},
-                                     device, repeats=repeats, warmup=warmup, clock=clock)
+            fns = {n: (c.train_step if mode == "train" else c.infer) for n, c in cands.items()}
+            if cuda_graphs:
+                fns = _capture_all(fns, device, log, f"{cfg['name']} {mode}")
+            times = time_interleaved(fns, device, repeats=repeats, warmup=warmup, clock=clock)
             plain_ms = times["plain"]["ms"] if "plain" in times else None
             # one line per phase as soon as it is timed: a run stopped by a time limit keeps what it measured
             log(f"[models] {cfg['name']} {mode}: " + ", ".join(
@@ -282,11 +309,12 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
             for name, t in times.items():
                 c = cands[name]
                 peak = None
-                if memory:
+                if memory and not cuda_graphs:
                     peak = peak_memory_bytes(c.train_step if mode == "train" else c.infer, device)
                 rows.append({
                     "suite": "models", "model": cfg["name"], "arch": cfg["arch"], "kwargs": cfg["kwargs"],
-                    "mode": mode, "variant": name, "backend": c.backend, "E": E, "B": B, "rows": E * B,
+                    "mode": f"{mode} (graph)" if cuda_graphs else mode, "variant": name, "backend": c.backend,
+                    "E": E, "B": B, "rows": E * B,
                     "input": [E * B, 3, cfg["image"], cfg["image"]], "ms": t["ms"], "iqr_ms": t["iqr_ms"],
                     "min_ms": t["min_ms"], "samples": t["samples"],
                     "clock": clock if device.type == "cpu" else "cuda events",
@@ -300,6 +328,16 @@ def run_models(device="cpu", dtype=torch.float32, *, E: int = 4, B: int = 32, co
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _capture_all(fns: dict, device, log, what: str) -> dict:
+    out = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = graphed(fn, device)
+        except RuntimeError as exc:  # e.g. a host read of a device value inside the step
+            log(f"[models] {what}: {name} cannot be captured in a CUDA graph, left out: {str(exc).splitlines()[0]}")
+    return out
 
 
 def format_models_table(rows: list[dict]) -> str:
@@ -356,7 +394,11 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each step as one CUDA graph replay (GPU time without the host's launch costs)")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = describe_environment(args.device, torch.float32)
@@ -367,7 +409,7 @@ def main(argv=None):
     variants = tuple(v for v in ALL_VARIANTS if v in args.variants or v == "plain")
     rows = run_models(args.device, E=args.ensemble_size, B=args.per_member, configs=configs, quick=args.quick,
                       tiny=args.tiny, repeats=args.repeats, variants=variants, memory=not args.no_memory,
-                      clock=args.clock)
+                      clock=args.clock, cuda_graphs=args.cuda_graphs)
     print(format_models_table(rows))
     for t in check_model_targets(rows, args.device):
         print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")

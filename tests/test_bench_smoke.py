@@ -176,3 +176,35 @@ def test_member_streams_strategy_matches_reference_on_gpu():
     streams = [torch.cuda.Stream() for _ in range(E)]
     got = peers.member_loop_batch_ensemble_conv2d(*(t.cuda() for t in (x, w, r, s, b)), 1, 1, streams=streams)
     torch.testing.assert_close(got.cpu(), want)
+
+
+def test_cuda_graph_timing_needs_a_gpu():
+    from bench import models
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        models.run_models("cpu", tiny=True, variants=("plain",), cuda_graphs=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.models", "--tiny", "--cuda-graphs"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cuda-graphs needs --device cuda" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_train_step_updates_like_the_eager_step():
+    """The replay of a captured batch-ensemble training step (forward, backward, SGD step) moves the
+    parameters exactly as the same step run eagerly."""
+    from bench import models
+    cands = [models.build_candidates("resnet20", {"depth": 8, "width": 4}, E=2, B=2, image=8, device="cuda",
+                                     dtype=torch.float32, variants=("batch",))["batch"] for _ in range(2)]
+    eager, captured = cands
+    captured.modules[0].load_state_dict(eager.modules[0].state_dict())
+    for c in cands:
+        c.set_mode("train")
+    replay = models.graphed(captured.train_step, torch.device("cuda"), warmup=3)
+    for _ in range(3):  # the same three warm-up steps as the capture's
+        eager.train_step()
+    for _ in range(2):
+        eager.train_step()
+        replay()
+    torch.cuda.synchronize()
+    for (name, a), b in zip(eager.modules[0].state_dict().items(), captured.modules[0].state_dict().values()):
+        # cuDNN's weight-gradient reductions may differ in order between calls: fp32 round-off only
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
