@@ -99,3 +99,19 @@ def test_non_finite_embeddings_are_refused(bad, which):
     huge = torch.full((E * B, fout), 3e38)
     hyperkern.ops.hyper_batch_ensemble_linear(x, w, args["delta"], r, s, args["u"], args["v"], huge, b,
                                               args["delta_bias"], huge, backend="torch")
+
+
+def test_auto_backend_order(monkeypatch):
+    """"auto": cpp on the CPU; on CUDA cpp before Triton (measured faster on an H200, bench/RESULTS.md),
+    Triton where cpp is missing, the torch composition where neither is there."""
+    from hyperkern import _backends
+    op = "batch_ensemble_conv2d"
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(_backends._STATUS, ("cuda", op), {"torch": None, "cpp": None, "triton": None})
+    assert _backends.resolve_backend("auto", cuda, op) == "cpp"
+    monkeypatch.setitem(_backends._STATUS, ("cuda", op), {"torch": None, "cpp": "not built", "triton": None})
+    assert _backends.resolve_backend("auto", cuda, op) == "triton"
+    monkeypatch.setitem(_backends._STATUS, ("cuda", op), {"torch": None, "cpp": "not built", "triton": "missing"})
+    assert _backends.resolve_backend("auto", cuda, op) == "torch"
+    with pytest.raises(ValueError, match="backend='cpp' is not available for cuda tensors: not built"):
+        _backends.resolve_backend("cpp", cuda, op)
