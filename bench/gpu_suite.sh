@@ -13,7 +13,7 @@
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
 #   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
-#   GPU_SUITE_STEPS  which steps to run (default "build tests ops models"; "ops" includes the conv
+#   GPU_SUITE_STEPS  which steps to run (default "build tests ops models graphs profile"; "ops" includes the conv
 #                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start
 #                bare, keep "build" in each call: "build tests", then "build ops models" with
@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=" ${GPU_SUITE_STEPS:-build tests ops models} "
+STEPS=" ${GPU_SUITE_STEPS:-build tests ops models graphs profile} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 CPUS=$(nproc 2>/dev/null || echo 8)
 export MAX_JOBS=${MAX_JOBS:-$(( CPUS < 16 ? CPUS : 16 ))}
@@ -146,6 +146,13 @@ want ops && step "bench ops (cuda)" bench-ops.md \
 # shellcheck disable=SC2086
 want models && step "bench models (cuda)" bench-models.md \
   "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS
+# GPU time without the host: each step replayed as one CUDA graph (ResNet-20's eager step is host-bound)
+want graphs && step "bench models, CUDA graphs" bench-models-graphs.md \
+  "$PYTHON" -m bench.models --device cuda --cuda-graphs --repeats 9 --variants plain batch hyper_batch deep/loop
+# where a step's time goes: top kernels and host operators per step
+want profile && step "profile ResNet-20 + WRN-28-10 steps" profile.md bash -c \
+  "$PYTHON -m bench.profile_step --device cuda --model resnet20 --variants plain batch hyper_batch && \
+   $PYTHON -m bench.profile_step --device cuda --model wrn28-10 --variants plain batch hyper_batch"
 
 # The issue's GPU targets (a MISS is a result, not a failed step).
 "$PYTHON" - "$OUT" <<'PY' | tee "$OUT/targets.md"
