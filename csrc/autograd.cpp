@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -44,6 +45,18 @@ variable_list to_list(const Tuple& grads, const std::vector<bool>& mask, size_t 
   return to_list(grads, mask, num_args, std::make_index_sequence<std::tuple_size_v<Tuple>>{});
 }
 
+// Whether autograd will take a gradient of this call: grad mode on and a (present) input requires grad.
+bool taking_grad(std::initializer_list<Tensor> tensors, std::initializer_list<OptTensor> optional) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor& t : tensors) {
+    if (t.requires_grad()) return true;
+  }
+  for (const OptTensor& t : optional) {
+    if (present(t) && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 // The backward ops have no autograd of their own: a backward that records a graph (create_graph=True,
 // double backward) gets a clear error instead of a wrong or missing second derivative.
 void check_first_order(const char* op) {
@@ -64,11 +77,14 @@ std::vector<bool> needs(AutogradContext* ctx, const std::vector<bool>& present) 
 
 // The hyper ops save the same tensors (x, weight, delta, r, s, u, v, e1, delta_bias, e2 and the
 // Delta-branch output the forward kept) and flags; both backward ops read them back the same way.
+// `extra`: more tensors for the backward (the conv train op's branches), saved after `kept` (t[11], ...).
 void save_hyper(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
                 const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& e1, const OptTensor& bias,
-                const OptTensor& delta_bias, const OptTensor& e2, const Tensor& kept) {
-  ctx->save_for_backward({x, weight, delta, r, s, u, v, e1, delta_bias.value_or(Tensor()), e2.value_or(Tensor()),
-                          kept});
+                const OptTensor& delta_bias, const OptTensor& e2, const Tensor& kept,
+                const std::vector<Tensor>& extra = {}) {
+  variable_list saved{x, weight, delta, r, s, u, v, e1, delta_bias.value_or(Tensor()), e2.value_or(Tensor()), kept};
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
   ctx->saved_data["has_bias"] = present(bias);
   ctx->saved_data["has_delta_bias"] = present(delta_bias);
   ctx->mark_non_differentiable({kept});
@@ -224,20 +240,32 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
 
 class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnsembleConv2d> {
  public:
+  // train: a gradient will be taken, so the forward runs the train op, which also returns what the
+  // device's backward reads (CPU: hd; CUDA: the branches h and hr); otherwise the plain op.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& delta,
                                const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& e1,
                                const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, bool save_hd) {
+                               int64_t groups, bool save_hd, bool train) {
     static const auto op = find_op<std::tuple<Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
         const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
         at::IntArrayRef, int64_t, bool)>("hyperkern::hyper_batch_ensemble_conv2d");
+    static const auto train_op = find_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+        at::IntArrayRef, int64_t, bool)>("hyperkern::hyper_batch_ensemble_conv2d_train");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, hd] =
-        op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
-    save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd);
     save_geometry(ctx, stride, padding, dilation, groups);
+    if (!train) {
+      auto [y, hd] =
+          op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
+      save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd);
+      return {y, hd};
+    }
+    auto [y, hd, h, hr] =
+        train_op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
+    save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd, {h, hr});
     return {y, hd};
   }
 
@@ -245,14 +273,19 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
     static const auto op = find_op<Grads11(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
         const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
-        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>)>("hyperkern::hyper_batch_ensemble_conv2d_backward");
+        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
+        "hyperkern::hyper_batch_ensemble_conv2d_backward");
     check_first_order("hyper_batch_ensemble_conv2d");
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const SavedGeometry g = load_geometry(ctx);
+    // the branches the CUDA train op kept (the CPU's are empty 1-D tensors)
+    auto branch = [&](size_t i) {
+      return t.size() > i && t[i].defined() && t[i].dim() == 4 ? OptTensor(t[i]) : std::nullopt;
+    };
     const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
-                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask));
-    return to_list(out, h.mask, 16);
+                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask), branch(11), branch(12));
+    return to_list(out, h.mask, 17);
   }
 };
 
@@ -271,9 +304,7 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_autograd(
 Tensor batch_ensemble_conv2d_autograd(const Tensor& x, const Tensor& weight, const Tensor& r, const Tensor& s,
                                       const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
-  const bool train = at::GradMode::is_enabled() &&
-                     (x.requires_grad() || weight.requires_grad() || r.requires_grad() || s.requires_grad() ||
-                      (present(bias) && bias->requires_grad()));
+  const bool train = taking_grad({x, weight, r, s}, {bias});
   return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train);
 }
 
@@ -281,8 +312,9 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_autograd(
     const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
     const Tensor& v, const Tensor& e1, const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const bool train = taking_grad({x, weight, delta, r, s, u, v, e1}, {bias, delta_bias, e2});
   const variable_list out = HyperBatchEnsembleConv2d::apply(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
-                                                            stride, padding, dilation, groups, save_hd);
+                                                            stride, padding, dilation, groups, save_hd, train);
   return {out[0], out[1]};
 }
 

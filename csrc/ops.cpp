@@ -47,10 +47,16 @@ TORCH_LIBRARY(hyperkern, m) {
   m.def("hyper_batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
         "Tensor v, Tensor e1, Tensor? bias, Tensor? delta_bias, Tensor? e2, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor)");
+  // The forward as autograd runs it: (y, hd, h, hr), each kept where the device's backward reads it, else
+  // empty: the CPU keeps hd (when save_hd); CUDA keeps h = conv(x * r_k, weight) and
+  // hr = conv(x * u_k, delta), the two branches before s_k and v_k.
+  m.def("hyper_batch_ensemble_conv2d_train(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
+        "Tensor v, Tensor e1, Tensor? bias, Tensor? delta_bias, Tensor? e2, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask is true,
-  // else empty tensors; hd is the forward's (an empty tensor: recomputed when de1 is needed).
+  // else empty tensors; hd, h, hr are the forward's (empty or absent: recomputed where the device needs them).
   m.def("hyper_batch_ensemble_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor r, "
         "Tensor s, Tensor u, Tensor v, Tensor e1, Tensor? delta_bias, Tensor? e2, Tensor hd, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups, bool[11] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int[2] padding, int[2] dilation, int groups, bool[11] output_mask, Tensor? h=None, Tensor? hr=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

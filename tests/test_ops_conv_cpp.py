@@ -202,6 +202,13 @@ def test_opcheck(channels_last):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*args, *geo, save_hd))
     no_db = args[:9] + [None, None]
     torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*no_db, *geo, True))
+    # the train op: the CPU kernel keeps hd (when save_hd) and no branches
+    detached = [t.detach() for t in args]
+    for save_hd in (True, False):
+        torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train, (*detached, *geo, save_hd))
+        y_t, hd_t, h_t, hr_t = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*detached, *geo, save_hd)
+        assert h_t.numel() == hr_t.numel() == 0 and (hd_t.numel() > 0) == save_hd
+        torch.testing.assert_close(y_t, torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*detached, *geo, save_hd)[0])
     plain = [t.detach() for t in args]
     y, hd = torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*plain, *geo, True)
     mask = [True, True, False, True, True, False, True, True, True, True, False]

@@ -166,6 +166,26 @@ def test_batch_conv_backward_recomputes_what_the_forward_did_not_save():
     torch.testing.assert_close(only_s[3], with_pre[3])
 
 
+def test_hyper_conv_backward_recomputes_what_the_forward_did_not_save():
+    """The CUDA hyper backward reads the branches h = conv(x * r_k, W) and hr = conv(x * u_k, delta) from the
+    train op; without them (a direct call of the backward op) it recomputes them, with the same gradients."""
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    args = [t.cuda().float() for t in _conv_args(2, 3, 4, 6, 1, (6, 5), True)]
+    y, hd, h, hr = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*args, *geo, True)
+    x, w, d, r, s, u, v = (t.cpu() for t in args[:7])
+    _assert_scaled_close(h, ref.batch_ensemble_conv2d_reference(x, w, r, torch.ones_like(s), None, 1, 1),
+                         TOLERANCE[torch.float32], "h")
+    _assert_scaled_close(hr, ref.batch_ensemble_conv2d_reference(x, d, u, torch.ones_like(v), None, 1, 1),
+                         TOLERANCE[torch.float32], "hr")
+    g = torch.randn_like(y)
+    mask = [True] * 11
+    with_branches = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward(g, *args[:8], *args[9:], hd, *geo, mask,
+                                                                             h, hr)
+    without = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward(g, *args[:8], *args[9:], hd, *geo, mask)
+    for a, b_ in zip(with_branches, without):
+        torch.testing.assert_close(a, b_)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_opcheck(channels_last):
     geo = ([1, 2], [1, 0], [1, 1], 2)
@@ -185,6 +205,13 @@ def test_opcheck(channels_last):
     args = [t.requires_grad_() for t in gpu(_conv_args(2, 2, 4, 6, 2, (5, 6), True))]
     for save_hd in (True, False):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*args, *geo, save_hd))
+    plain = [t.detach() for t in args]
+    torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train, (*plain, *geo, True))
+    y, hd, h, hr = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*plain, *geo, True)
+    assert hd.numel() == 0 and h.shape == hr.shape == y.shape  # CUDA keeps the branches, not hd
+    mask = [True, True, False, True, True, False, True, True, True, True, False]
+    torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward,
+                          (torch.randn_like(y), *plain[:8], *plain[9:], hd, *geo, mask, h, hr))
 
 
 def test_zero_images():

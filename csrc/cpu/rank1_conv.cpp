@@ -483,6 +483,17 @@ void hyper_grad_prep(const at::Tensor& g_k, const at::Tensor& e1, const at::Tens
 // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so;
 // the others (and the delta_bias / e2 ones when delta_bias is None) are empty tensors. hd is the
 // forward's saved hd, or an empty tensor to recompute it (only needed for de1).
+// The CPU backward reads hd (when e1 needs a gradient), not the branches: h and hr stay empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_train_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  auto [y, hd] = hyper_batch_ensemble_conv2d_cpu(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                                                 padding, dilation, groups, save_hd);
+  return {y, hd, at::empty({0}, x.options()), at::empty({0}, x.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -491,7 +502,8 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
                                          const std::optional<at::Tensor>& delta_bias,
                                          const std::optional<at::Tensor>& e2, const at::Tensor& hd,
                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                         int64_t groups, std::array<bool, 11> output_mask) {
+                                         int64_t groups, std::array<bool, 11> output_mask,
+                                         const std::optional<at::Tensor>& /*h*/, const std::optional<at::Tensor>& /*hr*/) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
@@ -564,6 +576,7 @@ TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
   m.impl("batch_ensemble_conv2d_train", &batch_ensemble_conv2d_train_cpu);
   m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_cpu);
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cpu);
+  m.impl("hyper_batch_ensemble_conv2d_train", &hyper_batch_ensemble_conv2d_train_cpu);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cpu);
 }
 

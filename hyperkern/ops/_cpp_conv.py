@@ -84,16 +84,26 @@ def _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, de
     return y, (_activation(x, weight.shape[0], hw) if save_hd else _empty(x))
 
 
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_train")
+def _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                            dilation, groups, save_hd):
+    """(y, hd, h, hr): the CPU kernel keeps hd (when save_hd), the CUDA kernel the branches h and hr."""
+    y, hd = _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                                              padding, dilation, groups, save_hd and x.device.type != "cuda")
+    branch = (lambda: torch.empty_like(y)) if x.device.type == "cuda" else (lambda: _empty(x))
+    return y, hd, branch(), branch()
+
+
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_backward")
 def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd, stride,
-                                               padding, dilation, groups, output_mask):
+                                               padding, dilation, groups, output_mask, h=None, hr=None):
     E, O = s.shape
     shapes = (None, weight.shape, weight.shape, r.shape, (E, O), r.shape, (E, O), e1.shape, (E, O), (E, O), e1.shape)
     mask = list(output_mask[:9]) + [need and delta_bias is not None for need in output_mask[9:]]
     return _fake_grads(x, mask, shapes)
 
 
-# Autograd: csrc/autograd.cpp (hd is non-differentiable and saved for the backward).
+# Autograd: csrc/autograd.cpp (hd is non-differentiable; the train op's outputs are saved for the backward).
 
 
 # ---- entry points used by hyperkern.ops.conv (arguments validated there) ------------------------------
@@ -107,8 +117,9 @@ def hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bi
                                 groups):
     """y = s_k * conv(x * r_k, W) + (v_k * e1) * conv(x * u_k, delta) + bias_k + delta_bias_k * e2 (member-major).
 
-    hd = conv(x * u_k, delta) * v_k is kept for the backward only when de1 will be needed (e1 requires
-    grad with grad mode on): it costs one output-sized tensor and saves re-running that convolution.
+    On the CPU, hd = conv(x * u_k, delta) * v_k is kept for the backward only when de1 will be needed (e1
+    requires grad with grad mode on): it costs one output-sized tensor and saves re-running that
+    convolution. On CUDA the backward reads both branches' convolutions, kept whenever a gradient is taken.
     """
     save_hd = torch.is_grad_enabled() and e1.requires_grad
     y, _ = _ops.hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, list(stride),

@@ -1,0 +1,296 @@
+// The one-convolution scheme of the rank-1 ensemble conv2d ops: every convolution runs once over all
+// E*B images with the shared weight, and the members' fast weights become per-(member, channel) or
+// per-(image, channel) scaling passes around it. Host code only, over a primitive set P:
+//
+//   P::scale_channels(in, f, add, aux, out, sum_in, sum_aux, B, channels_last)
+//     out[n, c, p] = in[n, c, p] * f[n / B, c] + add[n / B, c]  (f, add: (N / B, C); either may be undefined)
+//     sum_in[n, c] = sum_p in[n, c, p],  sum_aux[n, c] = sum_p in[n, c, p] * aux[n, c, p]  (opmath dtype)
+//   Every tensor but `in` may be undefined (not computed); out may be `in` itself (the sums read `in`
+//   before it is overwritten). Activations are contiguous in x's memory format. With B = 1, f and add
+//   are per image: that is how the hyper op's per-row factors v_k * e1[n] go through the same pass.
+//
+// csrc/cuda/rank1_conv.cu instantiates it with its fused CUDA kernel (the ops' CUDA kernels);
+// tests/one_conv_harness.cpp with ATen's elementwise ops on the CPU, so the host logic below (which
+// tensors, which masks, which sums) is tested against the float64 reference without a GPU.
+#pragma once
+#include "rank1_conv.h"
+
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace hyperkern {
+namespace rank1_conv {
+namespace one_conv {
+
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline at::Tensor empty_in(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(sizes, x.options().memory_format(fmt));
+}
+
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// conv(in, weight) over all images at once (cuDNN / oneDNN through ATen), in `fmt`.
+inline at::Tensor conv_all(const at::Tensor& in, const at::Tensor& weight, const Geometry& geo, at::MemoryFormat fmt) {
+  return at::convolution(in, weight.contiguous(fmt), std::nullopt, geo.stride, geo.padding, geo.dilation, false,
+                         {0, 0}, geo.groups)
+      .contiguous(fmt);
+}
+
+// (N, C) opmath per-image sums -> (E, C) per-member sums in dtype.
+inline at::Tensor member_sums(const at::Tensor& per_image, const Dims& d, at::ScalarType dtype) {
+  return per_image.view({d.E, d.B, per_image.size(1)}).sum(1).to(dtype);
+}
+
+// (E, C) per-member values -> (N, C) per-image rows.
+inline at::Tensor per_image(const at::Tensor& per_member, const Dims& d) {
+  return per_member.repeat_interleave(d.B, 0);
+}
+
+inline at::Tensor opmath_rows(const Dims& d, int64_t C, const at::Tensor& x) {
+  return at::empty({d.N, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+// in * f_k, one pass (B rows per member).
+template <class P>
+at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, int64_t B, at::MemoryFormat fmt) {
+  at::Tensor out = empty_in(in.sizes(), in, fmt);
+  P::scale_channels(in, f.contiguous(), std::nullopt, at::Tensor(), out, at::Tensor(), at::Tensor(), B,
+                    fmt == at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
+// ---- batch op: y = conv(x * r_k, W) * s_k + bias_k --------------------------------------------------
+
+// (y, pre): pre = conv(x * r_k, W) when keep_pre (y gets its own buffer), else y overwrites it and pre is empty.
+template <class P>
+std::tuple<at::Tensor, at::Tensor> batch_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                                                 const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                                                 const Geometry& geo, const Dims& d, bool keep_pre) {
+  const at::MemoryFormat fmt = activation_format(x);
+  if (d.N == 0) {
+    return {empty_in({d.N, d.O, d.Ho, d.Wo}, x, fmt),
+            keep_pre ? empty_in({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options())};
+  }
+  const at::Tensor pre = conv_all(scaled<P>(x.contiguous(fmt), r, d.B, fmt), weight, geo, fmt);
+  at::Tensor y = keep_pre ? at::empty_like(pre) : pre;
+  P::scale_channels(pre, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
+                    fmt == at::MemoryFormat::ChannelsLast);
+  return {y, keep_pre ? pre : at::empty({0}, x.options())};
+}
+
+// With gc = g * s_k: db_k = sum g, ds_k = sum g * pre, (dxr, dW) = conv backward of gc at input xr (one
+// call over all images), dx = dxr * r_k, dr_k = sum dxr * x (sums over member k's images and positions).
+// pre absent (undefined or not 4-D): recomputed (one more convolution) when ds is needed.
+template <class P>
+Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                      const at::Tensor& s, const std::optional<at::Tensor>& pre, const Geometry& geo, const Dims& d,
+                      std::array<bool, 5> output_mask) {
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_r = output_mask[2], need_s = output_mask[3],
+             need_b = output_mask[4];
+  const bool need_conv = need_x || need_w || need_r;
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto opts = x.options();
+  at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), dr = at::empty({0}, opts),
+             ds = at::empty({0}, opts), db = at::empty({0}, opts);
+  if (d.N == 0) {  // no images: every gradient is zero
+    if (need_x) dx = empty_in(x.sizes(), x, fmt);
+    if (need_w) dw = at::zeros(weight.sizes(), opts);
+    if (need_r) dr = at::zeros({d.E, d.C}, opts);
+    if (need_s) ds = at::zeros({d.E, d.O}, opts);
+    if (need_b) db = at::zeros({d.E, d.O}, opts);
+    return {dx, dw, dr, ds, db};
+  }
+  const bool have_pre = defined(pre) && pre->dim() == 4;
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
+  at::Tensor xr;
+  if (need_w || (need_s && !have_pre)) xr = scaled<P>(xc, r, d.B, fmt);
+  at::Tensor pre_used;
+  if (need_s) pre_used = have_pre ? pre->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
+  const at::Tensor g_sum = need_b ? opmath_rows(d, d.O, x) : at::Tensor();
+  const at::Tensor g_pre = need_s ? opmath_rows(d, d.O, x) : at::Tensor();
+  const at::Tensor gc = need_conv ? at::empty_like(g) : at::Tensor();
+  if (need_conv || need_s || need_b) {
+    P::scale_channels(g, s.contiguous(), std::nullopt, pre_used, gc, g_sum, g_pre, d.B, channels_last);
+  }
+  if (need_b) db = member_sums(g_sum, d, x.scalar_type());
+  if (need_s) ds = member_sums(g_pre, d, x.scalar_type());
+  if (need_conv) {
+    auto [dxr, dw_all, unused] =
+        at::convolution_backward(gc, need_w ? xr : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
+                                 geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_r, need_w, false});
+    if (need_w) dw = dw_all.contiguous();
+    if (need_x || need_r) {
+      dxr = dxr.contiguous(fmt);
+      const at::Tensor dxr_x = need_r ? opmath_rows(d, d.C, x) : at::Tensor();
+      // dx = dxr * r_k in place, with dr's sums read before each element is overwritten
+      P::scale_channels(dxr, r.contiguous(), std::nullopt, need_r ? xc : at::Tensor(), need_x ? dxr : at::Tensor(),
+                        at::Tensor(), dxr_x, d.B, channels_last);
+      if (need_x) dx = dxr;
+      if (need_r) dr = member_sums(dxr_x, d, x.scalar_type());
+    }
+  }
+  return {dx, dw, dr, ds, db};
+}
+
+// ---- hyper op: y = s_k * h + e1 * (v_k * hr) + bias_k + delta_bias_k * e2 ------------------------------
+// with h = conv(x * r_k, W) and hr = conv(x * u_k, delta) (the delta branch before v_k; the op's
+// documented hd = v_k * hr).
+
+// Per-image rows (N, O) of e1 * v_k and of bias_k + delta_bias_k * e2 (undefined when there is no bias).
+inline std::tuple<at::Tensor, std::optional<at::Tensor>> hyper_rows(const at::Tensor& v, const at::Tensor& e1,
+                                                                    const std::optional<at::Tensor>& bias,
+                                                                    const std::optional<at::Tensor>& delta_bias,
+                                                                    const std::optional<at::Tensor>& e2,
+                                                                    const Dims& d) {
+  const at::Tensor ve1 = (e1 * per_image(v, d)).contiguous();
+  std::optional<at::Tensor> add;
+  if (defined(bias)) add = per_image(*bias, d);
+  if (defined(delta_bias)) {
+    const at::Tensor shift = per_image(*delta_bias, d) * *e2;
+    add = add ? std::optional<at::Tensor>(*add + shift) : std::optional<at::Tensor>(shift);
+  }
+  if (add) add = add->contiguous();
+  return {ve1, add};
+}
+
+// (y, hd, h, hr): hd = v_k * hr when save_hd (the op's documented output), else empty; h and hr when
+// keep_branches (what the backward reads), else empty.
+template <class P>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, const Geometry& geo,
+    const Dims& d, bool save_hd, bool keep_branches) {
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor none = at::empty({0}, x.options());
+  const std::vector<int64_t> out_sizes{d.N, d.O, d.Ho, d.Wo};
+  if (d.N == 0) {
+    const at::Tensor e = empty_in(out_sizes, x, fmt);
+    return {e, save_hd ? empty_in(out_sizes, x, fmt) : none, keep_branches ? empty_in(out_sizes, x, fmt) : none,
+            keep_branches ? empty_in(out_sizes, x, fmt) : none};
+  }
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor h = conv_all(scaled<P>(xc, r, d.B, fmt), weight, geo, fmt);
+  const at::Tensor hr = conv_all(scaled<P>(xc, u, d.B, fmt), delta, geo, fmt);
+  auto [ve1, add] = hyper_rows(v, e1, bias, delta_bias, e2, d);
+  at::Tensor y = at::empty_like(hr);
+  P::scale_channels(hr, ve1, add, at::Tensor(), y, at::Tensor(), at::Tensor(), 1, channels_last);  // per image
+  y.addcmul_(h, per_image(s, d).view({d.N, d.O, 1, 1}));
+  const at::Tensor hd = save_hd ? scaled<P>(hr, v, d.B, fmt) : none;
+  return {y, hd, keep_branches ? h : none, keep_branches ? hr : none};
+}
+
+// Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so, from
+// the forward's h and hr (absent: recomputed where needed, one convolution each). With gh = g * s_k and
+// gd = g * e1 * v_k: ds_k = sum g * h, de1 = v_k * sum_p g * hr, dv_k = sum e1 * (sum_p g * hr), the bias
+// gradients from sum_p g, then one convolution backward per branch and dx = dxr * r_k + dxu * u_k with
+// dr_k = sum dxr * x and du_k = sum dxu * x.
+template <class P>
+Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s, const at::Tensor& u,
+                       const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& delta_bias,
+                       const std::optional<at::Tensor>& e2, const std::optional<at::Tensor>& h_saved,
+                       const std::optional<at::Tensor>& hr_saved, const Geometry& geo, const Dims& d,
+                       std::array<bool, 11> output_mask) {
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_delta = output_mask[2], need_r = output_mask[3],
+             need_s = output_mask[4], need_u = output_mask[5], need_v = output_mask[6], need_e1 = output_mask[7],
+             need_b = output_mask[8];
+  const bool has_db = defined(delta_bias);
+  const bool need_db = output_mask[9] && has_db, need_e2 = output_mask[10] && has_db;
+  const bool need_h_conv = need_x || need_w || need_r, need_d_conv = need_x || need_delta || need_u;
+  const bool need_g_sum = need_b || need_db || need_e2, need_g_hr = need_e1 || need_v;
+  const at::MemoryFormat fmt = activation_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto opts = x.options();
+  const at::ScalarType dtype = x.scalar_type();
+  const at::Tensor none = at::empty({0}, opts);
+  at::Tensor dx = none, dw = none, ddelta = none, dr = none, ds = none, du = none, dv = none, de1 = none;
+  if (d.N == 0) {  // no images: every gradient is zero
+    if (need_x) dx = empty_in(x.sizes(), x, fmt);
+    if (need_w) dw = at::zeros(weight.sizes(), opts);
+    if (need_delta) ddelta = at::zeros(delta.sizes(), opts);
+    if (need_r) dr = at::zeros({d.E, d.C}, opts);
+    if (need_s) ds = at::zeros({d.E, d.O}, opts);
+    if (need_u) du = at::zeros({d.E, d.C}, opts);
+    if (need_v) dv = at::zeros({d.E, d.O}, opts);
+    if (need_e1) de1 = at::zeros({d.N, d.O}, opts);
+    auto [db, ddb, de2] = hyper_bias_grads(at::zeros({0, d.O}, opts), delta_bias, e2, d, need_b, need_db, need_e2,
+                                           dtype);
+    return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
+  }
+  const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
+  const bool have_h = defined(h_saved) && h_saved->dim() == 4, have_hr = defined(hr_saved) && hr_saved->dim() == 4;
+  at::Tensor xr, xu;
+  if (need_w || (need_s && !have_h)) xr = scaled<P>(xc, r, d.B, fmt);
+  if (need_delta || (need_g_hr && !have_hr)) xu = scaled<P>(xc, u, d.B, fmt);
+  at::Tensor h, hr;
+  if (need_s) h = have_h ? h_saved->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
+  if (need_g_hr) hr = have_hr ? hr_saved->contiguous(fmt) : conv_all(xu, delta, geo, fmt);
+
+  // the s branch: gh = g * s_k, sum_p g (bias gradients), sum_p g * h (ds)
+  const at::Tensor g_sum = need_g_sum ? opmath_rows(d, d.O, x) : at::Tensor();
+  const at::Tensor g_h = need_s ? opmath_rows(d, d.O, x) : at::Tensor();
+  const at::Tensor gh = need_h_conv ? at::empty_like(g) : at::Tensor();
+  if (need_h_conv || need_g_sum || need_s) {
+    P::scale_channels(g, s.contiguous(), std::nullopt, h, gh, g_sum, g_h, d.B, channels_last);
+  }
+  if (need_s) ds = member_sums(g_h, d, dtype);
+  // the delta branch, per image: gd = g * (e1 * v_k), sum_p g * hr (de1, dv)
+  const at::Tensor g_hr = need_g_hr ? opmath_rows(d, d.O, x) : at::Tensor();
+  const at::Tensor gd = need_d_conv ? at::empty_like(g) : at::Tensor();
+  if (need_d_conv || need_g_hr) {
+    const at::Tensor ve1 = (e1 * per_image(v, d)).contiguous();
+    P::scale_channels(g, ve1, std::nullopt, hr, gd, at::Tensor(), g_hr, 1, channels_last);
+  }
+  if (need_e1) de1 = (g_hr * per_image(v, d).to(g_hr.scalar_type())).to(dtype);
+  if (need_v) dv = member_sums(g_hr * e1.to(g_hr.scalar_type()), d, dtype);
+  at::Tensor db = none, ddb = none, de2 = none;
+  if (need_g_sum) std::tie(db, ddb, de2) = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, dtype);
+
+  // one convolution backward per branch; the input-side passes turn dxr, dxu into dx and the r, u sums
+  at::Tensor dxr, dxu;
+  if (need_h_conv) {
+    auto [gi, gw, unused] =
+        at::convolution_backward(gh, need_w ? xr : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
+                                 geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_r, need_w, false});
+    if (need_w) dw = gw.contiguous();
+    if (need_x || need_r) dxr = gi.contiguous(fmt);
+  }
+  if (need_d_conv) {
+    auto [gi, gw, unused] =
+        at::convolution_backward(gd, need_delta ? xu : xc, delta.contiguous(fmt), at::OptionalIntArrayRef(),
+                                 geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups,
+                                 {need_x || need_u, need_delta, false});
+    if (need_delta) ddelta = gw.contiguous();
+    if (need_x || need_u) dxu = gi.contiguous(fmt);
+  }
+  if (need_x || need_r) {
+    const at::Tensor sums = need_r ? opmath_rows(d, d.C, x) : at::Tensor();
+    P::scale_channels(dxr, r.contiguous(), std::nullopt, need_r ? xc : at::Tensor(), need_x ? dxr : at::Tensor(),
+                      at::Tensor(), sums, d.B, channels_last);
+    if (need_r) dr = member_sums(sums, d, dtype);
+  }
+  if (need_x || need_u) {
+    const at::Tensor sums = need_u ? opmath_rows(d, d.C, x) : at::Tensor();
+    P::scale_channels(dxu, u.contiguous(), std::nullopt, need_u ? xc : at::Tensor(), need_x ? dxu : at::Tensor(),
+                      at::Tensor(), sums, d.B, channels_last);
+    if (need_u) du = member_sums(sums, d, dtype);
+  }
+  if (need_x) dx = dxr.add_(dxu);
+  return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
+}
+
+}  // namespace one_conv
+}  // namespace rank1_conv
+}  // namespace hyperkern

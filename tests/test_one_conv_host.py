@@ -1,0 +1,163 @@
+"""The host logic of the CUDA conv kernels (csrc/one_conv.h: which convolutions, scaling passes, sums and
+masks make each output and gradient), compiled for the CPU with ATen's elementwise ops standing in for
+the CUDA scaling kernel (tests/harness/one_conv_harness.cpp), against the float64 member loop of
+hyperkern.ops.reference. The CUDA kernels themselves are checked on a GPU by test_ops_cpp_cuda.py."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from hyperkern.ops import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def harness():
+    if shutil.which("ninja") is None and not _has_ninja_module():
+        pytest.skip("building the harness needs ninja")
+    from torch.utils.cpp_extension import load
+    return load(name="hyperkern_one_conv_harness", sources=[os.path.join(ROOT, "tests", "harness",
+                                                                          "one_conv_harness.cpp")],
+                extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O1"],
+                verbose=False)
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def _args(E, B, C, O, groups, hw, dtype, hyper, bias=True):
+    w = _rand(O, C // groups, 3, 3) / (C // groups * 9) ** 0.5
+    base = [_rand(E * B, C, *hw), w, 1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O)]
+    if not hyper:
+        out = base + [_rand(E, O) if bias else None]
+    else:
+        out = base[:2] + [torch.randn_like(w)] + base[2:] + [
+            1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O), _rand(E * B, O), _rand(E, O) if bias else None,
+            _rand(E, O) if bias else None, _rand(E * B, O) if bias else None]
+    return [None if t is None else t.to(dtype) for t in out]
+
+
+def _ref_grads(reference, args, g, geo):
+    leaves = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    y = reference(*leaves, **geo)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, g.double()))
+    return y.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def _close(got, want, dtype, what):
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{what}: {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-3)
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * {scale:.3e}"
+
+
+# (E, B, C, O, groups, stride, padding, dilation, hw)
+CASES = [
+    (3, 2, 4, 6, 1, (1, 1), (1, 1), (1, 1), (7, 8)),
+    (1, 1, 3, 5, 1, (1, 1), (0, 0), (1, 1), (5, 5)),
+    (2, 3, 4, 6, 2, (2, 2), (0, 0), (1, 1), (7, 8)),
+    (4, 1, 6, 6, 3, (2, 1), (1, 2), (2, 1), (9, 8)),
+]
+BATCH_MASKS = [[True] * 5, [False, True, False, True, False], [True, False, True, False, True],
+               [False, False, False, True, False]]
+HYPER_MASKS = [[True] * 11, [False, True, True, False, True, False, True, True, False, False, False],
+               [True, False, False, True, False, True, False, False, True, True, True],
+               [False, False, False, False, False, False, True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
+def test_batch_one_conv_matches_member_loop(harness, E, B, C, O, groups, stride, padding, dilation, hw, dtype,
+                                            channels_last):
+    args = _args(E, B, C, O, groups, hw, dtype, hyper=False)
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=CL)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    raw = (list(stride), list(padding), list(dilation), groups)
+    y_ref = ref.batch_ensemble_conv2d_reference(*args, **geo)
+    g = torch.randn_like(y_ref)
+    _, want = _ref_grads(ref.batch_ensemble_conv2d_reference, args, g, geo)
+    for keep_pre in (True, False):
+        y, pre = harness.batch_forward(*args, *raw, keep_pre)
+        _close(y, y_ref, dtype, "y")
+        assert y.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+        if keep_pre:
+            no_s = ref.batch_ensemble_conv2d_reference(args[0], args[1], args[2], torch.ones_like(args[3]), None,
+                                                       **geo)
+            _close(pre, no_s, dtype, "pre")
+        else:
+            assert pre.numel() == 0
+    _, pre = harness.batch_forward(*args, *raw, True)
+    for mask in BATCH_MASKS:
+        for saved in (pre, None):
+            got = harness.batch_backward(g.to(dtype), *args[:4], saved, *raw, mask)
+            for i, (need, a, b) in enumerate(zip(mask, got, want)):
+                if not need:
+                    assert a.numel() == 0, i
+                elif b is not None:
+                    _close(a, b, dtype, f"grad {i} (mask {mask}, pre {'saved' if saved is not None else 'recomputed'})")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
+def test_hyper_one_conv_matches_member_loop(harness, E, B, C, O, groups, stride, padding, dilation, hw, dtype,
+                                            channels_last, bias):
+    args = _args(E, B, C, O, groups, hw, dtype, hyper=True, bias=bias)
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=CL)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    raw = (list(stride), list(padding), list(dilation), groups)
+    y_ref = ref.hyper_batch_ensemble_conv2d_reference(*args, **geo)
+    g = torch.randn_like(y_ref)
+    _, want = _ref_grads(ref.hyper_batch_ensemble_conv2d_reference, args, g, geo)
+    x, w, d, r, s, u, v = args[:7]
+    hd_ref = ref.batch_ensemble_conv2d_reference(x, d, u, v, None, **geo)  # the op's hd = v_k * conv(x * u_k, delta)
+    y, hd, h, hr = harness.hyper_forward(*args, *raw, True, True)
+    _close(y, y_ref, dtype, "y")
+    _close(hd, hd_ref, dtype, "hd")
+    _close(h, ref.batch_ensemble_conv2d_reference(x, w, r, torch.ones_like(s), None, **geo), dtype, "h")
+    _close(hr, ref.batch_ensemble_conv2d_reference(x, d, u, torch.ones_like(v), None, **geo), dtype, "hr")
+    assert y.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    y2, none_hd, none_h, none_hr = harness.hyper_forward(*args, *raw, False, False)
+    _close(y2, y_ref, dtype, "y without saving")
+    assert none_hd.numel() == none_h.numel() == none_hr.numel() == 0
+    for mask in HYPER_MASKS:
+        mask = [need and a is not None for need, a in zip(mask, args)]  # as the autograd asks: present inputs only
+        for saved in ((h, hr), (None, None)):
+            got = harness.hyper_backward(g.to(dtype), *args[:8], args[9], args[10], *saved, *raw, mask)
+            for i, (need, a, b) in enumerate(zip(mask, got, want)):
+                if not need:
+                    assert a.numel() == 0, i
+                    continue
+                _close(a, b, dtype, f"grad {i} (mask {mask}, branches {'saved' if saved[0] is not None else 'recomputed'})")
+
+
+def test_zero_images(harness):
+    args = _args(2, 1, 4, 4, 1, (5, 5), torch.float32, hyper=True)
+    args[0] = args[0][:0]
+    args[7] = args[7][:0]
+    args[10] = args[10][:0]
+    raw = ([1, 1], [1, 1], [1, 1], 1)
+    y, _, _, _ = harness.hyper_forward(*args, *raw, True, True)
+    assert y.shape == (0, 4, 5, 5)
+    got = harness.hyper_backward(torch.zeros(0, 4, 5, 5), *args[:8], args[9], args[10], None, None, *raw, [True] * 11)
+    for i, t in enumerate(got):
+        assert torch.count_nonzero(t) == 0, i
