@@ -43,7 +43,8 @@ TORCH_LIBRARY(hyperkern, m) {
   m.def("batch_ensemble_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor r, Tensor s, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[5] output_mask, Tensor? pre=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Returns (y, hd) with hd = conv(x * u_k, delta) * v_k kept for the backward when save_hd, else empty.
+  // Returns (y, hd) with hd = conv(x * u_k, delta) * v_k when save_hd, else empty. Under autograd the
+  // forward is the train op below, whose hd is empty on CUDA (that backward keeps the branches instead).
   m.def("hyper_batch_ensemble_conv2d(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
         "Tensor v, Tensor e1, Tensor? bias, Tensor? delta_bias, Tensor? e2, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor)");
