@@ -57,6 +57,12 @@ bool taking_grad(std::initializer_list<Tensor> tensors, std::initializer_list<Op
   return false;
 }
 
+// A tensor a train op kept for the backward: 4-D where the device's backward reads it (CUDA), else an empty
+// or absent one (CPU, or a forward without gradients).
+OptTensor kept_activation(const variable_list& saved, size_t i) {
+  return saved.size() > i && saved[i].defined() && saved[i].dim() == 4 ? OptTensor(saved[i]) : std::nullopt;
+}
+
 // The backward ops have no autograd of their own: a backward that records a graph (create_graph=True,
 // double backward) gets a clear error instead of a wrong or missing second derivative.
 void check_first_order(const char* op) {
@@ -229,9 +235,8 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
-    const OptTensor pre = saved[4].defined() && saved[4].dim() == 4 ? OptTensor(saved[4]) : std::nullopt;  // CPU: empty
     const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], g.stride, g.padding, g.dilation,
-                               g.groups, as_array<5>(mask), pre);
+                               g.groups, as_array<5>(mask), kept_activation(saved, 4));
     return to_list(out, mask, 10);
   }
 };
@@ -279,12 +284,9 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const SavedGeometry g = load_geometry(ctx);
-    // the branches the CUDA train op kept (the CPU's are empty 1-D tensors)
-    auto branch = [&](size_t i) {
-      return t.size() > i && t[i].defined() && t[i].dim() == 4 ? OptTensor(t[i]) : std::nullopt;
-    };
     const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
-                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask), branch(11), branch(12));
+                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask), kept_activation(t, 11),
+                                kept_activation(t, 12));
     return to_list(out, h.mask, 17);
   }
 };
