@@ -30,14 +30,6 @@ using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 using Grads11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-inline at::Tensor empty_in(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
-  return at::empty(sizes, x.options().memory_format(fmt));
-}
-
-inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 // conv(in, weight) over all images at once (cuDNN / oneDNN through ATen), in `fmt`.
 inline at::Tensor conv_all(const at::Tensor& in, const at::Tensor& weight, const Geometry& geo, at::MemoryFormat fmt) {
   return at::convolution(in, weight.contiguous(fmt), std::nullopt, geo.stride, geo.padding, geo.dilation, false,
@@ -62,10 +54,38 @@ inline at::Tensor opmath_rows(const Dims& d, int64_t C, const at::Tensor& x) {
 // in * f_k, one pass (B rows per member).
 template <class P>
 at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, int64_t B, at::MemoryFormat fmt) {
-  at::Tensor out = empty_in(in.sizes(), in, fmt);
+  at::Tensor out = empty_like_format(in.sizes(), in, fmt);
   P::scale_channels(in, f.contiguous(), std::nullopt, at::Tensor(), out, at::Tensor(), at::Tensor(), B,
                     fmt == at::MemoryFormat::ChannelsLast);
   return out;
+}
+
+// The input side of one branch y_branch = conv(x * f_k, weight): from gout = dL/dy_branch, one
+// convolution backward at input xf = x * f_k (needed only for dW; xc stands in for its shape otherwise)
+// gives dW and dxf; one pass turns dxf into dx_branch = dxf * f_k in place and sums dxf * x for df_k.
+// Returns (dx_branch, dW, df): each empty where not needed.
+template <class P>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_backward(const at::Tensor& gout, const at::Tensor& xc,
+                                                               const at::Tensor& xf, const at::Tensor& weight,
+                                                               const at::Tensor& f, const Geometry& geo,
+                                                               const Dims& d, bool need_x, bool need_w, bool need_f) {
+  const at::MemoryFormat fmt = activation_format(xc);
+  at::Tensor dx_branch = at::empty({0}, xc.options()), dw = dx_branch, df = dx_branch;
+  if (!(need_x || need_w || need_f)) return {dx_branch, dw, df};
+  auto [gi, gw, unused] =
+      at::convolution_backward(gout, need_w ? xf : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
+                               geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_f, need_w, false});
+  if (need_w) dw = gw.contiguous();
+  if (need_x || need_f) {
+    const at::Tensor dxf = gi.contiguous(fmt);
+    const at::Tensor sums = need_f ? opmath_rows(d, d.C, xc) : at::Tensor();
+    // in place, with the sums read before each element is overwritten
+    P::scale_channels(dxf, f.contiguous(), std::nullopt, need_f ? xc : at::Tensor(), need_x ? dxf : at::Tensor(),
+                      at::Tensor(), sums, d.B, fmt == at::MemoryFormat::ChannelsLast);
+    if (need_x) dx_branch = dxf;
+    if (need_f) df = member_sums(sums, d, xc.scalar_type());
+  }
+  return {dx_branch, dw, df};
 }
 
 // ---- batch op: y = conv(x * r_k, W) * s_k + bias_k --------------------------------------------------
@@ -77,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor> batch_forward(const at::Tensor& x, const at::
                                                  const Geometry& geo, const Dims& d, bool keep_pre) {
   const at::MemoryFormat fmt = activation_format(x);
   if (d.N == 0) {
-    return {empty_in({d.N, d.O, d.Ho, d.Wo}, x, fmt),
-            keep_pre ? empty_in({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options())};
+    return {empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt),
+            keep_pre ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options())};
   }
   const at::Tensor pre = conv_all(scaled<P>(x.contiguous(fmt), r, d.B, fmt), weight, geo, fmt);
   at::Tensor y = keep_pre ? at::empty_like(pre) : pre;
@@ -103,14 +123,14 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), dr = at::empty({0}, opts),
              ds = at::empty({0}, opts), db = at::empty({0}, opts);
   if (d.N == 0) {  // no images: every gradient is zero
-    if (need_x) dx = empty_in(x.sizes(), x, fmt);
+    if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
     if (need_r) dr = at::zeros({d.E, d.C}, opts);
     if (need_s) ds = at::zeros({d.E, d.O}, opts);
     if (need_b) db = at::zeros({d.E, d.O}, opts);
     return {dx, dw, dr, ds, db};
   }
-  const bool have_pre = defined(pre) && pre->dim() == 4;
+  const bool have_pre = is_kept(pre);
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
   at::Tensor xr;
   if (need_w || (need_s && !have_pre)) xr = scaled<P>(xc, r, d.B, fmt);
@@ -124,21 +144,7 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   }
   if (need_b) db = member_sums(g_sum, d, x.scalar_type());
   if (need_s) ds = member_sums(g_pre, d, x.scalar_type());
-  if (need_conv) {
-    auto [dxr, dw_all, unused] =
-        at::convolution_backward(gc, need_w ? xr : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
-                                 geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_r, need_w, false});
-    if (need_w) dw = dw_all.contiguous();
-    if (need_x || need_r) {
-      dxr = dxr.contiguous(fmt);
-      const at::Tensor dxr_x = need_r ? opmath_rows(d, d.C, x) : at::Tensor();
-      // dx = dxr * r_k in place, with dr's sums read before each element is overwritten
-      P::scale_channels(dxr, r.contiguous(), std::nullopt, need_r ? xc : at::Tensor(), need_x ? dxr : at::Tensor(),
-                        at::Tensor(), dxr_x, d.B, channels_last);
-      if (need_x) dx = dxr;
-      if (need_r) dr = member_sums(dxr_x, d, x.scalar_type());
-    }
-  }
+  std::tie(dx, dw, dr) = branch_backward<P>(gc, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
   return {dx, dw, dr, ds, db};
 }
 
@@ -176,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
   const at::Tensor none = at::empty({0}, x.options());
   const std::vector<int64_t> out_sizes{d.N, d.O, d.Ho, d.Wo};
   if (d.N == 0) {
-    const at::Tensor e = empty_in(out_sizes, x, fmt);
-    return {e, save_hd ? empty_in(out_sizes, x, fmt) : none, keep_branches ? empty_in(out_sizes, x, fmt) : none,
-            keep_branches ? empty_in(out_sizes, x, fmt) : none};
+    const at::Tensor e = empty_like_format(out_sizes, x, fmt);
+    return {e, save_hd ? empty_like_format(out_sizes, x, fmt) : none, keep_branches ? empty_like_format(out_sizes, x, fmt) : none,
+            keep_branches ? empty_like_format(out_sizes, x, fmt) : none};
   }
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor h = conv_all(scaled<P>(xc, r, d.B, fmt), weight, geo, fmt);
@@ -217,7 +223,7 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   const at::Tensor none = at::empty({0}, opts);
   at::Tensor dx = none, dw = none, ddelta = none, dr = none, ds = none, du = none, dv = none, de1 = none;
   if (d.N == 0) {  // no images: every gradient is zero
-    if (need_x) dx = empty_in(x.sizes(), x, fmt);
+    if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
     if (need_delta) ddelta = at::zeros(delta.sizes(), opts);
     if (need_r) dr = at::zeros({d.E, d.C}, opts);
@@ -230,7 +236,7 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
     return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
   }
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
-  const bool have_h = defined(h_saved) && h_saved->dim() == 4, have_hr = defined(hr_saved) && hr_saved->dim() == 4;
+  const bool have_h = is_kept(h_saved), have_hr = is_kept(hr_saved);
   at::Tensor xr, xu;
   if (need_w || (need_s && !have_h)) xr = scaled<P>(xc, r, d.B, fmt);
   if (need_delta || (need_g_hr && !have_hr)) xu = scaled<P>(xc, u, d.B, fmt);
@@ -258,35 +264,10 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   at::Tensor db = none, ddb = none, de2 = none;
   if (need_g_sum) std::tie(db, ddb, de2) = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, dtype);
 
-  // one convolution backward per branch; the input-side passes turn dxr, dxu into dx and the r, u sums
+  // one convolution backward per branch; dx is the sum of the branches' input sides
   at::Tensor dxr, dxu;
-  if (need_h_conv) {
-    auto [gi, gw, unused] =
-        at::convolution_backward(gh, need_w ? xr : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
-                                 geo.padding, geo.dilation, false, {0, 0}, geo.groups, {need_x || need_r, need_w, false});
-    if (need_w) dw = gw.contiguous();
-    if (need_x || need_r) dxr = gi.contiguous(fmt);
-  }
-  if (need_d_conv) {
-    auto [gi, gw, unused] =
-        at::convolution_backward(gd, need_delta ? xu : xc, delta.contiguous(fmt), at::OptionalIntArrayRef(),
-                                 geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups,
-                                 {need_x || need_u, need_delta, false});
-    if (need_delta) ddelta = gw.contiguous();
-    if (need_x || need_u) dxu = gi.contiguous(fmt);
-  }
-  if (need_x || need_r) {
-    const at::Tensor sums = need_r ? opmath_rows(d, d.C, x) : at::Tensor();
-    P::scale_channels(dxr, r.contiguous(), std::nullopt, need_r ? xc : at::Tensor(), need_x ? dxr : at::Tensor(),
-                      at::Tensor(), sums, d.B, channels_last);
-    if (need_r) dr = member_sums(sums, d, dtype);
-  }
-  if (need_x || need_u) {
-    const at::Tensor sums = need_u ? opmath_rows(d, d.C, x) : at::Tensor();
-    P::scale_channels(dxu, u.contiguous(), std::nullopt, need_u ? xc : at::Tensor(), need_x ? dxu : at::Tensor(),
-                      at::Tensor(), sums, d.B, channels_last);
-    if (need_u) du = member_sums(sums, d, dtype);
-  }
+  std::tie(dxr, dw, dr) = branch_backward<P>(gh, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
+  std::tie(dxu, ddelta, du) = branch_backward<P>(gd, xc, xu, delta, u, geo, d, need_x, need_delta, need_u);
   if (need_x) dx = dxr.add_(dxu);
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }

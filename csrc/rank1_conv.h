@@ -136,6 +136,25 @@ inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& we
 // The memory format every output follows: x's (NCHW or channels-last).
 inline at::MemoryFormat activation_format(const at::Tensor& x) { return x.suggest_memory_format(); }
 
+inline at::Tensor empty_like_format(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(sizes, x.options().memory_format(fmt));
+}
+
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// An activation a forward kept for its backward (hd, pre, h, hr): present when 4-D (an empty 1-D tensor or
+// an absent one means "not kept"), and then checked to be an output-shaped tensor of x's kind.
+inline bool is_kept(const std::optional<at::Tensor>& t) { return defined(t) && t->dim() == 4; }
+
+inline bool check_kept(const std::optional<at::Tensor>& t, const at::Tensor& x, const Dims& d, const char* name) {
+  if (!is_kept(t)) return false;
+  check_shape(*t, {d.N, d.O, d.Ho, d.Wo}, name);
+  check_same_kind(x, *t, name);
+  return true;
+}
+
 // Per-member weight-sized buffers (the folded weights and their gradients) are (E, parts * O, cg, kh, kw):
 // output-channel group g holds [part 0's Og rows | part 1's Og rows | ...] (parts = 2 stacks W_k and
 // D_k for the hyper op), and each member's 4-D slice is contiguous in x's memory format, so ATen's

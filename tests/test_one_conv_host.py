@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hyperkern.ops import reference as ref
+from rank1_cases import TOLERANCE, assert_scaled_close, conv_args, output_and_grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CL = torch.channels_last
@@ -33,37 +34,27 @@ def _has_ninja_module():
         return False
 
 
-def _rand(*shape, dtype=torch.float64):
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
 def _args(E, B, C, O, groups, hw, dtype, hyper, bias=True):
-    w = _rand(O, C // groups, 3, 3) / (C // groups * 9) ** 0.5
-    base = [_rand(E * B, C, *hw), w, 1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O)]
-    if not hyper:
-        out = base + [_rand(E, O) if bias else None]
-    else:
-        out = base[:2] + [torch.randn_like(w)] + base[2:] + [
-            1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O), _rand(E * B, O), _rand(E, O) if bias else None,
-            _rand(E, O) if bias else None, _rand(E * B, O) if bias else None]
-    return [None if t is None else t.to(dtype) for t in out]
-
-
-def _ref_grads(reference, args, g, geo):
-    leaves = [None if a is None else a.detach().double().requires_grad_() for a in args]
-    y = reference(*leaves, **geo)
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(y, present, g.double()))
-    return y.detach(), [None if t is None else next(grads) for t in leaves]
+    return [None if t is None else t.to(dtype) for t in conv_args(E, B, C, O, groups, hw, hyper, bias)]
 
 
 def _close(got, want, dtype, what):
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    got, want = got.double(), want.double()
-    assert got.shape == want.shape, f"{what}: {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-3)
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * {scale:.3e}"
+    assert_scaled_close(got, want, TOLERANCE[dtype], what)
+
+
+def _case(E, B, C, O, groups, stride, padding, dilation, hw, dtype, channels_last, hyper, bias=True):
+    """Arguments, the reference's keyword geometry and the raw op geometry, an output gradient g, and the
+    reference's output and gradients (float64)."""
+    args = _args(E, B, C, O, groups, hw, dtype, hyper, bias)
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=CL)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    raw = (list(stride), list(padding), list(dilation), groups)
+    reference = ref.hyper_batch_ensemble_conv2d_reference if hyper else ref.batch_ensemble_conv2d_reference
+    fn = lambda *a: reference(*a, **geo)  # noqa: E731
+    g = torch.randn_like(fn(*args))
+    y_ref, want = output_and_grads(fn, [None if a is None else a.double() for a in args], g)
+    return args, geo, raw, g, y_ref, want
 
 
 # (E, B, C, O, groups, stride, padding, dilation, hw)
@@ -85,14 +76,8 @@ HYPER_MASKS = [[True] * 11, [False, True, True, False, True, False, True, True, 
 @pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
 def test_batch_one_conv_matches_member_loop(harness, E, B, C, O, groups, stride, padding, dilation, hw, dtype,
                                             channels_last):
-    args = _args(E, B, C, O, groups, hw, dtype, hyper=False)
-    if channels_last:
-        args[0] = args[0].contiguous(memory_format=CL)
-    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    raw = (list(stride), list(padding), list(dilation), groups)
-    y_ref = ref.batch_ensemble_conv2d_reference(*args, **geo)
-    g = torch.randn_like(y_ref)
-    _, want = _ref_grads(ref.batch_ensemble_conv2d_reference, args, g, geo)
+    args, geo, raw, g, y_ref, want = _case(E, B, C, O, groups, stride, padding, dilation, hw, dtype, channels_last,
+                                           hyper=False)
     for keep_pre in (True, False):
         y, pre = harness.batch_forward(*args, *raw, keep_pre)
         _close(y, y_ref, dtype, "y")
@@ -120,14 +105,8 @@ def test_batch_one_conv_matches_member_loop(harness, E, B, C, O, groups, stride,
 @pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
 def test_hyper_one_conv_matches_member_loop(harness, E, B, C, O, groups, stride, padding, dilation, hw, dtype,
                                             channels_last, bias):
-    args = _args(E, B, C, O, groups, hw, dtype, hyper=True, bias=bias)
-    if channels_last:
-        args[0] = args[0].contiguous(memory_format=CL)
-    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    raw = (list(stride), list(padding), list(dilation), groups)
-    y_ref = ref.hyper_batch_ensemble_conv2d_reference(*args, **geo)
-    g = torch.randn_like(y_ref)
-    _, want = _ref_grads(ref.hyper_batch_ensemble_conv2d_reference, args, g, geo)
+    args, geo, raw, g, y_ref, want = _case(E, B, C, O, groups, stride, padding, dilation, hw, dtype, channels_last,
+                                           hyper=True, bias=bias)
     x, w, d, r, s, u, v = args[:7]
     hd_ref = ref.batch_ensemble_conv2d_reference(x, d, u, v, None, **geo)  # the op's hd = v_k * conv(x * u_k, delta)
     y, hd, h, hr = harness.hyper_forward(*args, *raw, True, True)

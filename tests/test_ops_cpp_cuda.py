@@ -11,6 +11,7 @@ import torch
 
 import hyperkern
 from hyperkern.ops import reference as ref
+from rank1_cases import TOLERANCE, assert_scaled_close, conv_args, linear_args, output_and_grads
 
 _REASON = None if torch.cuda.is_available() else "no CUDA device"
 if _REASON is None:
@@ -18,8 +19,6 @@ if _REASON is None:
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpp CUDA kernels unavailable: {_REASON}")
 
 CL = torch.channels_last
-# max |error| / max(|reference|, 1e-3) per dtype (forward and gradients alike)
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
@@ -31,51 +30,11 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _rand(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def _conv_args(E, B, C, O, groups, hw, hyper, bias=True):
-    k = 3
-    w = _rand(O, C // groups, k, k) / (C // groups * k * k) ** 0.5
-    args = [_rand(E * B, C, *hw), w, 1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O)]
-    if not hyper:
-        return args + [_rand(E, O) if bias else None]
-    return args[:2] + [torch.randn_like(w)] + args[2:] + [
-        1 + 0.5 * _rand(E, C), 1 + 0.5 * _rand(E, O), _rand(E * B, O), _rand(E, O) if bias else None,
-        _rand(E, O) if bias else None, _rand(E * B, O) if bias else None]
-
-
-def _linear_args(E, B, fin, fout, hyper, bias=True):
-    args = [_rand(E * B, fin), _rand(fout, fin) / fin ** 0.5, _rand(E, fin), _rand(E, fout)]
-    if not hyper:
-        return args + [_rand(E, fout) if bias else None]
-    return args[:2] + [_rand(fout, fin) / fin ** 0.5] + args[2:] + [
-        _rand(E, fin), _rand(E, fout), _rand(E * B, fout), _rand(E, fout) if bias else None,
-        _rand(E, fout) if bias else None, _rand(E * B, fout) if bias else None]
-
-
-def _output_and_grads(fn, args, grad_out):
-    leaves = [None if a is None else a.detach().clone().requires_grad_(True) for a in args]
-    y = fn(*leaves)
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(y, present, grad_out.to(device=y.device, dtype=y.dtype)))
-    return y.detach(), [None if t is None else next(grads) for t in leaves]
-
-
-def _assert_scaled_close(actual, expected, tol, what):
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= tol * max(scale, 1e-3), f"{what}: max error {err:.3e} > {tol:.1e} * max |reference| {scale:.3e}"
-
-
 def _check(op, reference, args, dtype, channels_last=False, **kw):
     """The cpp op on the GPU in dtype against the float64 reference on the CPU: output and every gradient."""
     y_ref = reference(*args, **kw)
     grad_out = torch.randn_like(y_ref)
-    y_ref, g_ref = _output_and_grads(lambda *a: reference(*a, **kw), args, grad_out)
+    y_ref, g_ref = output_and_grads(lambda *a: reference(*a, **kw), args, grad_out)
 
     def on_gpu(t):
         if t is None:
@@ -83,16 +42,16 @@ def _check(op, reference, args, dtype, channels_last=False, **kw):
         t = t.to(device="cuda", dtype=dtype)
         return t.contiguous(memory_format=CL) if channels_last and t.dim() == 4 else t
 
-    y, g = _output_and_grads(lambda *a: op(*a, **kw, backend="cpp"), [on_gpu(a) for a in args], grad_out)
+    y, g = output_and_grads(lambda *a: op(*a, **kw, backend="cpp"), [on_gpu(a) for a in args], grad_out)
     assert y.device.type == "cuda" and y.dtype == dtype
     assert y.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
     tol = TOLERANCE[dtype]
-    _assert_scaled_close(y, y_ref, tol, "output")
+    assert_scaled_close(y, y_ref, tol, "output")
     for i, (a, b) in enumerate(zip(g, g_ref)):
         assert (a is None) == (b is None), i
         if a is not None:
             assert a.dtype == dtype and a.device.type == "cuda", f"grad {i}: {a.dtype} on {a.device}"
-            _assert_scaled_close(a, b, tol, f"grad of argument {i}")
+            assert_scaled_close(a, b, tol, f"grad of argument {i}")
     if channels_last:
         assert g[0].is_contiguous(memory_format=CL)
 
@@ -115,7 +74,7 @@ CONV_CASES = [
 def test_conv_matches_member_loop(E, B, C, O, groups, stride, padding, dilation, hw, dtype, channels_last, hyper):
     op = hyperkern.ops.hyper_batch_ensemble_conv2d if hyper else hyperkern.ops.batch_ensemble_conv2d
     reference = ref.hyper_batch_ensemble_conv2d_reference if hyper else ref.batch_ensemble_conv2d_reference
-    _check(op, reference, _conv_args(E, B, C, O, groups, hw, hyper), dtype, channels_last,
+    _check(op, reference, conv_args(E, B, C, O, groups, hw, hyper), dtype, channels_last,
            stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
@@ -123,7 +82,7 @@ def test_conv_matches_member_loop(E, B, C, O, groups, stride, padding, dilation,
 def test_conv_without_bias(hyper):
     op = hyperkern.ops.hyper_batch_ensemble_conv2d if hyper else hyperkern.ops.batch_ensemble_conv2d
     reference = ref.hyper_batch_ensemble_conv2d_reference if hyper else ref.batch_ensemble_conv2d_reference
-    _check(op, reference, _conv_args(3, 2, 4, 6, 1, (6, 6), hyper, bias=False), torch.float32, padding=1)
+    _check(op, reference, conv_args(3, 2, 4, 6, 1, (6, 6), hyper, bias=False), torch.float32, padding=1)
 
 
 @pytest.mark.parametrize("hyper", [False, True], ids=["batch", "hyper"])
@@ -132,30 +91,30 @@ def test_conv_without_bias(hyper):
 def test_linear_matches_member_loop(E, B, fin, fout, dtype, hyper):
     op = hyperkern.ops.hyper_batch_ensemble_linear if hyper else hyperkern.ops.batch_ensemble_linear
     reference = ref.hyper_batch_ensemble_linear_reference if hyper else ref.batch_ensemble_linear_reference
-    _check(op, reference, _linear_args(E, B, fin, fout, hyper), dtype)
+    _check(op, reference, linear_args(E, B, fin, fout, hyper), dtype)
 
 
 def test_gradcheck_fp64():
     geo = ([2, 1], [1, 0], [1, 2], 2)
     cuda = lambda args: [t.cuda().requires_grad_() for t in args]  # noqa: E731
     torch.autograd.gradcheck(lambda *a: torch.ops.hyperkern.batch_ensemble_conv2d(*a, *geo),
-                             cuda(_conv_args(2, 2, 4, 4, 2, (4, 5), False)))
-    hyper = cuda(_conv_args(2, 1, 2, 4, 2, (4, 5), True))
+                             cuda(conv_args(2, 2, 4, 4, 2, (4, 5), False)))
+    hyper = cuda(conv_args(2, 1, 2, 4, 2, (4, 5), True))
     for save_hd in (True, False):
         torch.autograd.gradcheck(lambda *a: torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*a, *geo, save_hd)[0],
                                  hyper)
-    torch.autograd.gradcheck(torch.ops.hyperkern.batch_ensemble_linear, cuda(_linear_args(2, 3, 4, 5, False)))
+    torch.autograd.gradcheck(torch.ops.hyperkern.batch_ensemble_linear, cuda(linear_args(2, 3, 4, 5, False)))
 
 
 def test_batch_conv_backward_recomputes_what_the_forward_did_not_save():
     """The CUDA backward reads pre = conv(x * r_k, W) from the train op; without it (a direct call of the
     backward op) it recomputes pre, with the same gradients."""
     geo = ([1, 1], [1, 1], [1, 1], 1)
-    x, w, r, s, b = (t.cuda().float() for t in _conv_args(2, 3, 4, 6, 1, (6, 5), False))
+    x, w, r, s, b = (t.cuda().float() for t in conv_args(2, 3, 4, 6, 1, (6, 5), False))
     y, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(x, w, r, s, b, *geo)
     assert pre.shape == y.shape
     want = ref.batch_ensemble_conv2d_reference(x.cpu(), w.cpu(), r.cpu(), torch.ones_like(s.cpu()), None, 1, 1)
-    _assert_scaled_close(pre, want, TOLERANCE[torch.float32], "pre")
+    assert_scaled_close(pre, want, TOLERANCE[torch.float32], "pre")
     g = torch.randn_like(y)
     mask = [True] * 5
     with_pre = torch.ops.hyperkern.batch_ensemble_conv2d_backward(g, x, w, r, s, *geo, mask, pre)
@@ -170,12 +129,12 @@ def test_hyper_conv_backward_recomputes_what_the_forward_did_not_save():
     """The CUDA hyper backward reads the branches h = conv(x * r_k, W) and hr = conv(x * u_k, delta) from the
     train op; without them (a direct call of the backward op) it recomputes them, with the same gradients."""
     geo = ([1, 1], [1, 1], [1, 1], 1)
-    args = [t.cuda().float() for t in _conv_args(2, 3, 4, 6, 1, (6, 5), True)]
+    args = [t.cuda().float() for t in conv_args(2, 3, 4, 6, 1, (6, 5), True)]
     y, hd, h, hr = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*args, *geo, True)
     x, w, d, r, s, u, v = (t.cpu() for t in args[:7])
-    _assert_scaled_close(h, ref.batch_ensemble_conv2d_reference(x, w, r, torch.ones_like(s), None, 1, 1),
+    assert_scaled_close(h, ref.batch_ensemble_conv2d_reference(x, w, r, torch.ones_like(s), None, 1, 1),
                          TOLERANCE[torch.float32], "h")
-    _assert_scaled_close(hr, ref.batch_ensemble_conv2d_reference(x, d, u, torch.ones_like(v), None, 1, 1),
+    assert_scaled_close(hr, ref.batch_ensemble_conv2d_reference(x, d, u, torch.ones_like(v), None, 1, 1),
                          TOLERANCE[torch.float32], "hr")
     g = torch.randn_like(y)
     mask = [True] * 11
@@ -195,14 +154,14 @@ def test_opcheck(channels_last):
         return [t.contiguous(memory_format=CL) if channels_last and t is not None and t.dim() == 4 else t
                 for t in out]
 
-    x, w, r, s, b = (t.requires_grad_() for t in gpu(_conv_args(2, 2, 4, 6, 2, (5, 6), False)))
+    x, w, r, s, b = (t.requires_grad_() for t in gpu(conv_args(2, 2, 4, 6, 2, (5, 6), False)))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d, (x, w, r, s, b, *geo))
     plain = [t.detach() for t in (x, w, r, s, b)]
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_train, (*plain, *geo))
     y, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(*plain, *geo)
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_backward,
                           (torch.randn_like(y), *plain[:4], *geo, [True, True, True, True, True], pre))
-    args = [t.requires_grad_() for t in gpu(_conv_args(2, 2, 4, 6, 2, (5, 6), True))]
+    args = [t.requires_grad_() for t in gpu(conv_args(2, 2, 4, 6, 2, (5, 6), True))]
     for save_hd in (True, False):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*args, *geo, save_hd))
     plain = [t.detach() for t in args]
@@ -215,7 +174,7 @@ def test_opcheck(channels_last):
 
 
 def test_zero_images():
-    x, w, r, s, b = (t.cuda().float().requires_grad_() for t in _conv_args(2, 1, 4, 4, 1, (7, 8), False))
+    x, w, r, s, b = (t.cuda().float().requires_grad_() for t in conv_args(2, 1, 4, 4, 1, (7, 8), False))
     x0 = x[:0].detach().requires_grad_()
     y = hyperkern.ops.batch_ensemble_conv2d(x0, w, r, s, b, 1, 1, backend="cpp")
     assert y.shape == (0, 4, 7, 8)

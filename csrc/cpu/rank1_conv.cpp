@@ -224,10 +224,6 @@ void reduce_weight_grad(const at::Tensor& grads, const WeightRows& rows, const a
   });
 }
 
-at::Tensor empty_like_format(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
-  return at::empty(sizes, x.options().memory_format(fmt));
-}
-
 at::Tensor member_conv(const at::Tensor& xk, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
                        const Geometry& geo) {
   return at::convolution(xk, wk, bk, geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups);
@@ -377,10 +373,6 @@ void hyper_epilogue(const at::Tensor& both, const at::Tensor& e1, const std::opt
   });
 }
 
-std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return defined(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 // Returns (y, hd): hd = conv(x * u_k, delta) * v_k (without e1), saved for the backward's de1 when
 // save_hd, else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cpu(
@@ -509,11 +501,7 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
-  const bool have_hd = hd.dim() == 4;  // the forward returns a 1-D empty hd when it saved none
-  if (have_hd) {
-    check_shape(hd, {d.N, d.O, d.Ho, d.Wo}, "hd");
-    check_same_kind(x, hd, "hd");
-  }
+  const bool have_hd = check_kept(hd, x, d, "hd");  // the forward returns a 1-D empty hd when it saved none
   const bool need_x = output_mask[0], need_w = output_mask[1], need_delta = output_mask[2], need_r = output_mask[3],
              need_s = output_mask[4], need_u = output_mask[5], need_v = output_mask[6], need_e1 = output_mask[7],
              need_b = output_mask[8];

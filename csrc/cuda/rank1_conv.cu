@@ -243,14 +243,6 @@ std::tuple<at::Tensor, at::Tensor> batch_ensemble_conv2d_train_cuda(const at::Te
   return one_conv::batch_forward<CudaPrims>(x, weight, r, s, bias, geo, d, true);
 }
 
-// Checks a tensor the forward saved for the backward (absent or not 4-D: the backward recomputes it).
-void check_saved(const std::optional<at::Tensor>& t, const at::Tensor& x, const Dims& d, const char* name) {
-  if (defined(t) && t->dim() == 4) {
-    check_shape(*t, {d.N, d.O, d.Ho, d.Wo}, name);
-    check_same_kind(x, *t, name);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
     const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -259,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
   const Dims d = check_conv(x, weight, r, s, geo);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
-  check_saved(pre, x, d, "pre");
+  check_kept(pre, x, d, "pre");
   const c10::cuda::CUDAGuard guard(x.device());
   return one_conv::batch_backward<CudaPrims>(grad_y, x, weight, r, s, pre, geo, d, output_mask);
 }
@@ -317,8 +309,8 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
-  check_saved(h, x, d, "h");
-  check_saved(hr, x, d, "hr");
+  check_kept(h, x, d, "h");
+  check_kept(hr, x, d, "hr");
   const c10::cuda::CUDAGuard guard(x.device());
   return one_conv::hyper_backward<CudaPrims>(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, h, hr, geo, d,
                                              output_mask);

@@ -36,6 +36,11 @@ def _empty(x):
     return x.new_empty((0,))
 
 
+def _kept_on_cuda(x, y):
+    """An activation a train op keeps for its backward: the CUDA kernels keep one like y, the CPU ones none."""
+    return torch.empty_like(y) if x.device.type == "cuda" else _empty(x)
+
+
 # ---- batch_ensemble_conv2d ------------------------------------------------------------------------
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d")
@@ -61,7 +66,7 @@ def _fake_grads(x, output_mask, shapes):
 def _batch_ensemble_conv2d_train_fake(x, weight, r, s, bias, stride, padding, dilation, groups):
     """(y, pre): the CUDA kernel keeps pre = conv(x * r_k, weight) for its backward, the CPU kernel nothing."""
     y = _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups)
-    return y, (torch.empty_like(y) if x.device.type == "cuda" else _empty(x))
+    return y, _kept_on_cuda(x, y)
 
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
@@ -90,8 +95,7 @@ def _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, e1, bi
     """(y, hd, h, hr): the CPU kernel keeps hd (when save_hd), the CUDA kernel the branches h and hr."""
     y, hd = _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
                                               padding, dilation, groups, save_hd and x.device.type != "cuda")
-    branch = (lambda: torch.empty_like(y)) if x.device.type == "cuda" else (lambda: _empty(x))
-    return y, hd, branch(), branch()
+    return y, hd, _kept_on_cuda(x, y), _kept_on_cuda(x, y)
 
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_backward")
