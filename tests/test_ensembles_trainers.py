@@ -151,6 +151,24 @@ register_model("spy_mlp", _spy_builder)
 SPY = ModelSpec("spy_mlp", 10, (1, 8, 8), {"backend": "torch", "hidden_features": (16,)})
 
 
+def test_registered_keyword_only_builder_gets_the_image_keywords():
+    """A builder taking only **kwargs receives in_channels and input_size (register_model's contract),
+    so wrapping a zoo model in one works."""
+    from hyperkern.models import mlp
+
+    seen = {}
+
+    def wrapper(**kwargs):
+        seen.update(kwargs)
+        return mlp(**kwargs)
+
+    register_model("kwargs_mlp", wrapper)
+    model = ModelSpec("kwargs_mlp", 10, (1, 8, 8), {"hidden_features": (16,)}).build("batch", 3)
+    assert seen["in_channels"] == 1 and seen["input_size"] == (8, 8)
+    assert model.in_features == 64 and model.ensemble_size == 3
+    assert model(torch.randn(6, 1, 8, 8)).shape == (6, 10)
+
+
 def test_hyper_batch_alternates_training_and_validation_steps(digits):
     train, val, test = digits
     E, bs, vb = 2, 32, 7

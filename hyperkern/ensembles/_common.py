@@ -134,7 +134,8 @@ class ModelSpec:
             if key in accepted and key not in kwargs:
                 kwargs[key] = value
         if takes_var_kw and not any(k in accepted for k in described):
-            kwargs.setdefault("in_channels", c)
+            kwargs.setdefault("in_channels", c)  # register_model's promise: the image models' keywords
+            kwargs.setdefault("input_size", (h, w))
         return fn(num_classes=self.num_classes, variant=variant, ensemble_size=ensemble_size, **kwargs)
 
     def to_dict(self) -> dict:
