@@ -38,6 +38,8 @@ def test_compare_prints_table_writes_json_and_diagram_and_resumes(tmp_path, caps
     assert result["methods"]["deep"]["num_parameters"] == 2 * 55_210
     assert len(result["hyper_deep"]["search_trials"]) == 3 and len(result["hyper_batch"]["member_hparams"]) == 2
     assert open(out / "reliability.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # fast-weight inits: the reference's 0.5 for the batch ensemble, 0.25 for hyper-batch on digits
+    assert result["fast_init_std"] == {"batch": 0.5, "hyper_batch": 0.25}
     # the same command again resumes: every trial loaded from the run directory, same numbers
     assert main(["compare", "--budget", "3", "--output-dir", str(out)] + TINY) == 0
     again = json.load(open(out / "results.json"))
@@ -61,6 +63,27 @@ def test_train_one_method_saves_a_loadable_model(tmp_path, capsys):
     out = tmp_path / "single"
     assert main(["train", "--method", "single", "--output-dir", str(out)] + TINY) == 0
     assert len(DeepEnsemble.load(out / "single.pt").members) == 1
+
+
+@pytest.mark.parametrize("method", ["batch", "hyper_batch"])
+def test_fast_init_std_reaches_the_rank1_layers(tmp_path, method):
+    """--fast-init-std sets every fast weight's init N(1, std^2): with 0 the members start equal
+    (up to the one training epoch), with 2 their spread is far beyond the defaults' 0.25-0.75."""
+    from hyperkern.ensembles import HyperBatchEnsembleTrainer
+
+    cls = BatchEnsembleTrainer if method == "batch" else HyperBatchEnsembleTrainer
+    spreads = {}
+    for std in ("0", "2"):
+        out = tmp_path / f"{method}-{std}"
+        assert main(["train", "--method", method, "--output-dir", str(out), "--fast-init-std", std,
+                     "--epochs", "1", "-E", "4", "--no-progress", "--backend", "torch", "--lr", "1e-6"]) == 0
+        net = cls.load(out / f"{method}.pt").network
+        layers = [m for m in net.modules() if hasattr(m, "init_std")]
+        assert layers and all(m.init_std == float(std) for m in layers)
+        spreads[std] = torch.cat([m.r.detach().flatten() for m in layers]).std().item()
+    assert spreads["0"] < 1e-3 and 1.8 < spreads["2"] < 2.2
+    with pytest.raises(SystemExit):
+        main(["train", "--method", method, "--fast-init-std", "-1", "--output-dir", str(tmp_path)] + TINY)
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
