@@ -416,8 +416,7 @@ def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
                                seed=args.seed, run_dir=run_dir, executor=executor, progress=progress)
     elif args.method == "batch":
         trainer = BatchEnsembleTrainer(_rank1_spec(args, spec, "batch"), E, hparams=hparams, config=config,
-                                       seed=args.seed, run_dir=run_dir,
-                                       progress=progress)
+                                       seed=args.seed, run_dir=run_dir, progress=progress)
     elif args.method == "hyper_deep":
         trainer = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed, run_dir=run_dir,
                                     executor=executor, progress=progress)
