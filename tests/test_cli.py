@@ -86,6 +86,22 @@ def test_fast_init_std_reaches_the_rank1_layers(tmp_path, method):
         main(["train", "--method", method, "--fast-init-std", "-1", "--output-dir", str(tmp_path)] + TINY)
 
 
+def test_fast_init_std_defaults_follow_the_model():
+    """0.25 for hyper-batch MLPs, the references' defaults otherwise; an explicit value wins."""
+    from hyperkern.cli import _rank1_spec, build_parser
+    from hyperkern.ensembles import ModelSpec
+
+    def std(argv, model, method):
+        args = build_parser().parse_args(["compare", "--model", model] + argv)
+        net = _rank1_spec(args, ModelSpec(model, 10, (1, 32, 32), {}), method).build(method, 2)
+        return {m.init_std for m in net.modules() if hasattr(m, "init_std")}
+
+    assert std([], "mlp", "hyper_batch") == {0.25} and std([], "mlp", "batch") == {0.5}
+    assert std([], "lenet5", "hyper_batch") == {0.75} and std([], "lenet5", "batch") == {0.5}
+    assert std(["--fast-init-std", "0.3"], "lenet5", "hyper_batch") == {0.3}
+    assert std(["--fast-init-std", "0.3"], "mlp", "batch") == {0.3}
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["train", "--method", "deep", "--data", "mnist"] + TINY) == 2
     assert "data_dir is required" in capsys.readouterr().err
