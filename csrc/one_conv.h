@@ -51,6 +51,22 @@ inline at::Tensor opmath_rows(const Dims& d, int64_t C, const at::Tensor& x) {
   return at::empty({d.N, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
 }
 
+// The output-scale pass of a conv backward, one pass over g: gs = g * s_k (when need_gs), the (N, O)
+// opmath per-image sums sum_p g (when need_sum; bias gradients) and ds_k = sum g * act (when need_s,
+// act the unscaled output: kept by the forward or recomputed).
+template <class P>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> output_scale_backward(const at::Tensor& g, const at::Tensor& s,
+                                                                     const at::Tensor& act, const Dims& d, bool need_gs,
+                                                                     bool need_sum, bool need_s, bool channels_last) {
+  const at::Tensor g_sum = need_sum ? opmath_rows(d, d.O, g) : at::Tensor();
+  const at::Tensor g_act = need_s ? opmath_rows(d, d.O, g) : at::Tensor();
+  const at::Tensor gs = need_gs ? at::empty_like(g) : at::Tensor();
+  if (need_gs || need_sum || need_s) {
+    P::scale_channels(g, s.contiguous(), std::nullopt, act, gs, g_sum, g_act, d.B, channels_last);
+  }
+  return {gs, g_sum, need_s ? member_sums(g_act, d, g.scalar_type()) : at::Tensor()};  // ds: only when need_s
+}
+
 // in * f_k, one pass (B rows per member).
 template <class P>
 at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, int64_t B, at::MemoryFormat fmt) {
@@ -136,14 +152,9 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   if (need_w || (need_s && !have_pre)) xr = scaled<P>(xc, r, d.B, fmt);
   at::Tensor pre_used;
   if (need_s) pre_used = have_pre ? pre->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
-  const at::Tensor g_sum = need_b ? opmath_rows(d, d.O, x) : at::Tensor();
-  const at::Tensor g_pre = need_s ? opmath_rows(d, d.O, x) : at::Tensor();
-  const at::Tensor gc = need_conv ? at::empty_like(g) : at::Tensor();
-  if (need_conv || need_s || need_b) {
-    P::scale_channels(g, s.contiguous(), std::nullopt, pre_used, gc, g_sum, g_pre, d.B, channels_last);
-  }
+  const auto [gc, g_sum, ds_k] = output_scale_backward<P>(g, s, pre_used, d, need_conv, need_b, need_s, channels_last);
+  if (need_s) ds = ds_k;
   if (need_b) db = member_sums(g_sum, d, x.scalar_type());
-  if (need_s) ds = member_sums(g_pre, d, x.scalar_type());
   std::tie(dx, dw, dr) = branch_backward<P>(gc, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
   return {dx, dw, dr, ds, db};
 }
@@ -245,13 +256,8 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   if (need_g_hr) hr = have_hr ? hr_saved->contiguous(fmt) : conv_all(xu, delta, geo, fmt);
 
   // the s branch: gh = g * s_k, sum_p g (bias gradients), sum_p g * h (ds)
-  const at::Tensor g_sum = need_g_sum ? opmath_rows(d, d.O, x) : at::Tensor();
-  const at::Tensor g_h = need_s ? opmath_rows(d, d.O, x) : at::Tensor();
-  const at::Tensor gh = need_h_conv ? at::empty_like(g) : at::Tensor();
-  if (need_h_conv || need_g_sum || need_s) {
-    P::scale_channels(g, s.contiguous(), std::nullopt, h, gh, g_sum, g_h, d.B, channels_last);
-  }
-  if (need_s) ds = member_sums(g_h, d, dtype);
+  const auto [gh, g_sum, ds_k] = output_scale_backward<P>(g, s, h, d, need_h_conv, need_g_sum, need_s, channels_last);
+  if (need_s) ds = ds_k;
   // the delta branch, per image: gd = g * (e1 * v_k), sum_p g * hr (de1, dv)
   const at::Tensor g_hr = need_g_hr ? opmath_rows(d, d.O, x) : at::Tensor();
   const at::Tensor gd = need_d_conv ? at::empty_like(g) : at::Tensor();
