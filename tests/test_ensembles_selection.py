@@ -8,10 +8,11 @@ from hyperkern import metrics
 from hyperkern.ensembles import greedy_selection
 
 
-def _naive_greedy(lp, labels, size, replacement):
-    """The definition, spelled out with metrics.ensemble_nll on explicit member lists."""
+def _naive_greedy(lp, labels, size, replacement, count="distinct"):
+    """The definition, spelled out with metrics.ensemble_nll on explicit member lists. count:
+    "distinct" (size counts distinct models, the reference) or "picks" (the old, wrong reading)."""
     chosen, best = [], math.inf
-    while len(chosen) < size:
+    while (len(set(chosen)) if count == "distinct" else len(chosen)) < size:
         scores = []
         for c in range(lp.shape[0]):
             if not replacement and c in chosen:
@@ -19,7 +20,7 @@ def _naive_greedy(lp, labels, size, replacement):
                 continue
             scores.append(metrics.ensemble_nll(lp[chosen + [c]], labels))
         c = int(np.argmin(scores))
-        if not scores[c] < best:
+        if not scores[c] < (best - 1e-12 * max(1.0, abs(best)) if chosen else math.inf):
             break
         chosen.append(c)
         best = scores[c]
@@ -46,16 +47,50 @@ def test_matches_the_definition(seed, replacement):
 
 
 def test_repeats_act_as_weights():
-    # model 0 is sharp on class 0 and poor on class 1, model 1 mediocre on both: the best mixture
-    # weights model 0 about 2:1, which greedy with replacement reaches by choosing it twice.
+    # model 0 is sharp on class 0 and poor on class 1, model 1 mediocre on both, model 2 a weaker
+    # copy of model 1's strengths: the best mixture weights model 0 about 2:1 against model 1,
+    # which greedy with replacement reaches by choosing it twice; the repeat does not count as a
+    # member, so size=3 goes on to a third distinct model when one still helps.
     labels = torch.tensor([0] * 60 + [1] * 40)
     p0 = torch.tensor([[0.95, 0.05]] * 60 + [[0.6, 0.4]] * 40, dtype=torch.float64)
     p1 = torch.tensor([[0.5, 0.5]] * 60 + [[0.1, 0.9]] * 40, dtype=torch.float64)
     lp = torch.stack([p0, p1]).log()
-    chosen = greedy_selection(lp, labels, size=3)
-    assert chosen == [0, 1, 0]
-    assert chosen == _naive_greedy(lp, labels, 3, True)
+    assert greedy_selection(lp, labels, size=2) == [0, 1]  # two distinct models reached: stop
+    # only 2 exist: it re-weights with repeats until nothing improves
+    assert greedy_selection(lp, labels, size=3) == [0, 1, 0]
+    assert greedy_selection(lp, labels, size=3) == _naive_greedy(lp, labels, 3, True)
     assert greedy_selection(lp, labels, size=3, replacement=False) == [0, 1]
+
+
+@pytest.mark.parametrize("size", [3, 4])  # at size 2 a repeat cannot come before the second model
+def test_size_counts_distinct_members(size):
+    # a picks-counting selection stops at `size` picks; the reference stops at `size` DISTINCT
+    # models, so whenever a repeat is picked it returns more picks, and as many distinct models as
+    # it can (size, unless no candidate improves first)
+    differs = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 4, (50,), generator=g)
+        logits = torch.randn(5, 50, 4, generator=g, dtype=torch.float64) * 2
+        logits[:, torch.arange(50), labels] += torch.tensor([4.0, 1, 1, 1, 1], dtype=torch.float64)[:, None]
+        lp = torch.log_softmax(logits, dim=-1)  # one strong model, four weak: repeats of it pay
+        got = greedy_selection(lp, labels, size=size)
+        assert got == _naive_greedy(lp, labels, size, True)
+        picks = _naive_greedy(lp, labels, size, True, count="picks")
+        assert got[:len(picks)] == picks
+        assert len(set(got)) <= size
+        if len(set(got)) < size:  # stopped early: nothing improved
+            assert got == _naive_greedy(lp, labels, 10 * size, True)
+        differs += got != picks
+    assert differs > 0  # the two readings part on these pools
+
+
+def test_max_picks_bounds_the_loop():
+    lp, labels = _pool(6, 50, 4, 3)
+    full = greedy_selection(lp, labels, size=4)
+    assert greedy_selection(lp, labels, size=4, max_picks=4) == full[:4]
+    with pytest.raises(ValueError, match="max_picks must be an int >= size"):
+        greedy_selection(lp, labels, size=4, max_picks=3)
 
 
 def test_stops_early_when_nothing_improves():

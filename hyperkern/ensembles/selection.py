@@ -8,18 +8,29 @@ import torch
 
 __all__ = ["greedy_selection"]
 
+# A candidate must lower the NLL by more than this (relative) to be picked: re-picking the only
+# member changes the NLL by rounding alone, which must not count as an improvement.
+_TOLERANCE = 1e-12
 
-def greedy_selection(val_log_probs, labels, size: int, replacement: bool = True) -> list[int]:
+
+def greedy_selection(val_log_probs, labels, size: int, replacement: bool = True,
+                     max_picks: int | None = None) -> list[int]:
     """Choose an ensemble from a pool of P models by forward greedy selection on validation NLL.
 
     val_log_probs: (P, N, C) log-probabilities of every pool model on the N validation rows.
-    labels: (N,) class indices. size: the most members to choose (>= 1).
-    replacement: a model may be chosen more than once (repeats act as integer weights).
+    labels: (N,) class indices.
+    size: the number of DISTINCT models to choose (>= 1), as the reference's
+        `while len(set(ens)) < max_ens_size` (uncertainty-baselines hyperdeepensemble.py).
+    replacement: a model may be chosen more than once (repeats act as integer weights and do not
+        count towards size).
+    max_picks: a bound on the picks, repeats included (default 100 * size): with replacement the
+        NLL can keep falling by ever smaller steps while re-weighting the same few models; the
+        bound stops that loop. Without replacement picks and distinct models are the same.
 
     Step 1 takes the model with the lowest NLL. Each later step adds the candidate whose addition
     gives the lowest NLL of the averaged prediction, -mean_i log((1/n) sum_{k in chosen} p_k(y_i|x_i))
     (logsumexp, so tiny probabilities are exact), and stops early when no candidate lowers it.
-    Ties go to the lowest pool index. Returns the chosen pool indices in order of selection.
+    Ties go to the lowest pool index; a change within 1e-12 (relative) is no improvement. Returns the chosen pool indices in order of selection.
     """
     if isinstance(val_log_probs, np.ndarray):
         val_log_probs = torch.from_numpy(val_log_probs)
@@ -41,8 +52,10 @@ def greedy_selection(val_log_probs, labels, size: int, replacement: bool = True)
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
-    if not replacement and size > pool:
-        size = pool
+    if max_picks is None:
+        max_picks = 100 * size
+    if isinstance(max_picks, bool) or not isinstance(max_picks, int) or max_picks < size:
+        raise ValueError(f"max_picks must be an int >= size ({size}), got {max_picks!r}")
 
     # log p_k(y_i | x_i) for every pool model: (P, N)
     picked = val_log_probs.detach().cpu().double().gather(
@@ -53,16 +66,20 @@ def greedy_selection(val_log_probs, labels, size: int, replacement: bool = True)
     running = torch.full((n,), -math.inf, dtype=torch.float64)  # logsumexp over chosen members
     best_nll = math.inf
     available = torch.ones(pool, dtype=torch.bool)
-    while len(chosen) < size:
+    distinct: set[int] = set()
+    while len(distinct) < size and len(chosen) < max_picks:
         count = len(chosen) + 1
         candidate_nll = -(torch.logaddexp(running[None, :], picked) - math.log(count)).mean(dim=1)  # (P,)
         if not replacement:
             candidate_nll = candidate_nll.masked_fill(~available, math.inf)
         best = int(torch.argmin(candidate_nll))  # first minimum: lowest index wins ties
         value = float(candidate_nll[best])
-        if not value < best_nll:
+        if chosen and not value < best_nll - _TOLERANCE * max(1.0, abs(best_nll)):  # rounding is no improvement
+            break
+        if not value < math.inf:  # every candidate is unavailable (without replacement)
             break
         chosen.append(best)
+        distinct.add(best)
         best_nll = value
         running = torch.logaddexp(running, picked[best])
         available[best] = False
