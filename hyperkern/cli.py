@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+from hyperkern.ensembles.recipes import get_recipe
+
 __all__ = ["main", "build_parser", "run_compare", "run_train"]
 
 METHOD_LABELS = {
@@ -67,17 +69,24 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="training epochs per network (default: 40 on digits, 20 otherwise)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size per member (default: 64)")
-    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate, cosine-decayed (default: 0.1)")
+    p.add_argument("--recipe", default="tuned", choices=["tuned", "reference"],
+                   help="reference: every default of the reference scripts (uncertainty-baselines), scaled to "
+                        "--epochs; tuned: the project's departures from it, each chosen on held-out data "
+                        "(docs/method.md, Recipes). The flags below override single values (default: tuned)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate, decayed by the recipe's "
+                   "schedule: cosine (tuned) or the reference's warm-up and x0.2 steps (default: 0.1)")
     p.add_argument("--hparam-lr", type=float, default=None,
-                   help="Adam learning rate of the hyper-batch distribution step (default: 3e-3 on digits, whose "
-                        "40 short epochs give only 226 distribution steps; METHOD.md's 1e-3 otherwise)")
+                   help="Adam learning rate of the hyper-batch distribution step (default: the recipe's; "
+                        "reference 1e-3; tuned 3e-3 on digits, whose 40 short epochs give only 226 "
+                        "distribution steps, 1e-3 otherwise)")
     p.add_argument("--fast-init-std", type=_non_negative_float, default=None,
                    help="standard deviation of the N(1, std^2) fast-weight init of batch and hyper-batch members "
-                        "(default: the references' 0.5 for batch ensembles and 0.75 for hyper-batch ensembles, "
-                        "except 0.25 for hyper-batch MLPs, chosen on validation NLL: README, Results)")
+                        "(default: the recipe's; the references' 0.5 for batch ensembles and 0.75 for hyper-batch "
+                        "ensembles, except 0.25 for hyper-batch MLPs under tuned)")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="fraction held out for validation (default: 0.2 on digits, whose 1,797 images "
-                        "leave a small validation set for greedy selection; 0.1 otherwise)")
+                   help="fraction held out for validation (default: the recipe's; reference 0.05, the reference's "
+                        "train_proportion 0.95; tuned 0.2 on digits, whose 1,797 images leave a small validation "
+                        "set for greedy selection, 0.1 otherwise)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="op backend of the rank-1 layers (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
@@ -107,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="hyper-deep random-search trials kappa (default: 32)")
     compare.add_argument("--output-dir", default="hyperkern-compare", help="where results go (default: "
                          "./hyperkern-compare)")
-    compare.add_argument("--hyper-batch-init", default="tuned", choices=["tuned", "range-mean"],
-                         help="centre of the hyper-batch distributions at start: the search's best setting "
-                              "(tuned, default) or the log-uniform mean of each full range (METHOD.md)")
 
     train = sub.add_parser("train", help="train one method and report its metrics")
     _add_common(train)
@@ -134,12 +140,14 @@ def _setup(args):
     from hyperkern.data import load_dataset
     from hyperkern.ensembles import ModelSpec, TrainConfig
 
-    val_fraction = args.val_fraction if args.val_fraction is not None else (0.2 if args.data == "digits" else 0.1)
+    recipe = get_recipe(args.recipe)
+    val_fraction = args.val_fraction if args.val_fraction is not None else recipe.resolved_val_fraction(args.data)
     if not 0.0 < val_fraction < 1.0:
         raise SystemExit(f"hyperkern: --val-fraction must lie in (0, 1), got {val_fraction}")
     data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed, val_fraction=val_fraction)
     epochs = args.epochs or (40 if args.data == "digits" else 20)
-    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                         lr_schedule=recipe.lr_schedule)
     kwargs = {"backend": args.backend}
     if args.model == "lenet5" and data.input_shape[1] < 12:
         raise SystemExit(f"hyperkern: lenet5 needs images of at least 12x12; {args.data} has {data.input_shape}")
@@ -161,29 +169,78 @@ def _setup(args):
 
 
 def _hyper_batch_config(args, config):
-    """config with the hyper-batch distribution step's Adam learning rate: --hparam-lr, else 3e-3 on
-    digits (40 epochs of 17 steps leave 226 distribution steps, in which METHOD.md's 1e-3 moves an
-    interval endpoint by at most about 0.23 in log space) and METHOD.md's 1e-3 otherwise. Only the
-    hyper-batch trainer gets it, so the other methods' run directories do not depend on it."""
+    """config with the hyper-batch distribution step's Adam learning rate: --hparam-lr, else the
+    recipe's (tuned: 3e-3 on digits, where 40 epochs of 17 steps leave 226 distribution steps, in
+    which 1e-3 moves an interval endpoint by at most about 0.23 in log space). Only the hyper-batch
+    trainer gets it, so the other methods' run directories do not depend on it."""
     import dataclasses
 
-    hparam_lr = args.hparam_lr if args.hparam_lr is not None else (3e-3 if args.data == "digits" else 1e-3)
+    hparam_lr = args.hparam_lr if args.hparam_lr is not None else get_recipe(args.recipe).distribution_lr(args.data)
     return dataclasses.replace(config, hparam_lr=float(hparam_lr))
 
 
 def _rank1_spec(args, spec, method: str):
-    """spec for the batch or hyper-batch network: --fast-init-std if given, else 0.25 for hyper-batch
-    MLPs (no normalisation layer absorbs the fast-weight scales, and the references' 0.75 made the
-    members markedly worse: chosen on digits' development splits and Fashion-MNIST's validation
-    split), else the model's default (the references': 0.5 batch, 0.75 hyper-batch)."""
+    """spec for the batch or hyper-batch network: --fast-init-std if given, else the recipe's (tuned:
+    0.25 for hyper-batch MLPs, where no normalisation layer absorbs the fast-weight scales; else the
+    references' 0.5 batch, 0.75 hyper-batch)."""
     import dataclasses
 
     std = args.fast_init_std
-    if std is None and method == "hyper_batch" and args.model == "mlp":
-        std = 0.25
     if std is None:
-        return spec
+        std = get_recipe(args.recipe).fast_init_std(args.model, method)
     return dataclasses.replace(spec, kwargs={**spec.kwargs, "fast_init_std": float(std)})
+
+
+def _batch_type_trainers(args, spec, config, setting: dict, run_dirs: dict, progress: bool, explicit=None):
+    """The batch and hyper-batch trainers (unfitted) of the recipe, both starting from the same
+    setting with the same label smoothing: the recipe's start (setting, i.e. the search's best or
+    the defaults, under tuned; the ranges' log-uniform means under reference), or `explicit` (the
+    user's --hparams) when given. run_dirs: {"batch": dir, "hyper_batch": dir}; a method missing
+    from it is not built."""
+    from hyperkern.ensembles import BatchEnsembleTrainer, HyperBatchEnsembleTrainer
+
+    recipe = get_recipe(args.recipe)
+    E = args.ensemble_size
+    hb_spec = _rank1_spec(args, spec, "hyper_batch")
+    space = hb_spec.build("hyper_batch", E).hparam_space
+    if explicit:
+        batch_hparams = dict(explicit)
+        init = {k: v for k, v in explicit.items() if k in space}
+        smoothing = float(explicit.get("label_smoothing", 0.0))
+    else:
+        batch_hparams, init, smoothing = recipe.batch_type_start(space, setting)
+    out = {}
+    if "batch" in run_dirs:
+        out["batch"] = BatchEnsembleTrainer(_rank1_spec(args, spec, "batch"), E, hparams=batch_hparams,
+                                            config=config, seed=args.seed, run_dir=run_dirs["batch"],
+                                            progress=progress)
+    if "hyper_batch" in run_dirs:
+        out["hyper_batch"] = HyperBatchEnsembleTrainer(hb_spec, E, config=_hyper_batch_config(args, config),
+                                                       seed=args.seed, init_hparams=init,
+                                                       init_space=recipe.init_space, label_smoothing=smoothing,
+                                                       run_dir=run_dirs["hyper_batch"], progress=progress)
+    return out
+
+
+def _chance_warning(label: str, trainer, val, num_classes: int, args) -> str | None:
+    """A warning when the trained method's validation NLL is near chance (>= 90% of log C): it
+    learned nothing, most often because its hyperparameters over-regularise the network."""
+    import math
+
+    if val is None or len(val) == 0:
+        return None
+    nll = float(trainer.evaluate(val)["nll"])
+    chance = math.log(num_classes)
+    if nll < 0.9 * chance:
+        return None
+    cause = ("its starting hyperparameters over-regularise the network (L2 strengths are divided by the "
+             "number of training images, so ranges and defaults made for large datasets can be far too "
+             "strong on small ones)")
+    fix = ("pass --hparams with smaller L2 strengths (e.g. '{\"l2_hidden1\": 1.0, ...}'), or use "
+           "--recipe tuned, which starts the batch-type arms from the defaults (train) or the search's best "
+           "setting (compare)") if args.recipe == "reference" else "pass --hparams with smaller L2 strengths"
+    return (f"WARNING: the {label} ends at validation NLL {nll:.3f}, chance is {chance:.3f} ({num_classes} classes): "
+            f"it did not learn. Likely cause: {cause}. Fix: {fix}.")
 
 
 # The paper's checks on test NLL: (method, baseline, relation). "<" and "<=" read on the NLL means.
@@ -275,7 +332,7 @@ def _write_outputs(output_dir, payload, probs_by_label, labels, quiet_errors) ->
 
 
 def run_compare(args) -> dict:
-    from hyperkern.ensembles import BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer, HyperDeepEnsemble
+    from hyperkern.ensembles import DeepEnsemble, HyperDeepEnsemble
     from hyperkern.ensembles.distributed import launched_by_torchrun
 
     if launched_by_torchrun():  # every rank would train everything and write the same output directory
@@ -288,7 +345,7 @@ def run_compare(args) -> dict:
     E = args.ensemble_size
     runs = os.path.join(args.output_dir, "runs")
     print(f"hyperkern compare: {data.describe()}; model {args.model}, E = {E}, budget {args.budget}, "
-          f"{config.epochs} epochs, seed {args.seed}", flush=True)
+          f"{config.epochs} epochs, seed {args.seed}, recipe {args.recipe}", flush=True)
 
     start = time.perf_counter()
     hyper_deep = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed,
@@ -301,15 +358,11 @@ def run_compare(args) -> dict:
     hyper_deep_seconds = time.perf_counter() - start  # search + stratification (+ loading on resume)
     tuned = dict(best["hparams"])
 
-    batch_spec, hb_spec = _rank1_spec(args, spec, "batch"), _rank1_spec(args, spec, "hyper_batch")
-    batch = BatchEnsembleTrainer(batch_spec, E, hparams=tuned, config=config, seed=args.seed,
-                                 run_dir=os.path.join(runs, "batch"), progress=progress).fit(data.train, data.val)
-    hb_space = spec.build("hyper_batch", E).hparam_space
-    init = {k: v for k, v in tuned.items() if k in hb_space} if args.hyper_batch_init == "tuned" else None
-    hb_config = _hyper_batch_config(args, config)
-    hyper_batch = HyperBatchEnsembleTrainer(hb_spec, E, config=hb_config, seed=args.seed, init_hparams=init,
-                                            run_dir=os.path.join(runs, "hyper_batch"),
-                                            progress=progress).fit(data.train, data.val)
+    arms = _batch_type_trainers(args, spec, config, tuned, {m: os.path.join(runs, m) for m in ("batch", "hyper_batch")},
+                                progress)
+    batch = arms["batch"].fit(data.train, data.val)
+    hyper_batch = arms["hyper_batch"].fit(data.train, data.val)
+    hb_config = hyper_batch.config
 
     single_rows = [_result_row("single", m, data.test, m.train_seconds) for m in singles]
     rows = [{**{k: (sum(r[k] for r in single_rows) / len(single_rows) if isinstance(v, float) else v)
@@ -334,13 +387,19 @@ def run_compare(args) -> dict:
     print("Checks on test NLL (difference = method - baseline, +- its paired standard error over the "
           f"{len(data.test)} test images):")
     print(_format_checks(checks))
+    warnings = [w for w in (_chance_warning(METHOD_LABELS[name], trainers[name], data.val, data.num_classes, args)
+                            for name in ("batch", "hyper_batch")) if w]
+    for warning in warnings:
+        print(f"\nhyperkern: {warning}", file=sys.stderr, flush=True)
     notes = []
     payload = {
         "command": "compare", "dataset": data.name, "splits": {"train": len(data.train), "val": len(data.val),
                                                                  "test": len(data.test)},
         "model": args.model, "ensemble_size": E, "budget": args.budget, "seed": args.seed,
-        "train_config": config.to_dict(), "hyper_batch_init": args.hyper_batch_init,
+        "train_config": config.to_dict(), "recipe": get_recipe(args.recipe).to_dict(),
         "hyper_batch_hparam_lr": hb_config.hparam_lr,
+        "batch_type_start": {"batch_hparams": batch.hparams, "hyper_batch_init": hyper_batch.init_hparams,
+                             "label_smoothing": hyper_batch.label_smoothing},
         "fast_init_std": {name: next(m.init_std for m in t.network.modules() if hasattr(m, "init_std"))
                           for name, t in (("batch", batch), ("hyper_batch", hyper_batch))},
         "methods": {r["method"]: {k: v for k, v in r.items() if k not in ("method",)} for r in rows},
@@ -355,6 +414,7 @@ def run_compare(args) -> dict:
                         "interval_log_widths": (hyper_batch.distributions.log_high
                                                 - hyper_batch.distributions.log_low).detach().double().tolist()},
         "checks": checks,
+        "warnings": warnings,
         "table": table,
     }
     probs = {(r["label"] if r["method"] != "single" else "single model (first seed)"):
@@ -395,8 +455,8 @@ def _distributed_context(args):
 
 
 def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
-    from hyperkern.ensembles import (BatchEnsembleTrainer, DeepEnsemble, HyperBatchEnsembleTrainer,
-                                     HyperDeepEnsemble)
+    from hyperkern.ensembles import DeepEnsemble, HyperDeepEnsemble
+    from hyperkern.ensembles.deep import default_hparams
 
     progress = not args.no_progress and not quiet
     E = args.ensemble_size
@@ -414,17 +474,13 @@ def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
     if args.method in ("single", "deep"):
         trainer = DeepEnsemble(spec, 1 if args.method == "single" else E, hparams=hparams, config=config,
                                seed=args.seed, run_dir=run_dir, executor=executor, progress=progress)
-    elif args.method == "batch":
-        trainer = BatchEnsembleTrainer(_rank1_spec(args, spec, "batch"), E, hparams=hparams, config=config,
-                                       seed=args.seed, run_dir=run_dir, progress=progress)
     elif args.method == "hyper_deep":
         trainer = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed, run_dir=run_dir,
                                     executor=executor, progress=progress)
-    else:
-        config = _hyper_batch_config(args, config)
-        trainer = HyperBatchEnsembleTrainer(_rank1_spec(args, spec, "hyper_batch"), E, config=config,
-                                            seed=args.seed, init_hparams=hparams or None,
-                                            run_dir=run_dir, progress=progress)
+    else:  # batch, hyper_batch: the recipe's start from the untuned defaults, or --hparams
+        trainer = _batch_type_trainers(args, spec, config, default_hparams(spec), {args.method: run_dir}, progress,
+                                       explicit=hparams)[args.method]
+        config = trainer.config
     trainer.fit(data.train, data.val, **({"distributed": distributed} if distributed is not None else {}))
     if quiet:
         return {"command": "train", "method": args.method, "rank": distributed.rank}
@@ -433,12 +489,16 @@ def _train(args, data, spec, config, executor, distributed, quiet) -> dict:
     table = _format_table([row])
     print()
     print(table)
+    warnings = [w for w in [_chance_warning(METHOD_LABELS[args.method], trainer, data.val, data.num_classes, args)] if w]
+    for warning in warnings:
+        print(f"\nhyperkern: {warning}", file=sys.stderr, flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     model_path = os.path.join(args.output_dir, f"{args.method}.pt")
     trainer.save(model_path)
     payload = {"command": "train", "method": args.method, "dataset": data.name, "model": args.model,
                "ensemble_size": E, "seed": args.seed, "train_config": config.to_dict(), "hparams": hparams,
-               "metrics": row, "model_file": model_path, "table": table}
+               "recipe": get_recipe(args.recipe).to_dict(), "metrics": row, "model_file": model_path,
+               "table": table, "warnings": warnings}
     notes = []
     written = _write_outputs(args.output_dir, payload, {METHOD_LABELS[args.method]: trainer.predict_proba(data.test.x)},
                              data.test.y, notes)

@@ -133,3 +133,76 @@ def test_module_entry_point_help():
     for option in ("--model", "--data", "--data-dir", "--budget", "--ensemble-size", "--seed", "--output-dir",
                    "--epochs"):
         assert option in proc.stdout
+
+
+LEARN = ["--epochs", "8", "-E", "2", "--no-progress", "--backend", "torch", "--budget", "3"]
+
+
+@pytest.mark.parametrize("method", ["single", "deep", "batch", "hyper_deep", "hyper_batch"])
+def test_train_defaults_learn_on_digits(tmp_path, capsys, method):
+    """Every method's `train` defaults give a working model on digits (chance is 0.10): the
+    hyper-batch ensemble used to start at the L2 ranges' log-uniform means (about 72 per group over
+    1,079 images) and end at accuracy 0.09, NLL 2.31, without a word."""
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--output-dir", str(out)] + LEARN) == 0
+    result = json.load(open(out / "results.json"))
+    assert result["metrics"]["accuracy"] > 0.8 and result["metrics"]["nll"] < 1.0
+    assert result["warnings"] == [] and "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["batch", "hyper_batch"])
+def test_a_model_at_chance_is_reported_loudly(tmp_path, capsys, method):
+    strong = json.dumps({"l2_hidden1": 1e5, "l2_hidden2": 1e5, "l2_dense_kernel": 1e5, "l2_dense_bias": 1e5})
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--output-dir", str(out), "--hparams", strong] + LEARN) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "chance is 2.303" in err and "--hparams" in err
+    assert json.load(open(out / "results.json"))["warnings"]
+
+
+def test_recipes_reach_the_batch_type_arms(tmp_path):
+    """reference: both batch-type arms start at the ranges' log-uniform means without label smoothing,
+    fast weights 0.5 / 0.75, distributions initialised in the linear scale, Adam 1e-3, the warm-up and
+    step schedule, 5% validation; tuned: both start at the search's best setting WITH its label
+    smoothing. Either way the two arms share the start and the label smoothing."""
+    from hyperkern.ensembles.recipes import get_recipe
+    from hyperkern.models import mlp
+
+    space = mlp(num_classes=10, in_features=(1, 8, 8), variant="hyper_batch", ensemble_size=2).hparam_space
+    means = space.to_dict(space.log_uniform_mean())
+    for recipe in ("reference", "tuned"):
+        out = tmp_path / recipe
+        assert main(["compare", "--budget", "3", "--output-dir", str(out), "--recipe", recipe] + TINY) == 0
+        r = json.load(open(out / "results.json"))
+        start = r["batch_type_start"]
+        batch_hp = dict(start["batch_hparams"])
+        smoothing = batch_hp.pop("label_smoothing")
+        assert batch_hp == pytest.approx(start["hyper_batch_init"]) and smoothing == start["label_smoothing"]
+        assert r["recipe"]["name"] == recipe and r["train_config"]["lr_schedule"] == get_recipe(recipe).lr_schedule
+        if recipe == "reference":
+            assert start["hyper_batch_init"] == pytest.approx(means) and smoothing == 0.0
+            assert r["fast_init_std"] == {"batch": 0.5, "hyper_batch": 0.75}
+            assert r["hyper_batch_hparam_lr"] == 1e-3
+            assert r["splits"]["val"] == round(0.05 * 1797) or abs(r["splits"]["val"] - 0.05 * 1797) < 2
+            # linear-scale init: c +- 0.2 around ~72 is about 0.006 wide in log space (log-scale: 0.4);
+            # dropout's mean 0.13 is under 0.2, so its lower bound starts at the range's end
+            l2 = [j for j, n in enumerate(space.names) if n.startswith("l2_")]
+            assert max(w[j] for w in r["hyper_batch"]["interval_log_widths"] for j in l2) < 0.05
+        else:
+            tuned = dict(r["tuned_hparams"])
+            assert smoothing == pytest.approx(tuned.pop("label_smoothing"))
+            assert start["hyper_batch_init"] == pytest.approx(tuned)
+            assert r["fast_init_std"] == {"batch": 0.5, "hyper_batch": 0.25}
+
+
+def test_reference_schedule_shape():
+    from hyperkern.ensembles import TrainConfig
+
+    c = TrainConfig(lr=0.1, lr_schedule="reference")
+    total = 1000  # warm-up 4 steps, then x0.2 at steps 400, 800, 900
+    assert c.lr_at(0, total) == pytest.approx(0.025) and c.lr_at(3, total) == pytest.approx(0.1)
+    assert c.lr_at(399, total) == pytest.approx(0.1) and c.lr_at(400, total) == pytest.approx(0.02)
+    assert c.lr_at(799, total) == pytest.approx(0.02) and c.lr_at(800, total) == pytest.approx(0.004)
+    assert c.lr_at(900, total) == pytest.approx(0.0008) and c.lr_at(999, total) == pytest.approx(0.0008)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step")

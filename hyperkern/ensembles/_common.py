@@ -19,13 +19,22 @@ __all__ = ["TrainConfig", "ModelSpec", "register_model", "atomic_save", "load_ch
            "count_parameters", "EnsembleBase"]
 
 
+LR_SCHEDULES = ("cosine", "constant", "reference")
+# uncertainty-baselines' hyperbatchensemble.py: 250 epochs, 1 warm-up epoch, x0.2 at epochs 100, 200, 225
+_REFERENCE_WARMUP = 1 / 250
+_REFERENCE_DECAY_AT = (100 / 250, 200 / 250, 225 / 250)
+_REFERENCE_DECAY_RATIO = 0.2
+
+
 @dataclass
 class TrainConfig:
     """How one network is trained (SGD with Nesterov momentum, as the paper's reference scripts).
 
     epochs: passes over the training split. batch_size: examples per step (per member: batch and
     hyper-batch ensembles tile each minibatch E times). lr: initial learning rate, decayed by
-    lr_schedule ("cosine" to 0 over the run, or "constant"). momentum, nesterov: SGD settings.
+    lr_schedule ("cosine" to 0 over the run, "constant", or "reference": the reference scripts'
+    shape scaled to the run, a linear warm-up over the first 1/250 of the steps (one epoch of 250),
+    then x0.2 at 100/250, 200/250 and 225/250 of the steps). momentum, nesterov: SGD settings.
     eval_batch_size: rows per forward pass at prediction time. device: where training runs.
     fast_weight_lr_multiplier: batch ensembles scale the fast weights' gradients by this (0.5 as the
     reference). val_every: hyper-batch ensembles take a step on the lambda distributions every
@@ -56,8 +65,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"TrainConfig.momentum must lie in [0, 1), got {self.momentum!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.fast_weight_lr_multiplier < 0 or self.entropy_weight < 0:
             raise ValueError("TrainConfig.fast_weight_lr_multiplier and entropy_weight must be non-negative")
 
@@ -72,9 +81,16 @@ class TrainConfig:
     def lr_at(self, step: int, total_steps: int) -> float:
         if self.lr_schedule == "constant":
             return self.lr
+        total_steps = max(total_steps, 1)
+        if self.lr_schedule == "reference":
+            warmup = max(1, round(total_steps * _REFERENCE_WARMUP))
+            if step < warmup:
+                return self.lr * (step + 1) / warmup
+            decays = sum(step >= round(total_steps * m) for m in _REFERENCE_DECAY_AT)
+            return self.lr * _REFERENCE_DECAY_RATIO ** decays
         import math
 
-        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 _MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}

@@ -207,14 +207,16 @@ class EnsembleLogUniform(nn.Module):
             "linear" (the reference WRN script): [c - delta, c + delta] in the original scale.
         init_noise: std of a Gaussian jitter of each member's centre, in the same space (default
             0.1 * init_delta, as the reference), so members start at different distributions.
+        centre: optional (m,) original-scale values to centre the intervals at instead of the
+            log-uniform means of the ranges (e.g. a tuned setting).
         dtype, device: of the parameters (default float32).
 
     The initial intervals are clipped into the ranges (see clip_).
     """
 
     def __init__(self, space: HyperParameterSpace, ensemble_size: int, *, init_delta: float = 0.2,
-                 init_space: str = "log", init_noise: float | None = None, generator: torch.Generator | None = None,
-                 dtype=None, device=None):
+                 init_space: str = "log", init_noise: float | None = None, centre=None,
+                 generator: torch.Generator | None = None, dtype=None, device=None):
         super().__init__()
         if not isinstance(space, HyperParameterSpace):
             raise TypeError(f"space must be a HyperParameterSpace, got {type(space).__name__}")
@@ -231,7 +233,13 @@ class EnsembleLogUniform(nn.Module):
         self.ensemble_size = ensemble_size
         init_noise = 0.1 * init_delta if init_noise is None else float(init_noise)
         E, m = ensemble_size, space.num_hparams
-        centre = space.log_uniform_mean()  # (m,) float64
+        if centre is None:
+            centre = space.log_uniform_mean()  # (m,) float64
+        else:
+            centre = torch.as_tensor(centre, dtype=torch.float64).detach().cpu()
+            if centre.shape != (m,) or not bool(torch.isfinite(centre).all()) or bool((centre <= 0).any()):
+                raise ValueError(f"centre must hold {m} positive finite values (one per hyperparameter of "
+                                 f"{list(space.names)}), got {centre.tolist()}")
         noise = torch.randn(E, m, generator=generator, dtype=torch.float64) * init_noise
         if init_space == "log":
             c = centre.log() + noise
