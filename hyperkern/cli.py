@@ -222,6 +222,17 @@ def _batch_type_trainers(args, spec, config, setting: dict, run_dirs: dict, prog
     return out
 
 
+def _diversity(trainer, split) -> dict:
+    """How much the members differ on split: pairwise disagreement of their top classes, average
+    KL between them, and the members' mean NLL alone against the ensemble's (the gain of averaging)."""
+    from hyperkern import metrics
+
+    member = trainer.member_proba(split.x).double()
+    member_nll = [metrics.nll(p, split.y) for p in member]
+    return {"disagreement": metrics.disagreement(member), "average_kl": metrics.average_kl(member),
+            "member_nll_mean": sum(member_nll) / len(member_nll), "ensemble_nll": float(trainer.evaluate(split)["nll"])}
+
+
 def _chance_warning(label: str, trainer, val, num_classes: int, args) -> str | None:
     """A warning when the trained method's validation NLL is near chance (>= 90% of log C): it
     learned nothing, most often because its hyperparameters over-regularise the network."""
@@ -410,7 +421,11 @@ def run_compare(args) -> dict:
                        "final_selection": hyper_deep.final_selection,
                        "trained_trial_ids": hyper_deep.trained_trial_ids,
                        "loaded_trial_ids": hyper_deep.loaded_trial_ids, "wall_seconds": hyper_deep_seconds},
+        "diversity_on_val": {name: _diversity(t, data.val) for name, t in trainers.items()
+                             if t is not None and name != "single"},
         "hyper_batch": {"member_hparams": hyper_batch.member_hparams(),
+                        "hparam_history": hyper_batch.hparam_history,
+                        "embedding_history": hyper_batch.embedding_history,
                         "interval_log_widths": (hyper_batch.distributions.log_high
                                                 - hyper_batch.distributions.log_low).detach().double().tolist()},
         "checks": checks,

@@ -53,7 +53,8 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         num_classes, progress: as DeepEnsemble.
 
     After fit: distributions (the EnsembleLogUniform), hparam_history (per epoch: the members' mean
-    hyperparameters), member_hparams() (each member's test-time hyperparameters).
+    hyperparameters), embedding_history (per epoch: each hyper layer's embedding norm),
+    member_hparams() (each member's test-time hyperparameters).
     """
 
     variant = "hyper_batch"
@@ -77,6 +78,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         self.clip_norm = clip_norm
         self.distributions = None
         self.hparam_history: list[list[dict]] = []
+        self.embedding_history: list[dict] = []
 
     def _new_distributions(self, space, recentre: bool = True):
         g = torch.Generator().manual_seed(self.seed * 7919 + 1)
@@ -129,6 +131,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
                              f"{distributed.world_size} ranks")
         tau = float(config.entropy_weight)
         history: list[list[dict]] = []
+        embedding_history: list[dict] = []
         log_e = math.log(E)
 
         def weight_step(index, step, total, lr):
@@ -178,11 +181,13 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
 
         def record_history(epoch):
             history.append(self._member_means(dist, space))
+            embedding_history.append(self._embedding_norms(net))
 
         def get_state():
             return {"model": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_xi": opt_xi.state_dict(),
                     "distributions": dist.state_dict(), "val_generator": val_generator.get_state(),
-                    "history": [[dict(m) for m in h] for h in history]}
+                    "history": [[dict(m) for m in h] for h in history],
+                    "embedding_history": [dict(h) for h in embedding_history]}
 
         def set_state(state):
             net.load_state_dict(state["model"])
@@ -191,6 +196,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             dist.load_state_dict(state["distributions"])
             val_generator.set_state(state["val_generator"])
             history[:] = state["history"]
+            embedding_history[:] = state.get("embedding_history", [])
 
         seed = self.seed * 1_000_003 + 11
         with seeded(seed if distributed is None else distributed.rank_seed(seed)):
@@ -202,8 +208,17 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
                                        desc="hyper-batch ensemble", checkpoint_io=distributed)
         self.train_seconds = self.fit_info["train_seconds"]
         self.network, self.distributions, self.hparam_history = net.eval(), dist, history
+        self.embedding_history = embedding_history
         self.fitted = True
         return self
+
+    @staticmethod
+    def _embedding_norms(net) -> dict:
+        """Frobenius norm of every hyper layer's embedding weight: how far the layers have moved
+        from a plain batch ensemble (the embeddings start at N(0, 1e-4^2))."""
+        with torch.no_grad():
+            return {name: float(module.embedding.weight.norm()) for name, module in net.named_modules()
+                    if hasattr(module, "embedding") and isinstance(module.embedding, torch.nn.Linear)}
 
     @staticmethod
     def _member_means(dist, space) -> list[dict]:
@@ -235,6 +250,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
 
     def _extra_state(self):
         return {"distributions": self.distributions.state_dict(), "hparam_history": self.hparam_history,
+                "embedding_history": self.embedding_history,
                 "init_delta": self.init_delta, "init_hparams": self.init_hparams, "init_space": self.init_space,
                 "label_smoothing": self.label_smoothing}
 
@@ -244,6 +260,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         self.init_space = extra.get("init_space", "log")
         self.label_smoothing = float(extra.get("label_smoothing", 0.0))
         self.hparam_history = list(extra.get("hparam_history", []))
+        self.embedding_history = list(extra.get("embedding_history", []))
         self._pending_dist = extra["distributions"]
 
     @classmethod
