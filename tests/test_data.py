@@ -270,3 +270,122 @@ def test_split_indices_partition():
         data.load_digits(val_fraction=1.5)
     with pytest.raises(ValueError, match="dataset must be one of"):
         data.load_dataset("imagenet")
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile and corrupt files: refused with the path named, in bounded time and memory
+
+def _idx_header(shape, code=0x08):
+    return bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", d) for d in shape)
+
+
+def test_idx_item_count_overflowing_int64_names_the_file(tmp_path):
+    shape = (11806113, 409891, 7623851)  # the product is 1 modulo 2**64
+    assert int(np.prod(shape, dtype=np.int64)) == 1
+    for gz in (False, True):
+        path = tmp_path / f"overflow{gz}-idx"
+        blob = _idx_header(shape) + bytes(1)  # what the wrapped count would accept
+        path.write_bytes(gzip.compress(blob) if gz else blob)
+        with pytest.raises(DataFileError, match=f"{path}: IDX header announces shape \\(11806113, 409891, 7623851\\)"):
+            data.read_idx(str(path))
+
+
+def test_corrupt_gzip_idx_is_a_data_file_error_naming_the_path(tmp_path):
+    make_mnist(str(tmp_path), gz=True)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(bytes.fromhex("1f8b0800") + bytes(range(256)) * 4)  # a gzip header, then garbage
+    with pytest.raises(DataFileError, match=f"{path}: corrupt gzip stream"):
+        data.read_idx(str(path))
+    path.write_bytes(gzip.compress(path.read_bytes())[:-12])  # truncated
+    with pytest.raises(DataFileError, match=f"{path}"):
+        data.load_mnist(tmp_path)
+
+
+def test_compare_with_a_corrupt_gzip_idx_exits_2_with_one_line(tmp_path, capsys):
+    from hyperkern.cli import main
+
+    make_mnist(str(tmp_path), gz=True)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(bytes.fromhex("1f8b0800") + bytes(range(256)) * 4)
+    code = main(["compare", "--data", "mnist", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and f"{path}: corrupt gzip stream" in err and "Traceback" not in err
+
+
+def test_gzip_idx_is_inflated_only_up_to_the_announced_size(tmp_path, monkeypatch):
+    """1 MB of gzip inflating to 300 MB behind a header announcing 10 items: refused having inflated
+    at most the announced size (plus one byte), never the whole stream."""
+    import zlib
+
+    from hyperkern.data import _formats
+
+    co = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    blob = co.compress(_idx_header((10,))) + b"".join(co.compress(bytes(1 << 20)) for _ in range(300)) + co.flush()
+    path = tmp_path / "bomb-idx.gz"
+    path.write_bytes(blob)
+    inflated = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args):
+            self._d = real(*args)
+
+        def decompress(self, data, max_length=0):
+            out = self._d.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._d, name)
+
+    monkeypatch.setattr(_formats.zlib, "decompressobj", Counting)
+    monkeypatch.setattr(gzip, "decompress", lambda *a, **k: pytest.fail("inflated the whole stream"))
+    with pytest.raises(DataFileError, match=f"{path}: IDX header announces shape \\(10,\\).*holds more"):
+        data.read_idx(str(path))
+    assert sum(inflated) <= 4 + 4 + 10 + 1
+    # a multi-member gzip file (gzip allows several) still reads, in pieces of any size
+    images = np.arange(6 * 28 * 28, dtype=np.uint8).reshape(6, 28, 28)
+    raw = _idx_header(images.shape) + images.tobytes()
+    path.write_bytes(gzip.compress(raw[:7]) + gzip.compress(raw[7:1000]) + gzip.compress(raw[1000:]))
+    assert np.array_equal(data.read_idx(str(path)), images)
+
+
+def _shared_nested_lists(width, depth=7):
+    """Nested lists in which each level holds `width` references to ONE child: a few hundred bytes
+    of pickle (memo references), width**depth leaves as a tree."""
+    obj = 0
+    for _ in range(depth):
+        obj = [obj] * width
+    return obj
+
+
+@pytest.mark.parametrize("width", [8, 40])
+def test_restricted_unpickle_refuses_a_memo_bomb_in_linear_time(tmp_path, width):
+    bomb = _shared_nested_lists(width)
+    blob = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": bomb}, protocol=2)
+    assert len(blob) < 7000
+    make_cifar10(str(tmp_path))
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(blob)
+    # width 40 is 40**7 = 1.6e11 leaves: walked as a tree it would never finish
+    with pytest.raises(DataFileError, match=f"{path}: refused.*expands to more than"):
+        data.load_cifar10(tmp_path)
+
+
+def test_restricted_unpickle_bounds_depth_and_refuses_cycles():
+    deep = []
+    for _ in range(12):
+        deep = [deep]
+    with pytest.raises(DataFileError, match="more than 8 deep"):
+        data.restricted_unpickle(pickle.dumps(deep, protocol=2))
+    loop = []
+    loop.append(loop)
+    with pytest.raises(DataFileError, match="contains itself|more than 8 deep"):
+        data.restricted_unpickle(pickle.dumps(loop, protocol=2))
+    # a shared child reached at two depths: its height counts at the deeper one
+    child = [[[[[1]]]]]  # its leaf lies 5 levels down
+    ok = [child, [[child]]]  # deepest leaf at depth 3 + 5 = 8
+    assert data.restricted_unpickle(pickle.dumps(ok, protocol=2)) == ok
+    with pytest.raises(DataFileError, match="more than 8 deep"):
+        data.restricted_unpickle(pickle.dumps([child, [[[child]]]], protocol=2))

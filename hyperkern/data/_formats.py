@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
+import zlib
 
 import numpy as np
 
@@ -20,6 +22,10 @@ __all__ = ["read_idx", "read_cifar_batch", "restricted_unpickle", "DataFileError
 class DataFileError(ValueError):
     """A data file is missing, truncated, corrupt or not in the expected format."""
 
+
+# The largest IDX body accepted (16 GiB; MNIST's training images are 47 MB): a header announcing more
+# is refused before anything is read.
+_MAX_IDX_BYTES = 16 << 30
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),
@@ -31,16 +37,70 @@ _IDX_DTYPES = {
 }
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+
+
+class _Inflater:
+    """Streaming reader of a file's bytes, inflating gzip (every member of a multi-member file) as it
+    reads: read(n) returns at most n bytes, so a caller that knows how much it needs never holds more
+    than that (plus one compressed chunk), however far the stream would inflate."""
+
+    def __init__(self, f, path: str, what: str):
+        self.f, self.path, self.what = f, path, what
+        self.gzip = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzip else None
+        self.pending = b""  # compressed bytes read from the file, not yet given to the inflater
+
+    def read(self, n: int) -> bytes:
+        if not self.gzip:
+            return self.f.read(n)
+        out = []
+        want = n
+        try:
+            while want > 0:
+                if self.inflate.eof:  # the member ended: another may follow (gzip allows several)
+                    # what follows the member is in unused_data (unconsumed_tail may still repeat it)
+                    rest = self.inflate.unused_data
+                    self.pending = b""
+                    if not rest:
+                        rest = self.f.read(_CHUNK)
+                    if not rest:
+                        break
+                    self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self.pending = rest
+                if not self.pending:
+                    self.pending = self.f.read(_CHUNK)
+                    if not self.pending:
+                        tail = self.inflate.flush(want)
+                        out.append(tail)
+                        want -= len(tail)
+                        if not self.inflate.eof:
+                            raise DataFileError(f"{self.path}: truncated gzip stream (it ends before its "
+                                                f"end-of-stream marker); expected {self.what}")
+                        continue
+                chunk = self.inflate.decompress(self.pending, want)
+                self.pending = self.inflate.unconsumed_tail
+                out.append(chunk)
+                want -= len(chunk)
+        except zlib.error as exc:
+            raise DataFileError(f"{self.path}: corrupt gzip stream ({exc}); expected {self.what}") from exc
+        return b"".join(out)
+
+
 def _read_bytes(path: str, what: str) -> bytes:
+    """The whole file, inflated when it is gzip; errors name the path."""
     if not os.path.isfile(path):
         raise DataFileError(f"{path}: file not found (expected {what})")
     with open(path, "rb") as f:
         raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
+    if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise DataFileError(f"{path}: corrupt gzip stream ({exc}); expected {what}") from exc
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            raise DataFileError(f"{path}: corrupt gzip stream ({type(exc).__name__}: {exc}); expected "
+                                f"{what}") from exc
     return raw
 
 
@@ -50,25 +110,47 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     Header: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
     0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
     uint32; then the data, big-endian, C order. The file must hold exactly that many bytes.
+
+    The header is read first and the rest only up to the size it announces (plus one byte, to tell a
+    longer file): a gzip stream that inflates beyond it is refused without being inflated, so memory
+    stays bounded by the announced size. Every error is a DataFileError naming the path.
     """
     what = f"an IDX file{'' if expected_ndim is None else f' with {expected_ndim} dimensions'} (MNIST format)"
-    raw = _read_bytes(path, what)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataFileError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty file)'}; expected {what} "
-                            "starting with 00 00 <type code 08/09/0b/0c/0d/0e> <ndim>")
-    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
-    if expected_ndim is not None and ndim != expected_ndim:
-        raise DataFileError(f"{path}: IDX file has {ndim} dimensions; expected {what}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataFileError(f"{path}: truncated IDX header ({len(raw)} bytes); expected {what}")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected_bytes = header + count * dtype.itemsize
-    if len(raw) != expected_bytes:
+    if not os.path.isfile(path):
+        raise DataFileError(f"{path}: file not found (expected {what})")
+    with open(path, "rb") as f:
+        stream = _Inflater(f, path, what)
+        magic = stream.read(4)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+            raise DataFileError(f"{path}: bad IDX magic number {magic.hex() or '(empty file)'}; expected {what} "
+                                "starting with 00 00 <type code 08/09/0b/0c/0d/0e> <ndim>")
+        dtype, ndim = _IDX_DTYPES[magic[2]], magic[3]
+        if expected_ndim is not None and ndim != expected_ndim:
+            raise DataFileError(f"{path}: IDX file has {ndim} dimensions; expected {what}")
+        dims = stream.read(4 * ndim)
+        header = 4 + 4 * ndim
+        if len(dims) < 4 * ndim:
+            raise DataFileError(f"{path}: truncated IDX header ({4 + len(dims)} bytes); expected {what}")
+        shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+        count = math.prod(shape)  # a Python int: no int64 overflow (dims are up to 2^32 - 1 each)
+        expected_bytes = header + count * dtype.itemsize
+        if not stream.gzip:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected_bytes:  # decided before reading the data
+                raise DataFileError(f"{path}: IDX header announces shape {shape} of {dtype.name} "
+                                    f"({expected_bytes} bytes in all) but the file holds {size} bytes; the file is "
+                                    "truncated or corrupt")
+        if expected_bytes - header > _MAX_IDX_BYTES:
+            raise DataFileError(f"{path}: IDX header announces shape {shape} of {dtype.name} ({expected_bytes} "
+                                f"bytes), more than the {_MAX_IDX_BYTES} bytes this reader accepts; the file is "
+                                "corrupt")
+        body = stream.read(expected_bytes - header + 1)
+    if header + len(body) != expected_bytes:
+        held = f"{header + len(body)} bytes" if header + len(body) < expected_bytes else "more bytes"
         raise DataFileError(f"{path}: IDX header announces shape {shape} of {dtype.name} ({expected_bytes} bytes "
-                            f"in all) but the file holds {len(raw)} bytes; the file is truncated or corrupt")
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+                            f"in all) but the {'inflated ' if stream.gzip else ''}file holds {held}; the file is "
+                            "truncated or corrupt")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,31 +204,73 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed in a data file")
 
 
-def _check_plain(obj, depth=0):
-    """Only containers, scalars, bytes/str and numeric numpy arrays may come out of a data file."""
-    if depth > 8:
-        raise pickle.UnpicklingError("data file nests containers too deeply")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, depth + 1)
-            _check_plain(v, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_plain(v, depth + 1)
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in "biuf":
-            raise pickle.UnpicklingError(f"numpy array of dtype {obj.dtype} is not allowed in a data file")
-    elif not isinstance(obj, (bytes, str, int, float, bool, type(None))):
+# Bounds on what a data file may unpickle to, as a tree: nesting depth, and its expanded size in
+# bytes (8 per container slot, the length of each bytes / str, the bytes of each array), at most
+# _EXPANSION times the pickle's own size plus 1 MiB. Memo references let a few hundred bytes of pickle
+# describe a tree of 40^7 leaves; a real CIFAR batch expands to about its file size.
+_MAX_DEPTH = 8
+_EXPANSION = 16
+_SLOT = 8
+
+
+def _check_plain(root, size_limit: int):
+    """Only containers, scalars, bytes/str and numeric numpy arrays may come out of a data file, nested
+    at most _MAX_DEPTH deep and expanding to at most size_limit bytes as a tree. Linear time: each
+    object is visited once (memo references share objects; their expanded sizes are remembered)."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded size, height) of a checked container
+    open_ids: set[int] = set()  # containers being checked: meeting one again is a cycle
+
+    def visit(obj, depth: int) -> tuple[int, int]:
+        if isinstance(obj, (dict, list, tuple)):
+            key = id(obj)
+            if key in done:
+                size, height = done[key]
+            else:
+                if key in open_ids:
+                    raise pickle.UnpicklingError("data file holds a container that contains itself")
+                if depth > _MAX_DEPTH:
+                    raise pickle.UnpicklingError(f"data file nests containers more than {_MAX_DEPTH} deep")
+                open_ids.add(key)
+                size, height = _SLOT, 0
+                children = (c for kv in obj.items() for c in kv) if isinstance(obj, dict) else obj
+                for child in children:
+                    child_size, child_height = visit(child, depth + 1)
+                    size += _SLOT + child_size
+                    height = max(height, child_height + 1)
+                    if size > size_limit:
+                        break
+                open_ids.discard(key)
+                done[key] = (size, height)
+            if depth + height > _MAX_DEPTH:
+                raise pickle.UnpicklingError(f"data file nests containers more than {_MAX_DEPTH} deep")
+            if size > size_limit:
+                raise pickle.UnpicklingError(f"data file expands to more than {size_limit} bytes (shared "
+                                             "references repeat its objects); refusing it")
+            return size, height
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biuf":
+                raise pickle.UnpicklingError(f"numpy array of dtype {obj.dtype} is not allowed in a data file")
+            return int(obj.nbytes), 0
+        if isinstance(obj, (bytes, str)):
+            return len(obj), 0
+        if isinstance(obj, (int, float, bool, type(None))):
+            return _SLOT, 0
         raise pickle.UnpicklingError(f"object of type {type(obj).__name__} is not allowed in a data file")
+
+    size, _ = visit(root, 0)
+    if size > size_limit:
+        raise pickle.UnpicklingError(f"data file expands to more than {size_limit} bytes; refusing it")
 
 
 def restricted_unpickle(data: bytes, path: str = "<bytes>"):
     """Unpickle data admitting only dict/list/tuple, bytes/str, numbers and numpy arrays (numeric
     dtypes). Python-2 strings load as bytes (encoding="bytes"), as in the CIFAR python batches.
-    Anything else, e.g. a global that would run code, raises DataFileError naming path."""
+    Anything else, e.g. a global that would run code, raises DataFileError naming path; so does a
+    structure nested more than 8 deep or expanding (through shared memo references) to more than 16
+    times the pickle's size plus 1 MiB, refused in time linear in the number of distinct objects."""
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-        _check_plain(obj)
+        _check_plain(obj, _EXPANSION * len(data) + (1 << 20))
     except DataFileError:
         raise
     except Exception as exc:  # UnpicklingError, EOFError, ValueError from numpy on corrupt data, ...
