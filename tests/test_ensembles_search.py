@@ -159,3 +159,24 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
     assert resumed["first"] == clean["first"] and resumed["final"] == clean["final"]
     assert resumed["weights"] == clean["weights"]
     assert resumed["probs"] == clean["probs"]
+
+
+def test_malformed_trial_file_is_named(digits, tmp_path):
+    """A finished trial whose val_log_probs lost its shape (a corrupt file, or one from another run) is
+    refused with the file named, not with torch.stack's 'expects each tensor to be equal size'."""
+    train, val, _ = digits
+    run = str(tmp_path / "run")
+    config = TrainConfig(epochs=1, batch_size=64)
+    HyperDeepEnsemble(SPEC, 2, budget=2, config=config, seed=3, run_dir=run, stratify=False,
+                      progress=False).fit(train, val)
+    path = os.path.join(run, "trials", "search-001.pt")
+    trial = torch.load(path, weights_only=True)
+    for bad in (trial["val_log_probs"][:-1], trial["val_log_probs"][:, :7], trial["val_log_probs"].long(), None):
+        torch.save(dict(trial, val_log_probs=bad), path)
+        with pytest.raises(ValueError, match=f"{path}: not a usable trial file .*val_log_probs"):
+            HyperDeepEnsemble(SPEC, 2, budget=2, config=config, seed=3, run_dir=run, stratify=False,
+                              progress=False).fit(train, val)
+    torch.save(trial, path)  # intact again: the run resumes, loading both trials
+    h = HyperDeepEnsemble(SPEC, 2, budget=2, config=config, seed=3, run_dir=run, stratify=False,
+                          progress=False).fit(train, val)
+    assert h.trained_trial_ids == [] and len(h.loaded_trial_ids) == 2

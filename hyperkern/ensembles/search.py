@@ -163,6 +163,38 @@ def run_member_trial(task: dict, shared: dict) -> dict:
             "resumed_from_epoch": info["resumed_from_epoch"], "pid": os.getpid(), "finished_at": time.time()}
 
 
+def check_trial_file(result, path: str, task: dict, shared: dict) -> dict:
+    """A trial read back from its file, checked against what the run expects of it: a dict for this
+    trial with a state_dict and val_log_probs, a floating (N_val, num_classes) tensor. Anything else is
+    a ValueError naming the file (a corrupt file, or one copied from another run), rather than an error
+    deep inside the selection that stacks the trials."""
+    def refuse(problem):
+        raise ValueError(f"{path}: not a usable trial file ({problem}); it is corrupt or from another run: "
+                         "delete it to train the trial again")
+
+    if not isinstance(result, dict):
+        refuse(f"holds a {type(result).__name__}, expected a dict")
+    missing = [k for k in ("trial_id", "hparams", "state_dict", "val_log_probs") if k not in result]
+    if missing:
+        refuse(f"missing {missing}")
+    if result["trial_id"] != task["trial_id"]:
+        refuse(f"trial_id {result['trial_id']!r}, expected {task['trial_id']!r}")
+    if not isinstance(result["state_dict"], dict):
+        refuse(f"state_dict is a {type(result['state_dict']).__name__}")
+    lp = result["val_log_probs"]
+    rows = int(shared["val"][0].shape[0])
+    classes = int(task["model"]["num_classes"]) if isinstance(task.get("model"), dict) and \
+        "num_classes" in task["model"] else None
+    if not isinstance(lp, torch.Tensor) or not lp.is_floating_point():
+        refuse(f"val_log_probs is {type(lp).__name__}{'' if not isinstance(lp, torch.Tensor) else f' {lp.dtype}'}, "
+               "expected a floating tensor")
+    if lp.dim() != 2 or lp.shape[0] != rows or (classes is not None and lp.shape[1] != classes):
+        refuse(f"val_log_probs has shape {tuple(lp.shape)}, expected ({rows}, "
+               f"{classes if classes is not None else 'num_classes'}): one row of log-probabilities per "
+               "validation example")
+    return result
+
+
 def run_trials(tasks: list[dict], shared: dict, executor, run_dir: RunDirectory | None, *, progress: bool,
                desc: str) -> tuple[dict[str, dict], list[str], list[str], dict[str, dict]]:
     """Run the tasks not yet finished in run_dir on executor, saving each as it finishes.
@@ -179,7 +211,8 @@ def run_trials(tasks: list[dict], shared: dict, executor, run_dir: RunDirectory 
     todo = []
     for task in tasks:
         if run_dir is not None and run_dir.has(task["trial_id"]):
-            results[task["trial_id"]] = run_dir.load(task["trial_id"])
+            results[task["trial_id"]] = check_trial_file(run_dir.load(task["trial_id"]),
+                                                         run_dir.trial_path(task["trial_id"]), task, shared)
             loaded.append(task["trial_id"])
         else:
             todo.append(task)
