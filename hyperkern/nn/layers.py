@@ -55,6 +55,21 @@ def _check_backend(backend: str):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _check_linear_input(x, in_features: int, ensemble_size: int):
+    """x (E*B, ..., in_features): member-major along the FIRST dimension. The op sees the rows
+    flattened, so a first dimension that is not a multiple of E would split one example's positions
+    between members (silently): it is refused here, by name."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (E*B, ..., in_features={in_features}) with E*B member-major "
+                         f"rows, got {tuple(x.shape)}")
+    if x.shape[0] % ensemble_size:
+        raise ValueError(f"x.shape[0] = {x.shape[0]} must be divisible by the ensemble size E = {ensemble_size}: "
+                         "the first dimension is member-major (E blocks of B examples; the middle dimensions of "
+                         f"an N-D input belong to their example), got x of shape {tuple(x.shape)}")
+
+
 def _he_normal_(weight: torch.Tensor) -> torch.Tensor:
     """Keras 'he_normal' (the reference's conv init): truncated normal at +-2 std, variance 2 / fan_in."""
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
@@ -133,8 +148,11 @@ class BatchEnsembleLinear(_RankOneEnsembleLayer):
 
     i.e. member k uses the weight W_k = weight * (s_k r_k^T).
 
-    Rows are member-major: input (E*B, ..., in_features), where rows k*B .. (k+1)*B-1 (along the
-    first dimension) belong to member k; output (E*B, ..., out_features) in the same order.
+    Rows are member-major along the FIRST dimension: input (E*B, ..., in_features), where rows
+    k*B .. (k+1)*B-1 of dimension 0 belong to member k, with every position of the middle dimensions
+    of such a row (e.g. the tokens of a sequence) going to the same member; output
+    (E*B, ..., out_features) in the same order. x.shape[0] must be a multiple of E (a ValueError
+    otherwise); an empty batch (x.shape[0] == 0) gives an empty output.
 
     Args:
         in_features, out_features, bias: as nn.Linear.
@@ -179,11 +197,7 @@ class BatchEnsembleLinear(_RankOneEnsembleLayer):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (E*B, ..., in_features={self.in_features}) with E*B member-major "
-                             f"rows, got {tuple(x.shape)}")
+        _check_linear_input(x, self.in_features, self.ensemble_size)
         lead = x.shape[:-1]
         y = ops.batch_ensemble_linear(x.reshape(-1, self.in_features), self.weight, self.r, self.s, self.bias,
                                       backend=self.backend)
@@ -404,9 +418,11 @@ class HyperBatchEnsembleLinear(_HyperMixin, BatchEnsembleLinear):
         y_i = s_k * ((x_i * r_k) @ weight^T) + (v_k * e1_i) * ((x_i * u_k) @ delta^T)
               + bias_k + delta_bias_k * e2_i,           [e1_i | e2_i] = embedding(hparams_i)
 
-    Rows are member-major: x (E*B, ..., in_features) and hparams (E*B, num_hparams), where rows
-    k*B .. (k+1)*B-1 belong to member k and each row carries its own normalised hyperparameters in
-    [0, 1] (HyperParameterSpace.normalize).
+    Rows are member-major along the FIRST dimension: x (E*B, ..., in_features) and hparams
+    (E*B, num_hparams), where rows k*B .. (k+1)*B-1 of dimension 0 belong to member k and each row
+    carries its own normalised hyperparameters in [0, 1] (HyperParameterSpace.normalize), shared by
+    every position of that row's middle dimensions. x.shape[0] must be a multiple of E (a ValueError
+    otherwise); an empty batch gives an empty output.
 
     Args:
         in_features, out_features, bias: as nn.Linear.
@@ -448,22 +464,17 @@ class HyperBatchEnsembleLinear(_HyperMixin, BatchEnsembleLinear):
 
         check_range=False skips the [0, 1] check (a device sync); models check once at their input.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (E*B, ..., in_features={self.in_features}) with E*B member-major "
-                             f"rows, got {tuple(x.shape)}")
+        _check_linear_input(x, self.in_features, self.ensemble_size)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
         e1, e2 = self.embed(hparams)
         lead = x.shape[:-1]
-        x2 = x.reshape(x.shape[0], -1, self.in_features)
-        T = x2.shape[1]
+        T = math.prod(x.shape[1:-1])  # positions per row (named: with no rows a -1 would be ambiguous)
         if T != 1:  # extra middle dims: every position of row i uses row i's embedding
             e1 = e1.repeat_interleave(T, 0)
             e2 = None if e2 is None else e2.repeat_interleave(T, 0)
         # e1, e2 come from this layer's embedding of checked hparams: no per-layer finiteness check
         # (on CUDA it would be a device sync in every layer)
-        y = _hyper_linear(x2.reshape(-1, self.in_features), self.weight, self.delta, self.r, self.s, self.u, self.v,
+        y = _hyper_linear(x.reshape(x.shape[0] * T, self.in_features), self.weight, self.delta, self.r, self.s, self.u, self.v,
                           e1, self.bias, self.delta_bias, e2, self.backend, False)
         return y.reshape(*lead, self.out_features)
 

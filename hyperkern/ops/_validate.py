@@ -53,7 +53,9 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
 
 
 def check_finite(name: str, t):
-    if t is None or _is_compiling():
+    """Refuse NaN / Inf in t. Reads the values (a device sync on CUDA); skipped under torch.compile and
+    for meta tensors, which have no values (shape inference runs on them)."""
+    if t is None or _is_compiling() or t.device.type == "meta":
         return
     # One reduction instead of an elementwise mask: any NaN/Inf makes the sum non-finite. A finite
     # tensor whose sum overflows is rare; the exact elementwise check settles that case.
@@ -64,15 +66,18 @@ def check_finite(name: str, t):
 
 def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
                              delta, u, v, e1, delta_bias, e2, check_embeddings=True) -> dict:
-    """Checks shared by the linear and conv ops: the per-member vectors (E, in) / (E, out), and for
-    the hyper ops delta, u, v, the per-row embeddings e1, e2 and (check_embeddings) their finiteness,
-    which reads the values: a device sync on CUDA. Returns the named tensors for check_same."""
+    """Checks shared by the linear and conv ops: the shapes of the per-member vectors (E, in) /
+    (E, out), and for the hyper ops of delta, u, v and the per-row embeddings e1, e2; then that every
+    tensor shares x's dtype and device; then (hyper and check_embeddings) that e1 and e2 are finite,
+    which reads the values (a device sync on CUDA): last, so that an input on another device (or on
+    meta) is named as such rather than failing to be read."""
     N = x.shape[0]
     check_shape("r", r, (E, in_dim), f"(ensemble_size, in_{unit})")
     check_shape("s", s, (E, out_dim), f"(ensemble_size, out_{unit})")
     check_shape("bias", bias, (E, out_dim), f"(ensemble_size, out_{unit})")
     named = {"x": x, "weight": weight, "r": r, "s": s, "bias": bias}
     if not hyper:
+        check_same(named)
         return named
     for name, t in (("delta", delta), ("u", u), ("v", v), ("e1", e1)):
         check_tensor(name, t, weight.dim() if name == "delta" else 2)
@@ -88,10 +93,11 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
         raise ValueError("delta_bias and e2 must be given together (the hyper bias term is delta_bias * e2), "
                          f"got delta_bias={'None' if delta_bias is None else 'Tensor'}, "
                          f"e2={'None' if e2 is None else 'Tensor'}")
+    named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
+    check_same(named)
     if check_embeddings:
         check_finite("e1", e1)
         check_finite("e2", e2)
-    named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
     return named
 
 
@@ -110,7 +116,6 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
                          f"got {tuple(x.shape)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
                                      delta, u, v, e1, delta_bias, e2, check_embeddings)
-    check_same(named)
     return E
 
 
@@ -157,5 +162,4 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
                          f"kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_c, out_c, "channels", "image", hyper,
                                      delta, u, v, e1, delta_bias, e2, check_embeddings)
-    check_same(named)
     return E, stride, padding, dilation, groups

@@ -22,27 +22,28 @@ def _members(t: torch.Tensor, E: int) -> torch.Tensor:
     return t.reshape(E, t.shape[0] // E, t.shape[-1])
 
 
+# Every reshape below names its sizes: with an empty batch (E*B = 0 rows) a -1 would be ambiguous.
+
 def _torch_batch_ensemble_linear(x, weight, r, s, bias):
-    E = r.shape[0]
-    h = F.linear((_members(x, E) * r[:, None, :]).reshape(x.shape[0], -1), weight)
+    E, (N, fin), fout = r.shape[0], x.shape, weight.shape[0]
+    h = F.linear((_members(x, E) * r[:, None, :]).reshape(N, fin), weight)
     y = _members(h, E) * s[:, None, :]
     if bias is not None:
         y = y + bias[:, None, :]
-    return y.reshape(x.shape[0], -1)
+    return y.reshape(N, fout)
 
 
 def _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2):
-    E = r.shape[0]
-    N = x.shape[0]
+    E, (N, fin), fout = r.shape[0], x.shape, weight.shape[0]
     xm = _members(x, E)
-    h = _members(F.linear((xm * r[:, None, :]).reshape(N, -1), weight), E)
-    hd = _members(F.linear((xm * u[:, None, :]).reshape(N, -1), delta), E)
+    h = _members(F.linear((xm * r[:, None, :]).reshape(N, fin), weight), E)
+    hd = _members(F.linear((xm * u[:, None, :]).reshape(N, fin), delta), E)
     y = h * s[:, None, :] + hd * v[:, None, :] * _members(e1, E)
     if bias is not None:
         y = y + bias[:, None, :]
     if delta_bias is not None:
         y = y + delta_bias[:, None, :] * _members(e2, E)
-    return y.reshape(N, -1)
+    return y.reshape(N, fout)
 
 
 def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,

@@ -1,0 +1,116 @@
+"""Edge cases of the ops and layers on every backend this machine runs: empty batches (E*B = 0 rows),
+ragged rows (a first dimension that is not a multiple of E), inputs on the wrong device or on meta.
+
+An empty batch gives an empty output and gradients of the right shapes: empty for x and the
+per-row embeddings, zeros for the weights and fast weights (no row contributes).
+"""
+import pytest
+import torch
+
+import hyperkern
+from hyperkern import ops
+from hyperkern._backends import backend_status
+from hyperkern.nn import BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d, HyperBatchEnsembleLinear
+
+BACKENDS = [b for b in ("torch", "cpp", "triton") if backend_status("cpu")[b] is None]
+E = 2
+
+
+def _linear_args(rows, hyper):
+    f = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    if not hyper:
+        return [f(rows, 3), f(4, 3), f(E, 3), f(E, 4), f(E, 4)]
+    return [f(rows, 3), f(4, 3), f(4, 3), f(E, 3), f(E, 4), f(E, 3), f(E, 4), f(rows, 4), f(E, 4), f(E, 4),
+            f(rows, 4)]
+
+
+def _conv_args(rows, hyper):
+    args = _linear_args(rows, hyper)
+    args[0] = torch.randn(rows, 3, 5, 5, dtype=torch.float64)
+    args[1] = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    if hyper:
+        args[2] = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    return args
+
+
+OPS = {
+    "batch_ensemble_linear": (ops.batch_ensemble_linear, _linear_args, False, (0, 4)),
+    "hyper_batch_ensemble_linear": (ops.hyper_batch_ensemble_linear, _linear_args, True, (0, 4)),
+    "batch_ensemble_conv2d": (ops.batch_ensemble_conv2d, _conv_args, False, (0, 4, 3, 3)),
+    "hyper_batch_ensemble_conv2d": (ops.hyper_batch_ensemble_conv2d, _conv_args, True, (0, 4, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPS))
+def test_empty_batch_every_op(name, backend):
+    op, make, hyper, out_shape = OPS[name]
+    args = [a.requires_grad_() for a in make(0, hyper)]
+    y = op(*args, backend=backend)
+    assert y.shape == out_shape
+    y.sum().backward()
+    for a in args:
+        assert a.grad is not None and a.grad.shape == a.shape
+        assert torch.equal(a.grad, torch.zeros_like(a)), "no row contributes: the gradient is zero"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_every_layer(backend):
+    lin = BatchEnsembleLinear(3, 2, ensemble_size=E, backend=backend)
+    hlin = HyperBatchEnsembleLinear(3, 2, ensemble_size=E, num_hparams=1, backend=backend)
+    conv = BatchEnsembleConv2d(3, 2, 3, ensemble_size=E, backend=backend)
+    hconv = HyperBatchEnsembleConv2d(3, 2, 3, ensemble_size=E, num_hparams=1, backend=backend)
+    assert lin(torch.randn(0, 3)).shape == (0, 2)
+    assert lin(torch.randn(0, 5, 3)).shape == (0, 5, 2)
+    assert hlin(torch.randn(0, 3), torch.rand(0, 1)).shape == (0, 2)
+    assert hlin(torch.randn(0, 5, 3), torch.rand(0, 1)).shape == (0, 5, 2)
+    assert conv(torch.randn(0, 3, 6, 6)).shape == (0, 2, 4, 4)
+    y = hconv(torch.randn(0, 3, 6, 6), torch.rand(0, 1))
+    assert y.shape == (0, 2, 4, 4)
+    y.sum().backward()
+    assert torch.equal(hconv.weight.grad, torch.zeros_like(hconv.weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_rows_are_a_named_error(backend):
+    """(3, 2, 5) flattens to 6 rows, divisible by E = 2, but its first dimension is not: the two
+    positions of one example would go to different members."""
+    lin = BatchEnsembleLinear(5, 4, ensemble_size=E, backend=backend)
+    hlin = HyperBatchEnsembleLinear(5, 4, ensemble_size=E, num_hparams=1, backend=backend)
+    with pytest.raises(ValueError, match=r"x.shape\[0\] = 3 must be divisible by the ensemble size E = 2.*member-major"):
+        lin(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match=r"x.shape\[0\] = 3 must be divisible by the ensemble size E = 2"):
+        hlin(torch.randn(3, 2, 5), torch.rand(3, 1))
+    with pytest.raises(ValueError, match=r"x.shape\[0\] = 3 must be divisible by the ensemble size E = 2"):
+        lin(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nd_input_keeps_each_example_with_its_member(backend):
+    """x (E*B, T, in): every position of example i goes to example i's member."""
+    lin = HyperBatchEnsembleLinear(5, 4, ensemble_size=E, num_hparams=1, embedding_std=0.5, backend=backend).double()
+    x, h = torch.randn(E * 3, 2, 5, dtype=torch.float64), torch.rand(E * 3, 1, dtype=torch.float64)
+    y = lin(x, h)
+    for t in range(2):
+        torch.testing.assert_close(y[:, t], lin(x[:, t], h))
+
+
+@pytest.mark.parametrize("which", ["e1", "e2"])
+def test_embedding_on_another_device_is_named_before_its_values_are_read(which):
+    args = _linear_args(4, True)
+    i = 7 if which == "e1" else 10
+    args[i] = torch.empty(args[i].shape, dtype=args[i].dtype, device="meta")
+    with pytest.raises(ValueError, match=f"{which} is on meta but x is on cpu"):
+        ops.hyper_batch_ensemble_linear(*args, backend="torch")
+    conv = _conv_args(4, True)
+    conv[i] = torch.empty(conv[i].shape, dtype=conv[i].dtype, device="meta")
+    with pytest.raises(ValueError, match=f"{which} is on meta but x is on cpu"):
+        ops.hyper_batch_ensemble_conv2d(*conv, backend="torch")
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_shape_inference_with_every_input_on_meta(name):
+    op, make, hyper, out_shape = OPS[name]
+    args = [t.to("meta") for t in make(4, hyper)]
+    y = op(*args)  # backend="auto" runs the composition on meta
+    assert y.device.type == "meta" and y.shape == (4, *out_shape[1:])
