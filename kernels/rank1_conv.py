@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import zero_present
+from . import refuse_interpreted_bfloat16, zero_present
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -576,6 +576,7 @@ def rank1_conv2d_forward(x, weight, r, s, bias, stride, padding, dilation, group
     (C_out, C_in/groups, kh, kw); r/u (E, C_in), s/v/bias/delta_bias (E, C_out) and e1/e2
     (E*B, C_out) must be contiguous.
     """
+    refuse_interpreted_bfloat16(x)
     E = r.shape[0]
     N, C_in, H, W = x.shape
     C_out, cg_in, kh, kw = weight.shape
@@ -606,6 +607,7 @@ def rank1_conv2d_forward(x, weight, r, s, bias, stride, padding, dilation, group
 def rank1_conv2d_input_grad(grad, weight, r, s, stride, padding, dilation, groups, dx,
                             delta=None, u=None, v=None, e1=None):
     """Write the gradient wrt member-major x into dx (any strides); grad (E*B, C_out, Ho, Wo) any strides."""
+    refuse_interpreted_bfloat16(grad)
     E = r.shape[0]
     N, C_in, H, W = dx.shape
     C_out, cg_in, kh, kw = weight.shape
@@ -657,6 +659,7 @@ def rank1_conv2d_weight_grad(grad, x, weight, r, s, stride, padding, dilation, g
     """Gradients wrt weight, r, s (and delta, u, v, e1 for the hyper op), in the accumulator dtype
     (float32, or float64 for float64 inputs): a dict with keys "weight", "r", "s" (and "delta", "u",
     "v", "e1"). weight / delta gradients come back channels-last."""
+    refuse_interpreted_bfloat16(grad)
     E = r.shape[0]
     N, C_in, H, W = x.shape
     C_out, cg_in, kh, kw = weight.shape

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import zero_present
+from . import refuse_interpreted_bfloat16, zero_present
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -579,6 +579,7 @@ def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None,
     """Launch the forward kernel. Returns (y, delta_out): y (E*B, out) in x.dtype; delta_out is the
     pre-scale Delta product (x * u_k) @ Delta^T (E*B, out) when store_delta_out (hyper op), else None.
     The hyper op is selected by passing delta (then u, v, e1 are required)."""
+    refuse_interpreted_bfloat16(x)
     _check_vectors(r, s, bias, u, v, delta_bias)
     x, weight, delta, e1, e2 = map(unit_inner_stride, (x, weight, delta, e1, e2))
     hyper = delta is not None
@@ -614,6 +615,7 @@ def rank1_linear_forward(x, weight, r, s, bias=None, delta=None, u=None, v=None,
 
 def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=None):
     """dx (E*B, in) = ((grad * s_k) @ W) * r_k [+ ((grad * v_k * e1) @ Delta) * u_k] in grad.dtype."""
+    refuse_interpreted_bfloat16(grad)
     _check_vectors(r, s, u, v)
     grad, weight, delta, e1 = map(unit_inner_stride, (grad, weight, delta, e1))
     hyper = delta is not None
@@ -646,6 +648,7 @@ def rank1_linear_grad_input(grad, weight, r, s, delta=None, u=None, v=None, e1=N
 def rank1_linear_grad_weight(grad, x, weight, r, s, e1=None, delta=None, u=None, v=None):
     """Weight-side gradients in one launch: returns (dW, dr, ds) for the batch op, and additionally
     (dDelta, du, dv) for the hyper op (given delta, u, v, e1), each in the dtype of its input."""
+    refuse_interpreted_bfloat16(grad)
     _check_vectors(r, s, u, v)
     grad, x, weight, delta, e1 = map(unit_inner_stride, (grad, x, weight, delta, e1))
     hyper = delta is not None
@@ -695,6 +698,7 @@ def rank1_linear_grad_rowwise(grad, E: int, bias_grad: bool, v=None, delta_out=N
     """Row-wise gradient terms in one pass over grad: returns (dbias, de1, ddelta_bias, de2), each None
     unless asked for: bias_grad -> dbias (E, out); delta_out (with v) -> de1 = grad * v_k * delta_out;
     e2 (with delta_bias) -> ddelta_bias = member sums of grad * e2 and de2 = grad * delta_bias_k."""
+    refuse_interpreted_bfloat16(grad)
     _check_vectors(v, delta_bias)
     grad, e2 = unit_inner_stride(grad), unit_inner_stride(e2)
     N, OUT = grad.shape

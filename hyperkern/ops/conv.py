@@ -52,6 +52,35 @@ def _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, d
     return y.reshape(h.shape)
 
 
+class _ContiguousForBf16(torch.autograd.Function):
+    """x.contiguous() whose gradient comes back channels-last, as x was."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _bf16_channels_last_on_cpu(x: torch.Tensor) -> bool:
+    """A bfloat16 CPU input laid out channels-last (and not also plain contiguous). torch's own CPU
+    convolution gets this case wrong (torch 2.13, oneDNN on CPUs with native bf16: F.conv2d's weight
+    gradient of a (4, 6, 3, 1) channels-last input, stride 2, padding 1 was off by up to ~1e32 or
+    inf/NaN in 35 of 40 seeds; a contiguous input, fp16 and fp32 are right), and every backend's CPU
+    path runs it. The ops convolve a contiguous copy of x instead and hand back the output and the
+    gradient of x channels-last, so callers see the layout they passed."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _guard_layout(run, x, *rest):
+    if not _bf16_channels_last_on_cpu(x):
+        return run(x, *rest)
+    return run(_ContiguousForBf16.apply(x), *rest).contiguous(memory_format=torch.channels_last)
+
+
 def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
                           bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
                           backend: str = "auto") -> torch.Tensor:
@@ -65,14 +94,14 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         stride, padding, dilation: int or pair; groups: int.
         backend: "auto" | "torch" | "cpp" | "triton".
     Returns:
-        (E*B, C_out, H_out, W_out) member-major outputs.
+        (E*B, C_out, H_out, W_out) member-major outputs. A bfloat16 channels-last x on the CPU is
+        convolved as a contiguous copy (torch's CPU bf16 convolution is wrong on that layout); the
+        output and x's gradient still come back channels-last.
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     name = resolve_backend(backend, x.device, "batch_ensemble_conv2d")
-    if name == "torch":
-        return _torch_batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    return backend_module("conv", name).batch_ensemble_conv2d(
-        x, weight, r, s, bias, stride, padding, dilation, groups)
+    run = _torch_batch_ensemble_conv2d if name == "torch" else backend_module("conv", name).batch_ensemble_conv2d
+    return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups)
 
 
 def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -99,8 +128,7 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
                                                            delta, u, v, e1, delta_bias, e2, hyper=True,
                                                            check_embeddings=check_embeddings)
     name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d")
-    if name == "torch":
-        return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
-                                                  stride, padding, dilation, groups)
-    return backend_module("conv", name).hyper_batch_ensemble_conv2d(
-        x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups)
+    run = _torch_hyper_batch_ensemble_conv2d if name == "torch" else \
+        backend_module("conv", name).hyper_batch_ensemble_conv2d
+    return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
+                         groups)
