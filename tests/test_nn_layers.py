@@ -211,7 +211,7 @@ def test_layer_bad_inputs_name_the_argument():
         with pytest.raises(ValueError, match=match):
             hnn.BatchEnsembleLinear(4, 3, **kwargs)
     with pytest.raises(ValueError, match="^padding"):
-        hnn.BatchEnsembleConv2d(3, 4, 3, padding="same", ensemble_size=2)
+        hnn.BatchEnsembleConv2d(3, 4, 3, padding="full", ensemble_size=2)
 
 
 @pytest.mark.parametrize("family", ["linear", "conv"])

@@ -215,12 +215,38 @@ def _conv_args(kernel_size, stride, padding, dilation, groups):
         if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
             raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     if isinstance(padding, str):
-        raise ValueError(f"padding must be an int or a pair of ints (explicit zero padding), got {padding!r}")
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            _check_positive_int("groups", groups)
+            return _pair(kernel_size), _pair(stride), "same", _pair(dilation), groups
+        else:
+            raise ValueError(f"padding must be an int or a pair of ints (explicit zero padding), 'valid' or 'same' "
+                             f"(TensorFlow's rule), got {padding!r}")
     pad = _pair(padding)
     if len(pad) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pad):
         raise ValueError(f"padding must be a non-negative int or a pair of them, got {padding!r}")
     _check_positive_int("groups", groups)
     return _pair(kernel_size), _pair(stride), pad, _pair(dilation), groups
+
+
+def _same_padding(x: torch.Tensor, kernel_size, stride, dilation):
+    """TensorFlow's padding='same' for x (N, C, H, W): (x, padding) to give the conv op.
+
+    Per spatial dimension, as TensorFlow: out = ceil(in / stride),
+    pad_total = max((out - 1) * stride + (k - 1) * dilation + 1 - in, 0), pad_before = pad_total // 2
+    and pad_after = pad_total - pad_before (the extra element after, e.g. (0, 1) for a 3x3 kernel at
+    stride 2 on an even size). The symmetric part goes to the op as its padding; when pad_after >
+    pad_before the difference is zero-padded onto x (bottom / right) first with F.pad.
+    """
+    before, extra = [], []
+    for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        before.append(total // 2)
+        extra.append(total - 2 * (total // 2))
+    if extra[0] or extra[1]:
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    return x, (before[0], before[1])
 
 
 class BatchEnsembleConv2d(_RankOneEnsembleLayer):
@@ -234,8 +260,13 @@ class BatchEnsembleConv2d(_RankOneEnsembleLayer):
     to member k; output (E*B, out_channels, H_out, W_out) in the same order.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as nn.Conv2d
-            (padding: explicit zero padding, an int or a pair).
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as nn.Conv2d.
+            padding: explicit zero padding, an int or a pair (top/bottom, left/right); "valid" (0); or
+            "same", TensorFlow's rule at any stride, computed per side from the input size at every
+            forward: pad_total = max((ceil(in / stride) - 1) * stride + (k - 1) * dilation + 1 - in, 0),
+            pad_total // 2 before and the rest after (asymmetric, e.g. (0, 1) for a 3x3 kernel at
+            stride 2 on an even size, which an int padding cannot express; the output is
+            ceil(in / stride)). The layer then keeps padding == "same".
         ensemble_size: E (keyword-only).
         init, init_std: fast-weight init, "normal" N(1, init_std^2) (default std 0.5), "random_sign", "ones".
         backend: op backend, "auto" | "torch" | "cpp" | "triton".
@@ -289,12 +320,19 @@ class BatchEnsembleConv2d(_RankOneEnsembleLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)
-        return ops.batch_ensemble_conv2d(x, self.weight, self.r, self.s, self.bias, self.stride, self.padding,
+        x, padding = self._pad(x)
+        return ops.batch_ensemble_conv2d(x, self.weight, self.r, self.s, self.bias, self.stride, padding,
                                          self.dilation, self.groups, backend=self.backend)
+
+    def _pad(self, x):
+        """(x, padding for the op): self.padding as is, or padding='same' resolved for x's size."""
+        if self.padding == "same":
+            return _same_padding(x, self.kernel_size, self.stride, self.dilation)
+        return x, self.padding
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
+             f"padding={self.padding!r}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -531,8 +569,9 @@ class HyperBatchEnsembleConv2d(_HyperMixin, BatchEnsembleConv2d):
         self._check_x(x)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
         e1, e2 = self.embed(hparams)
+        x, padding = self._pad(x)
         return _hyper_conv2d(x, self.weight, self.delta, self.r, self.s, self.u, self.v, e1, self.bias,
-                             self.delta_bias, e2, self.stride, self.padding, self.dilation, self.groups, self.backend,
+                             self.delta_bias, e2, self.stride, padding, self.dilation, self.groups, self.backend,
                              False)  # no per-layer finiteness check of e1, e2: see HyperBatchEnsembleLinear
 
     def extra_repr(self) -> str:
