@@ -421,3 +421,16 @@ def test_same_padding_at_stride_1_is_torchs_and_int_padding_is_unchanged():
     assert hnn.BatchEnsembleConv2d(3, 4, 3, padding=(1, 2), ensemble_size=2).padding == (1, 2)
     with pytest.raises(ValueError, match="^padding must be .* 'valid' or 'same'"):
         hnn.BatchEnsembleConv2d(3, 4, 3, padding="full", ensemble_size=2)
+
+
+def test_tabm_and_torch_uncertainty_refuse_hyper_layers():
+    """Neither source has hyper-batch layers: a hyper layer would load its batch part and keep
+    delta, u, v and the embedding at their init, silently."""
+    E, din, dout = 2, 4, 3
+    hyper = hnn.HyperBatchEnsembleLinear(din, dout, ensemble_size=E, num_hparams=1, backend="torch", dtype=F64)
+    sd = {"weight": _r(dout, din), "r": _r(E, din), "s": _r(E, dout), "bias": _r(E, dout)}
+    with pytest.raises(TypeError, match="TabM has no hyper-batch layers"):
+        hnn.load_tabm_(hyper, sd)
+    tu = {"linear.weight": sd["weight"], "r_group": sd["r"], "s_group": sd["s"], "bias": sd["bias"]}
+    with pytest.raises(TypeError, match="torch-uncertainty has no hyper-batch layers"):
+        hnn.load_torch_uncertainty_(hyper, tu)

@@ -57,10 +57,14 @@ def _as_tensor(value) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
-def _check_layer(layer, conv_ok: bool = True):
+def _check_layer(layer, conv_ok: bool = True, hyper_ok: bool = True, source: str = "this source"):
     kinds = (BatchEnsembleLinear, BatchEnsembleConv2d) if conv_ok else (BatchEnsembleLinear,)
     if not isinstance(layer, kinds):
         raise TypeError(f"layer must be one of {[k.__name__ for k in kinds]}, got {type(layer).__name__}")
+    if not hyper_ok and isinstance(layer, _HyperMixin):
+        raise TypeError(f"layer is a {type(layer).__name__}: {source} has no hyper-batch layers, and loading "
+                        "only the batch part would leave delta, the second fast weights and the embedding at "
+                        "their init; load into a BatchEnsembleLinear / BatchEnsembleConv2d")
 
 
 def _get(sd: Mapping, key: str, expected: tuple, source: str) -> torch.Tensor:
@@ -91,7 +95,7 @@ def load_tabm_(layer: BatchEnsembleLinear, state_dict: Mapping, prefix: str = ""
     TabM computes y[b, k] = ((x[b, k] * r[k]) @ weight.T) * s[k] + bias[k] on (B, k, D) inputs; feed
     the loaded layer tabm_to_member_major(x) and map its output back with member_major_to_tabm.
     """
-    _check_layer(layer, conv_ok=False)
+    _check_layer(layer, conv_ok=False, hyper_ok=False, source="TabM")
     E, o, i = layer.ensemble_size, layer.out_features, layer.in_features
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     bias = _get(sd, "bias", (E, o), "TabM") if sd.get("bias") is not None else None
@@ -102,7 +106,7 @@ def load_tabm_(layer: BatchEnsembleLinear, state_dict: Mapping, prefix: str = ""
 def load_torch_uncertainty_(layer, state_dict: Mapping, prefix: str = ""):
     """Copy a torch-uncertainty BatchLinear (linear.weight) or BatchConv2d (conv.weight) with r_group,
     s_group and bias into a BatchEnsembleLinear / BatchEnsembleConv2d of the same shape."""
-    _check_layer(layer)
+    _check_layer(layer, hyper_ok=False, source="torch-uncertainty")
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     E = layer.ensemble_size
     if isinstance(layer, BatchEnsembleLinear):
