@@ -16,7 +16,10 @@ hyperkern compare
     uses the validation split only; the test split is only evaluated. After the table come the
     paper's checks on test NLL, each with the paired standard error over test images of the NLL
     difference (results.json "checks"). Run directories under --output-dir/runs make the same
-    command resume after an interruption.
+    command resume after an interruption. The trained methods are saved under --output-dir/models;
+    --shift adds their evaluation under corruptions and on out-of-distribution splits, and
+    `hyperkern evaluate --shift --output-dir DIR` runs it later on the saved models
+    (docs/robustness.md).
 
 hyperkern train --method {single,deep,batch,hyper_deep,hyper_batch}
     Trains one method (untuned defaults unless --hparams is given), prints its metrics and saves it.
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="hyper-deep random-search trials kappa (default: 32)")
     compare.add_argument("--output-dir", default="hyperkern-compare", help="where results go (default: "
                          "./hyperkern-compare)")
+    from hyperkern.robustness.cli import add_evaluate_parser, add_shift_arguments
+
+    add_shift_arguments(compare)
 
     train = sub.add_parser("train", help="train one method and report its metrics")
     _add_common(train)
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-parallel training (batch / hyper_batch) under torchrun, e.g. torchrun "
                             "--nproc_per_node=2 -m hyperkern train --method batch --distributed; --batch-size is "
                             "the global batch (default: on when torchrun starts more than one process)")
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -352,6 +359,10 @@ def run_compare(args) -> dict:
                          "to spread the search")
 
     data, spec, config, executor = _setup(args)
+    if getattr(args, "shift", False):  # fail before training when --shift cannot run
+        from hyperkern.robustness.cli import check_shift_ready
+
+        check_shift_ready(args, data)
     progress = not args.no_progress
     E = args.ensemble_size
     runs = os.path.join(args.output_dir, "runs")
@@ -384,6 +395,9 @@ def run_compare(args) -> dict:
     rows.append(_result_row("hyper_deep", hyper_deep, data.test, hyper_deep.train_seconds))
     rows.append(_result_row("hyper_batch", hyper_batch, data.test, hyper_batch.train_seconds))
     trainers = {"single": singles[0], "deep": deep, "batch": batch, "hyper_deep": hyper_deep, "hyper_batch": hyper_batch}
+    from hyperkern.robustness.cli import save_compare_models
+
+    save_compare_models(args, data, singles, trainers)  # for `hyperkern evaluate` (no retraining)
 
     per_example = {"single": sum(_per_example_nll(m, data.test.x, data.test.y) for m in singles) / len(singles)}
     for name in ("deep", "batch", "hyper_deep", "hyper_batch"):
@@ -434,6 +448,11 @@ def run_compare(args) -> dict:
     }
     probs = {(r["label"] if r["method"] != "single" else "single model (first seed)"):
              trainers[r["method"]].predict_proba(data.test.x) for r in rows}
+    if getattr(args, "shift", False):  # corruptions and OOD: payload["shift"], payload["ood"], two plots
+        from hyperkern.robustness.cli import run_shift
+
+        shifted = {"single": singles, **{n: [t] for n, t in trainers.items() if n != "single" and t is not None}}
+        run_shift(args, data, shifted, args.output_dir, payload)
     written = _write_outputs(args.output_dir, payload, probs, data.test.y, notes)
     for note in notes:
         print(f"hyperkern: {note}", file=sys.stderr)
@@ -531,6 +550,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "compare":
             run_compare(args)
+        elif args.command == "evaluate":
+            from hyperkern.robustness.cli import run_evaluate
+
+            run_evaluate(args)
         else:
             run_train(args)
     except (DataFileError, FileNotFoundError) as exc:

@@ -29,6 +29,12 @@ __all__ = [
     "calibration_bins",
     "reliability_diagram",
     "summarize",
+    "predictive_entropy",
+    "mutual_information",
+    "auroc",
+    "aupr",
+    "fpr_at_tpr",
+    "ood_detection",
 ]
 
 _TINY = torch.finfo(torch.float64).tiny
@@ -246,3 +252,102 @@ def reliability_diagram(probs, labels, path, num_bins: int = 15, title: str | No
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty scores and out-of-distribution detection. The scores are per example and come back as
+# (N,) float64 tensors; the detection metrics return Python floats like the rest of this module.
+
+
+def _weights_for(name: str, weights, e: int) -> torch.Tensor:
+    if weights is None:
+        return torch.full((e,), 1.0 / e, dtype=torch.float64)
+    w = _as_tensor(name, weights).to(torch.float64)
+    if w.shape != (e,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"{name} must be ({e},) finite and non-negative with a positive sum, got {w.tolist()}")
+    return w / w.sum()
+
+
+def _entropy_rows(p: torch.Tensor) -> torch.Tensor:
+    """-sum_c p log p over the last dimension, with 0 log 0 = 0."""
+    return -(p * p.clamp_min(_TINY).log()).sum(dim=-1)
+
+
+def predictive_entropy(probs) -> torch.Tensor:
+    """(N,) entropy -sum_c p_c log p_c (nats) of each row of probs (N, C): the total uncertainty of
+    a predictor (for an ensemble, of its averaged prediction). 0 log 0 counts as 0."""
+    return _entropy_rows(_check_probs("probs", probs, 2))
+
+
+def mutual_information(member_probs, weights=None) -> torch.Tensor:
+    """(N,) mutual information between the prediction and the member, H(sum_k w_k p_k) - sum_k w_k
+    H(p_k): the members' disagreement (the epistemic part of the predictive entropy; 0 when every
+    member predicts the same distribution). member_probs (E, N, C); weights: optional (E,)
+    non-negative member weights (e.g. repeat counts of a greedy selection), uniform by default.
+    Clamped at 0 against rounding."""
+    p = _check_probs("member_probs", member_probs, 3)
+    w = _weights_for("weights", weights, p.shape[0])
+    mixed = torch.einsum("k,knc->nc", w, p)
+    return (_entropy_rows(mixed) - torch.einsum("k,kn->n", w, _entropy_rows(p))).clamp_min(0.0)
+
+
+def _detection_scores(scores_in, scores_out):
+    """Scores as float64 numpy arrays, labels 1 for out-of-distribution (the positive class)."""
+    arrays = []
+    for name, value in (("scores_in", scores_in), ("scores_out", scores_out)):
+        a = _as_tensor(name, value)
+        if a.dim() != 1 or a.shape[0] < 1:
+            raise ValueError(f"{name} must be a non-empty 1-D array of scores, got shape {tuple(a.shape)}")
+        if a.is_complex() or a.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real scores, got dtype {a.dtype}")
+        a = a.to(torch.float64).numpy()
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} holds {int((~np.isfinite(a)).sum())} non-finite scores")
+        arrays.append(a)
+    scores = np.concatenate(arrays)
+    labels = np.concatenate([np.zeros(arrays[0].shape[0]), np.ones(arrays[1].shape[0])])
+    return scores, labels
+
+
+def _roc_points(scores_in, scores_out):
+    """True and false positive rates and precision at every distinct threshold, from the highest score
+    down (a row is called out-of-distribution when its score is >= the threshold)."""
+    scores, labels = _detection_scores(scores_in, scores_out)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]  # last row of each distinct score
+    tp = np.cumsum(labels)[last]
+    fp = (last + 1) - tp
+    return tp / labels.sum(), fp / (labels.size - labels.sum()), tp / (tp + fp)
+
+
+def auroc(scores_in, scores_out) -> float:
+    """Area under the ROC curve of telling out-of-distribution rows (positives) from in-distribution
+    ones by score, higher meaning more likely out of distribution: the probability that a random OOD
+    row scores above a random in-distribution row, ties counting one half (the trapezoidal area)."""
+    tpr, fpr, _ = _roc_points(scores_in, scores_out)
+    tpr, fpr = np.r_[0.0, tpr], np.r_[0.0, fpr]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def aupr(scores_in, scores_out) -> float:
+    """Area under the precision-recall curve with out-of-distribution rows as the positive class, as
+    average precision sum_n (R_n - R_{n-1}) P_n over the distinct thresholds (scikit-learn's
+    average_precision_score; no interpolation)."""
+    tpr, _, precision = _roc_points(scores_in, scores_out)
+    return float(np.sum(np.diff(np.r_[0.0, tpr]) * precision))
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr: float = 0.95) -> float:
+    """False positive rate (the fraction of in-distribution rows flagged) at the highest threshold whose
+    true positive rate (the fraction of OOD rows flagged) reaches tpr; FPR95 for tpr = 0.95."""
+    if not isinstance(tpr, (int, float)) or isinstance(tpr, bool) or not 0.0 < float(tpr) <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}")
+    rates, fpr, _ = _roc_points(scores_in, scores_out)
+    return float(fpr[int(np.argmax(rates >= float(tpr) - 1e-12))])
+
+
+def ood_detection(scores_in, scores_out) -> dict:
+    """auroc, aupr and fpr95 (fpr_at_tpr at 0.95) of one score, OOD rows being the positives."""
+    return {"auroc": auroc(scores_in, scores_out), "aupr": aupr(scores_in, scores_out),
+            "fpr95": fpr_at_tpr(scores_in, scores_out, 0.95)}
