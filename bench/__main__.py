@@ -35,11 +35,15 @@ from bench.common import describe_environment
 _OP_MODULES = ("bench.ops", "bench.ops_conv")
 
 
-def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["ops", "models", "all"], default="all")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\nRun from")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="docs/benchmarks.md explains every column and holds the latest tables.")
+    p.add_argument("--suite", choices=["ops", "models", "all"], default="all",
+                   help="which suites to run: ops (the rank-1 ops against the floor), models (training step and "
+                        "inference of whole networks) or all (default: all)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="device to benchmark on; cuda adds the triton rows, WRN-28-10 and bfloat16 ops (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
                    help="op-suite dtype (default float32; the CUDA op suite runs float32 and bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -48,12 +52,19 @@ def _parse_args(argv):
     p.add_argument("--ensemble-size", "-E", type=int, default=None, help="members (default 4; 2 with --tiny)")
     p.add_argument("--per-member", "-B", type=int, default=None,
                    help="model suite: images per member (default 32; 2 with --tiny)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (median reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds per candidate: the table reports their median (conv ops: their best) "
+                        "(default: each suite's own, fewer with --quick)")
     p.add_argument("--no-memory", action="store_true", help="model suite: skip the peak-memory measurement")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="CPU timing clock: wall (perf_counter) or cpu (process_time: with --threads 1 it ignores "
                         "time other processes take from this one, for a loaded machine)")
     p.add_argument("--json", metavar="PATH", default=None, help="write environment, rows and targets as JSON")
+    return p
+
+
+def _parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")

@@ -4,7 +4,7 @@ hyperkern compare
     Trains a single model, a deep ensemble, a batch ensemble, a hyper-deep ensemble and a hyper-batch
     ensemble on one dataset (default: the embedded UCI digits, an MLP, E = 4) and prints a table like
     the paper's (accuracy, NLL, ECE, Brier, parameters, training time); writes results.json and
-    reliability.png into --output-dir. Protocol (METHOD.md section 4): the hyper-deep random search
+    reliability.png into --output-dir. Protocol (docs/method.md section 4): the hyper-deep random search
     (--budget trials, fixed init seed) also tunes the baselines, as in the paper: the best trial on
     validation NLL gives the tuned setting; the deep ensemble is that setting trained from E seeds
     (the stratification of hyper-deep ensembles trains exactly these); the single model row is the
@@ -46,17 +46,48 @@ METHOD_LABELS = {
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
+
+
+def _open_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text!r}")
+    return value
+
+
+def _doc_section(name: str) -> str:
+    """The section of this module's docstring under the line that starts with `hyperkern NAME` (the
+    subcommand's --help description; the title line names the commands too, mid-line)."""
+    import textwrap
+
+    lines = __doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"hyperkern {name}"))
+    body = []
+    for line in lines[start + 1:]:
+        if line and not line[0].isspace():
+            break
+        body.append(line)
+    return textwrap.dedent("\n".join(body)).strip("\n")
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -71,7 +102,9 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and of all training (default: 0)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="training epochs per network (default: 40 on digits, 20 otherwise)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size per member (default: 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="examples per member and step; with --distributed the global count, split over the ranks "
+                        "(batch-type ensembles tile each minibatch E times) (default: 64)")
     p.add_argument("--recipe", default="tuned", choices=["tuned", "reference"],
                    help="reference: every default of the reference scripts (uncertainty-baselines), scaled to "
                         "--epochs; tuned: the project's departures from it, each chosen on held-out data "
@@ -86,13 +119,14 @@ def _add_common(p: argparse.ArgumentParser):
                    help="standard deviation of the N(1, std^2) fast-weight init of batch and hyper-batch members "
                         "(default: the recipe's; the references' 0.5 for batch ensembles and 0.75 for hyper-batch "
                         "ensembles, except 0.25 for hyper-batch MLPs under tuned)")
-    p.add_argument("--val-fraction", type=float, default=None,
+    p.add_argument("--val-fraction", type=_open_fraction, default=None,
                    help="fraction held out for validation (default: the recipe's; reference 0.05, the reference's "
                         "train_proportion 0.95; tuned 0.2 on digits, whose 1,797 images leave a small validation "
                         "set for greedy selection, 0.1 otherwise)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="op backend of the rank-1 layers (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu, cuda, cuda:1; refused at "
+                   "start when this torch cannot use it (default: cpu)")
     p.add_argument("--executor", default="local", choices=["local", "process", "ray"],
                    help="where independent trials run: this process, a process pool or Ray tasks (default: local)")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -103,16 +137,21 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: 1 for digits, whose tiny networks only lose time to "
                         "thread synchronisation; torch's default otherwise)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: tqdm bars on a terminal, one plain line per epoch and per "
+                        "finished trial when the output is a file or a pipe)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperkern", description="Deep, batch, hyper-deep and hyper-batch "
                                      "ensembles (Wenzel et al., NeurIPS 2020).")
+    from hyperkern import __version__
+
+    parser.add_argument("--version", action="version", version=f"hyperkern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     compare = sub.add_parser("compare", help="train all methods on one dataset and compare them (the main job)",
-                             description=__doc__.split("hyperkern train")[0].split("hyperkern compare", 1)[1],
+                             description=_doc_section("compare"),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(compare)
     compare.add_argument("--budget", type=_positive_int, default=32,
@@ -123,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shift_arguments(compare)
 
-    train = sub.add_parser("train", help="train one method and report its metrics")
+    train = sub.add_parser("train", help="train one method and report its metrics", description=_doc_section("train"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(train)
     train.add_argument("--method", required=True, choices=list(METHOD_LABELS), help="which method")
     train.add_argument("--budget", type=_positive_int, default=32, help="random-search trials (hyper_deep)")
@@ -133,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="hyperkern-train", help="where the model and metrics go")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel training (batch / hyper_batch) under torchrun, e.g. torchrun "
-                            "--nproc_per_node=2 -m hyperkern train --method batch --distributed; --batch-size is "
-                            "the global batch (default: on when torchrun starts more than one process)")
+                            "--nproc_per_node=2 -m hyperkern train --method batch --distributed; --batch-size stays "
+                            "the examples per member and step, the global count that the ranks split (default: on "
+                            "when torchrun starts more than one process)")
     add_evaluate_parser(sub)
     return parser
 
@@ -147,6 +188,7 @@ def _setup(args):
     from hyperkern.data import load_dataset
     from hyperkern.ensembles import ModelSpec, TrainConfig
 
+    _check_device(args.device)
     recipe = get_recipe(args.recipe)
     val_fraction = args.val_fraction if args.val_fraction is not None else recipe.resolved_val_fraction(args.data)
     if not 0.0 < val_fraction < 1.0:
@@ -173,6 +215,38 @@ def _setup(args):
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     return data, spec, config, executor
+
+
+def _check_device(text: str):
+    """Refuse, before anything trains or is written, a --device this torch cannot use (a ValueError:
+    main prints one line and exits 2). Without it every trial failed on the device and was retried."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+            raise ValueError(f"--device {text}: this torch ({torch.__version__}) {why}, so it cannot use CUDA; "
+                             "use --device cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text}: this torch cannot use MPS; use --device cpu")
+
+
+def _resume_note(runs: str, budget: int) -> str | None:
+    """"resumed: N trials loaded, M to train" when the hyper-deep run directory already holds finished
+    trials (N counts search and stratification trials; M the search trials still to train)."""
+    trials = os.path.join(runs, "hyper_deep", "trials")
+    names = [n[:-3] for n in os.listdir(trials) if n.endswith(".pt")] if os.path.isdir(trials) else []
+    if not names:
+        return None
+    search = sum(1 for n in names if n.startswith("search-") and n[7:].isdigit() and int(n[7:]) < budget)
+    return (f"resumed: {len(names)} trials loaded, {budget - search} to train (the search's; stratification "
+            "trials still missing follow the selection)")
 
 
 def _hyper_batch_config(args, config):
@@ -368,6 +442,9 @@ def run_compare(args) -> dict:
     runs = os.path.join(args.output_dir, "runs")
     print(f"hyperkern compare: {data.describe()}; model {args.model}, E = {E}, budget {args.budget}, "
           f"{config.epochs} epochs, seed {args.seed}, recipe {args.recipe}", flush=True)
+    note = _resume_note(runs, args.budget)
+    if note:
+        print(note, flush=True)
 
     start = time.perf_counter()
     hyper_deep = HyperDeepEnsemble(spec, E, budget=args.budget, config=config, seed=args.seed,

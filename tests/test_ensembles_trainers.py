@@ -266,6 +266,27 @@ def test_hyper_batch_save_load(digits, tmp_path):
     assert set(result) >= {"accuracy", "nll", "ece", "brier", "disagreement", "average_kl", "num_parameters"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a torch without CUDA")
+def test_a_model_saved_on_cuda_loads_on_a_cpu_only_torch(digits, tmp_path):
+    """The saved config says device 'cuda': load used to call .to('cuda') and fail on a CPU-only torch."""
+    train, val, test = digits
+    trainers = {"batch": BatchEnsembleTrainer(SPEC, 2, hparams=L2, config=TrainConfig(epochs=1), progress=False),
+                "hyper": HyperBatchEnsembleTrainer(SPEC, 2, config=TrainConfig(epochs=1), progress=False),
+                "deep": DeepEnsemble(SPEC, 2, hparams=L2, config=TrainConfig(epochs=1), progress=False)}
+    for name, trainer in trainers.items():
+        trainer.fit(train, val)
+        path = tmp_path / f"{name}.pt"
+        trainer.save(path)
+        state = torch.load(path, weights_only=True)
+        state["config"]["device"] = "cuda"
+        torch.save(state, path)
+        with pytest.warns(UserWarning, match="loading on the CPU"):
+            again = type(trainer).load(path)
+        assert again.config.device == "cpu"
+        assert torch.allclose(again.predict_proba(test.x), trainer.predict_proba(test.x))
+        assert type(trainer).load(path, device="cpu").config.device == "cpu"
+
+
 # ---------------------------------------------------------------------------------------------
 # resume mid-training: a run stopped after an epoch and restarted equals an uninterrupted one
 

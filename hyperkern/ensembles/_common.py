@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -187,6 +188,22 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def loaded_config(saved: dict, device=None, path: str = "") -> "TrainConfig":
+    """The TrainConfig of a saved trainer, on `device` when given; else on the device it was saved
+    from, except that a model trained on CUDA loads on the CPU (with a warning) where torch has no
+    CUDA, instead of failing in .to('cuda')."""
+    config = TrainConfig.from_dict(saved)
+    if device is not None:
+        config.device = str(torch.device(device))
+    elif torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        import warnings
+
+        warnings.warn(f"{path}: saved from {config.device}, which this torch cannot use; loading on the CPU "
+                      "(pass device= to choose)", stacklevel=3)
+        config.device = "cpu"
+    return config
+
+
 def load_checkpoint(path: str) -> Any:
     """torch.load(path, weights_only=True): tensors, dicts, lists and numbers only, so a hostile file
     cannot run code. Errors name the path."""
@@ -227,9 +244,22 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None):
     return out
 
 
+def output_is_terminal() -> bool:
+    """Whether stdout and stderr are both terminals. Progress is then drawn as tqdm bars (on stderr);
+    otherwise (a log file, a pipe, CI) it is printed as plain lines, never as carriage-return updates."""
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 def progress_bar(iterable=None, *, enabled: bool, **kwargs):
+    """A tqdm bar on a terminal; off a terminal, one plain line per update (e.g. per finished trial)
+    on stdout; nothing when not enabled. The epoch loop prints one line per epoch instead (_loop.py)."""
     if not enabled:
         return _NullBar(iterable)
+    if not output_is_terminal():
+        return _LineBar(iterable, **kwargs)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
@@ -259,6 +289,25 @@ class _NullBar:
 
     def __exit__(self, *exc):
         return False
+
+
+class _LineBar(_NullBar):
+    """progress_bar off a terminal: "desc: n/total" on stdout at every update, flushed."""
+
+    def __init__(self, iterable=None, *, total=None, initial=0, desc=None, **kwargs):
+        super().__init__(iterable)
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.n, self.total, self.desc = int(initial), total, desc or "progress"
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        print(f"{self.desc}: {self.n}/{self.total if self.total is not None else '?'}", flush=True)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The training loop every trainer runs: epochs of shuffled minibatches, a learning-rate schedule,
 progress bars, and checkpoints at the end of each epoch (model, optimizers, data-order generator,
-torch's RNG state) from which the same call resumes with bit-identical results.
+torch's RNG state) from which the same call resumes with bit-identical results. Progress is a tqdm
+bar on a terminal and one plain line per epoch when stdout or stderr is not one (a log, CI).
 
 Also: the standard step of plain and batch-ensemble networks, and batched member-major inference.
 """
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hyperkern.ensembles._common import (TrainConfig, atomic_save, batches, load_checkpoint, progress_bar)
+from hyperkern.ensembles._common import (TrainConfig, atomic_save, batches, load_checkpoint, output_is_terminal,
+                                         progress_bar)
 
 __all__ = ["run_epochs", "train_network", "member_log_probs", "l2_strengths"]
 
@@ -61,7 +63,10 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
         start_epoch = int(ckpt["epoch"])
         earlier_seconds = float(ckpt.get("train_seconds", 0.0))
     last_loss = float("nan")
-    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, enabled=progress, desc=desc)
+    # progress: a tqdm bar of steps on a terminal; otherwise one plain line per epoch (logs, CI)
+    epoch_lines = progress and not output_is_terminal()
+    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, enabled=progress and not epoch_lines,
+                       desc=desc)
     try:
         for epoch in range(start_epoch, config.epochs):
             running, count = 0.0, 0
@@ -73,6 +78,9 @@ def run_epochs(*, n_train: int, config: TrainConfig, data_seed: int,
                 bar.update(1)
             last_loss = running / max(count, 1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.4f}")
+            if epoch_lines:
+                print(f"{desc}: epoch {epoch + 1}/{config.epochs}, loss {last_loss:.4f}, "
+                      f"{time.perf_counter() - started:.1f} s", flush=True)
             if before_checkpoint is not None:
                 before_checkpoint(epoch)
             if checkpoint_path is not None:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from hyperkern.ensembles._common import (EnsembleBase, ModelSpec, TrainConfig, as_dataset, atomic_save,
-                                         count_parameters, load_checkpoint, seeded)
+                                         count_parameters, load_checkpoint, loaded_config, seeded)
 from hyperkern.ensembles._loop import member_log_probs, train_network
 from hyperkern.ensembles.deep import default_hparams, resolve_model_spec
 
@@ -75,15 +75,16 @@ class _SingleNetworkTrainer(EnsembleBase):
                      "network": self.network.state_dict(), "extra": self._extra_state()}, path)
 
     @classmethod
-    def load(cls, path: str):
-        """A fitted trainer from save(path) (torch.load with weights_only=True)."""
+    def load(cls, path: str, device=None):
+        """A fitted trainer from save(path) (torch.load with weights_only=True), on device (default:
+        the one it trained on, or the CPU when that is CUDA and this torch has none)."""
         state = load_checkpoint(path)
         if not isinstance(state, dict) or state.get("kind") != f"hyperkern.{cls.__name__}":
             raise ValueError(f"{path}: not a saved {cls.__name__}")
         obj = cls.__new__(cls)
         spec = ModelSpec.from_dict(state["model_spec"])
-        obj._init_common(spec, int(state["ensemble_size"]), TrainConfig.from_dict(state["config"]), state["seed"],
-                         None, False, None)
+        obj._init_common(spec, int(state["ensemble_size"]), loaded_config(state["config"], device, str(path)),
+                         state["seed"], None, False, None)
         obj.model_spec = spec
         obj._load_extra_state(state["extra"])
         obj.network = obj._build()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from hyperkern.ensembles._common import (EnsembleBase, ModelSpec, TrainConfig, as_dataset, atomic_save,
+from hyperkern.ensembles._common import (EnsembleBase, ModelSpec, TrainConfig, as_dataset, atomic_save, loaded_config,
                                          load_checkpoint)
 from hyperkern.ensembles._loop import member_log_probs
 from hyperkern.ensembles.executors import get_executor
@@ -123,15 +123,16 @@ class _PlainMembers(EnsembleBase):
                      "member_weights": self.member_weights, "extra": self._extra_state()}, path)
 
     @classmethod
-    def load(cls, path: str):
-        """A fitted ensemble from save(path) (torch.load with weights_only=True)."""
+    def load(cls, path: str, device=None):
+        """A fitted ensemble from save(path) (torch.load with weights_only=True), on device (default:
+        the one it trained on, or the CPU when that is CUDA and this torch has none)."""
         state = load_checkpoint(path)
         if not isinstance(state, dict) or state.get("kind") != f"hyperkern.{cls.__name__}":
             raise ValueError(f"{path}: not a saved {cls.__name__} (kind {state.get('kind') if isinstance(state, dict) else type(state).__name__!r})")
         spec = ModelSpec.from_dict(state["model_spec"])
         obj = cls.__new__(cls)
-        obj._init_common(spec, int(state["ensemble_size"]), TrainConfig.from_dict(state["config"]), state["seed"],
-                         None, "local", False)
+        obj._init_common(spec, int(state["ensemble_size"]), loaded_config(state["config"], device, str(path)),
+                         state["seed"], None, "local", False)
         obj.model_spec = spec
         obj._set_members(state["members"], state["member_weights"])
         obj._load_extra_state(state.get("extra", {}))

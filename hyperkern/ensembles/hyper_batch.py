@@ -264,8 +264,8 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
         self._pending_dist = extra["distributions"]
 
     @classmethod
-    def load(cls, path: str):
-        obj = super().load(path)
+    def load(cls, path: str, device=None):
+        obj = super().load(path, device)
         obj.distributions = obj._new_distributions(obj.network.hparam_space, recentre=False)
         obj.distributions.load_state_dict(obj._pending_dist)
         del obj._pending_dist

@@ -150,23 +150,10 @@ _CLASSES = {"single": "DeepEnsemble", "deep": "DeepEnsemble", "batch": "BatchEns
             "hyper_deep": "HyperDeepEnsemble", "hyper_batch": "HyperBatchEnsembleTrainer"}
 
 
-def _load(name: str, path: str):
+def _load(name: str, path: str, device=None):
     from hyperkern import ensembles
 
-    return getattr(ensembles, _CLASSES[name]).load(path)
-
-
-def _on_device(trainer, device):
-    if device is None:
-        return trainer
-    import dataclasses
-
-    trainer.config = dataclasses.replace(trainer.config, device=device)
-    if getattr(trainer, "network", None) is not None:
-        trainer.network.to(device)
-    if hasattr(trainer, "_modules"):
-        trainer._modules = None  # plain members are built on config.device when next used
-    return trainer
+    return getattr(ensembles, _CLASSES[name]).load(path, device=device)
 
 
 def load_saved_models(output_dir: str, device=None):
@@ -187,11 +174,10 @@ def load_saved_models(output_dir: str, device=None):
             if entry is None:
                 continue
             if isinstance(entry, dict):  # the single model: each member of a saved deep ensemble alone
-                group = DeepEnsemble.load(os.path.join(output_dir, MODELS_DIR, entry["members_of"]))
-                methods[name] = [_on_device(DeepEnsemble.from_trials(group.model_spec, [m], group.config), device)
-                                 for m in group.members]
+                group = DeepEnsemble.load(os.path.join(output_dir, MODELS_DIR, entry["members_of"]), device=device)
+                methods[name] = [DeepEnsemble.from_trials(group.model_spec, [m], group.config) for m in group.members]
             else:
-                methods[name] = [_on_device(_load(name, os.path.join(output_dir, MODELS_DIR, entry)), device)]
+                methods[name] = [_load(name, os.path.join(output_dir, MODELS_DIR, entry), device)]
         return manifest, methods
     if os.path.isfile(results_path):
         with open(results_path) as f:
@@ -203,7 +189,7 @@ def load_saved_models(output_dir: str, device=None):
             method = results["method"]
             manifest = {"dataset": results["dataset"], "data": results["dataset"], "data_dir": None,
                         "seed": results["seed"], "val_fraction": 0.1, "test_fingerprint": None}
-            return manifest, {method: [_on_device(_load(method, model_file), device)]}
+            return manifest, {method: [_load(method, model_file, device)]}
     raise FileNotFoundError(
         f"{manifest_path} not found: `hyperkern evaluate` reads the models `hyperkern compare` saves under "
         f"OUTPUT_DIR/{MODELS_DIR} (or the model of a `hyperkern train` run). For a compare output written before "
