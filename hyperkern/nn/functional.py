@@ -1,4 +1,5 @@
-"""Member-major helpers: tile a minibatch for all members, split outputs per member, per-row dropout.
+"""Member-major helpers: tile a minibatch for all members, split outputs per member, the ensemble's
+prediction from member-major logits, per-row dropout.
 
 Member-major: a batch of E*B rows where rows k*B .. (k+1)*B-1 belong to ensemble member k.
 """
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tile", "untile", "rowwise_dropout"]
+__all__ = ["tile", "untile", "ensemble_proba", "rowwise_dropout"]
 
 
 def _check_e(ensemble_size) -> int:
@@ -37,6 +38,19 @@ def untile(y: torch.Tensor, ensemble_size: int) -> torch.Tensor:
         raise ValueError(f"y.shape[0] must be divisible by ensemble_size={E} (member-major E*B rows), "
                          f"got shape {tuple(y.shape)}")
     return y.reshape(E, y.shape[0] // E, *y.shape[1:])
+
+
+def ensemble_proba(logits: torch.Tensor, ensemble_size: int) -> torch.Tensor:
+    """(E*B, C) member-major logits -> (B, C): the ensemble's prediction, the mean over the members of
+    their softmax probabilities (the mean of probabilities, not the softmax of the mean logits).
+
+    Half-precision logits are averaged in float32. Any trailing dimensions are kept: (E*B, ..., C) ->
+    (B, ..., C), the softmax over the last one.
+    """
+    members = untile(logits, ensemble_size)
+    if members.dtype in (torch.float16, torch.bfloat16):
+        members = members.float()
+    return members.softmax(-1).mean(0)
 
 
 def rowwise_dropout(x: torch.Tensor, rate: torch.Tensor, training: bool = True) -> torch.Tensor:
