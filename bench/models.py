@@ -59,7 +59,7 @@ __all__ = ["model_configs", "build_candidates", "run_models", "format_models_tab
 
 ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch[triton]", "batch/tabm", "batch/torch_unc", "hyper_batch",
                 "deep/loop", "deep/vmap")
-N_TRAIN = 50_000  # CIFAR-10's training set: the hyper_batch penalty is divided by it (METHOD.md section 3)
+N_TRAIN = 50_000  # CIFAR-10's training set: the hyper_batch penalty is divided by it (docs/method.md section 3)
 
 
 def model_configs(device: str, *, quick: bool = False, tiny: bool = False) -> list[dict]:

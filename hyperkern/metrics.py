@@ -1,4 +1,4 @@
-"""Metrics for ensembles of classifiers (METHOD.md section 6).
+"""Metrics for ensembles of classifiers (docs/method.md section 6).
 
 Conventions:
   probs         (N, C) probabilities of one predictor (for an ensemble: the mean of its members'

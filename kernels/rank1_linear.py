@@ -1,7 +1,7 @@
 """Triton kernels for the rank-1 ensemble linear ops (installed as hyperkern.kernels.rank1_linear).
 
 Rows are member-major: x has E*B rows and rows k*B .. (k+1)*B-1 belong to ensemble member k.
-Weights use the nn.Linear layout (out, in). The ops computed here (METHOD.md §1-2):
+Weights use the nn.Linear layout (out, in). The ops computed here (docs/method.md §1-2):
 
     batch:  y = s_k * ((x * r_k) @ W^T) + b_k
     hyper:  y = s_k * ((x * r_k) @ W^T) + (v_k * e1) * ((x * u_k) @ Delta^T) + b_k + b'_k * e2

@@ -1,4 +1,4 @@
-"""HyperParameterSpace normalisation and the per-member log-uniform distributions (METHOD.md sections 2, 3)."""
+"""HyperParameterSpace normalisation and the per-member log-uniform distributions (docs/method.md sections 2, 3)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Batch ensembles (Wen, Tran, Ba 2020; METHOD.md section 1): one network of rank-1 ensemble layers,
+"""Batch ensembles (Wen, Tran, Ba 2020; docs/method.md section 1): one network of rank-1 ensemble layers,
 trained on member-major tiled minibatches."""
 from __future__ import annotations
 

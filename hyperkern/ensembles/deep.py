@@ -47,7 +47,7 @@ def default_hparams(spec: ModelSpec) -> dict:
 
 
 def default_search_space(spec: ModelSpec) -> HyperParameterSpace:
-    """The model's own space (L2 per layer group and dropout, log-uniform; METHOD.md section 2 ranges)
+    """The model's own space (L2 per layer group and dropout, log-uniform; docs/method.md section 2 ranges)
     plus label smoothing, log-uniform over LABEL_SMOOTHING_RANGE."""
     space = spec.build("plain", 1).hparam_space
     return HyperParameterSpace(list(space) + [HyperParameter("label_smoothing", *LABEL_SMOOTHING_RANGE, True)])

@@ -1,4 +1,4 @@
-"""Hyper-batch ensembles (this paper; METHOD.md sections 2 and 3): a batch ensemble whose layers are
+"""Hyper-batch ensembles (this paper; docs/method.md sections 2 and 3): a batch ensemble whose layers are
 conditioned on per-row hyperparameters, trained with the alternating bilevel loop:
 
 - every step, on the training split: lam ~ logU(a_k, b_k) per row (one sample per row, member k's
@@ -45,7 +45,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             value instead of the log-uniform mean of the full range (the reference's init, which
             for the MLP's L2 range [1e-3, 1e3] is about 72: on 1,079 digits images that
             over-regularises the network to chance).
-        clip_norm: optional gradient-norm clip of the distribution step (default None: as METHOD.md,
+        clip_norm: optional gradient-norm clip of the distribution step (default None: as docs/method.md,
             only the interval endpoints are clipped into the ranges).
         run_dir: optional directory; run_dir/checkpoint.pt (model, both optimizers, the
             distributions, data order and RNG state) is written after every epoch and fit resumes

@@ -1,4 +1,4 @@
-"""Hyper-deep ensembles (METHOD.md section 4, the paper's Algorithm 1).
+"""Hyper-deep ensembles (docs/method.md section 4, the paper's Algorithm 1).
 
 hyper_ens(kappa, K): random search over kappa hyperparameter settings, all trained from the SAME
     init seed; greedy selection (with replacement) of K members on validation NLL.

@@ -1,4 +1,4 @@
-"""Greedy ensemble selection (Caruana et al., 2004) on validation NLL (METHOD.md section 4)."""
+"""Greedy ensemble selection (Caruana et al., 2004) on validation NLL (docs/method.md section 4)."""
 from __future__ import annotations
 
 import math

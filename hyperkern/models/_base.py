@@ -16,7 +16,7 @@ ORIGINAL scale:
                 lam_i ||W + Delta e1_i||^2 (+ bias analogue), fast weights and embeddings excluded.
   plain, batch: lam (m,) or {name: value}; sum over groups of lam_g * ||theta_g||^2, with
                 per-member biases (E, out) counted as the mean over members of ||b_k||^2.
-Trainers add model.l2_penalty(lam) / n_train to the loss (METHOD.md section 3).
+Trainers add model.l2_penalty(lam) / n_train to the loss (docs/method.md section 3).
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 HyperParameterSpace names the hyperparameters a model is conditioned on (e.g. one L2 strength per
 layer group and a dropout rate), with their ranges and scale, and maps values between their
-original scale and the normalised [0, 1] the models' embeddings see (METHOD.md section 2):
+original scale and the normalised [0, 1] the models' embeddings see (docs/method.md section 2):
 
     z = (log lam - log low) / (log high - log low)        (log scale)
     z = (lam - low) / (high - low)                          (linear scale)
 
 EnsembleLogUniform holds, for every member k and hyperparameter j, a log-uniform distribution
-logU(a_kj, b_kj) with trainable xi = (log a, log b), each of shape (E, m) (METHOD.md section 3):
+logU(a_kj, b_kj) with trainable xi = (log a, log b), each of shape (E, m) (docs/method.md section 3):
 reparameterised sampling of one lambda per row (member-major), mean, entropy and clipping.
 
 The interface the trainers use:

@@ -345,7 +345,7 @@ class BatchEnsembleConv2d(_RankOneEnsembleLayer):
 # Hyper-batch ensemble
 # --------------------------------------------------------------------------------------------------
 class _HyperMixin:
-    """Parameters and maths shared by the hyper-batch-ensemble layers (METHOD.md section 2)."""
+    """Parameters and maths shared by the hyper-batch-ensemble layers (docs/method.md section 2)."""
 
     def _init_hyper(self, num_hparams, tie_fast_weights, embedding_std, in_size, out_size, bias, factory):
         self.num_hparams = _check_positive_int("num_hparams", num_hparams)
@@ -402,7 +402,7 @@ class _HyperMixin:
         Per row i of member k the penalised kernel is weight + delta * e1_i (e1 broadcast over the
         output dimension) and the penalised bias is bias_k + delta_bias_k * e2_i; fast weights are not
         penalised (the reference's regularize_fast_weights=False). Computed by expanding the square
-        (METHOD.md section 2), so no per-row weight is built:
+        (docs/method.md section 2), so no per-row weight is built:
 
             mean(lam) ||W||^2 + 2 sum(W * Delta * mean(lam e1)) + sum(Delta^2 * mean(lam e1^2))
 

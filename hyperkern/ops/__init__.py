@@ -1,4 +1,4 @@
-"""hyperkern's functional API: fused rank-1 ensemble ops (see DESIGN.md for the contract)."""
+"""hyperkern's functional API: fused rank-1 ensemble ops (see docs/design.md for the contract)."""
 import importlib as _importlib
 
 from hyperkern import _backends

@@ -103,7 +103,7 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
 
 def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
                     hyper: bool = False, check_embeddings: bool = True) -> int:
-    """Validate the linear ops' arguments (DESIGN.md contract) and return the ensemble size E."""
+    """Validate the linear ops' arguments (docs/design.md contract) and return the ensemble size E."""
     check_tensor("x", x, 2)
     check_tensor("weight", weight, 2)
     check_tensor("r", r, 2)
