@@ -17,7 +17,7 @@
 #                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start
 #                bare, keep "build" in each call: "build tests", then "build ops models" with
-#                BENCH_ARGS=--quick. On an H200 (bench/RESULTS.md, GPU runs 1 and 2): build about 40 s,
+#                BENCH_ARGS=--quick. On an H200 (docs/benchmark-history.md, GPU runs 1 and 2): build about 40 s,
 #                the GPU tests about 2.5 min with 8-14 workers.
 #
 # Every step runs even when an earlier one failed (except that a failed build is reported and the
@@ -68,7 +68,7 @@ environment() {
   nvidia-smi || true
   command -v nvcc && nvcc --version
   # the C++ compiler the extension is built with (an H200 image's /opt/gcc g++ built an extension whose
-  # TORCH_CHECK messages crashed in std::ostringstream: bench/RESULTS.md, first GPU run)
+  # TORCH_CHECK messages crashed in std::ostringstream: docs/benchmark-history.md, first GPU run)
   echo "c++: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>/dev/null | head -1)"
   "$PYTHON" - <<'PY'
 import platform, torch
@@ -94,7 +94,7 @@ PY
 
 # The system g++ unless CXX says otherwise: an H200 image's default /opt/gcc/bin/g++ wrapper built an
 # extension whose TORCH_CHECK messages crashed in std::ostringstream; /usr/bin/g++ (the same 13.3)
-# built one that raises cleanly (bench/RESULTS.md, GPU runs 1 and 2).
+# built one that raises cleanly (docs/benchmark-history.md, GPU runs 1 and 2).
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 
 install_extension() {

@@ -103,7 +103,7 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
         out["tabm"] = pair(lambda *a: peers.tabm_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
         out["torch_unc"] = pair(lambda *a: peers.torch_uncertainty_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
         # the cpp backend's per-member arithmetic in PyTorch, and on CUDA with the members on their own
-        # streams: what overlapping the E small convolutions would gain (bench/RESULTS.md, first GPU run)
+        # streams: what overlapping the E small convolutions would gain (docs/benchmark-history.md, first GPU run)
         out["member loop"] = pair(lambda *a: peers.member_loop_batch_ensemble_conv2d(*a, *GEO), leaves, grad)
         if x.is_cuda:
             streams = [torch.cuda.Stream(x.device) for _ in range(args[2].shape[0])]

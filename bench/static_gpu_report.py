@@ -28,7 +28,7 @@ so a new kernels/*.py module is picked up without touching this script.
 
 --check exits with status 1 if any kernel fails to compile, spills, exceeds shared memory, or is a
 GEMM build without the expected tensor-core instruction (or with HMMA). --write-results replaces the
-"Static GPU report (sm_90)" section of bench/RESULTS.md with the table.
+"Static GPU report (sm_90)" section of docs/benchmark-history.md with the table.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import traceback
 from bench.common import cpu_name
 
 SECTION = "## Static GPU report (sm_90)"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmark-history.md")
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on an H100
 _OPCODES = ("HGMMA", "HMMA", "DMMA", "LDL", "STL")
 _SPEC_CACHE: dict = {}
@@ -192,8 +192,8 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def write_results(section_body: str, path: str = RESULTS) -> None:
-    """Replace (or append) this report's section of bench/RESULTS.md, leaving other sections alone."""
-    text = open(path).read() if os.path.exists(path) else "# hyperkern benchmark results\n"
+    """Replace (or append) this report's section of docs/benchmark-history.md, leaving other sections alone."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark history\n"
     section = f"{SECTION}\n\n{section_body.strip()}\n"
     start = text.find(SECTION + "\n")
     if start < 0:

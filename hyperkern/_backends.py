@@ -115,7 +115,7 @@ def available_backends(device_type: str | None = None) -> list[str]:
     return [name for name in ("torch", "cpp", "triton") if all(st[name] is None for st in statuses)]
 
 
-# On CUDA tensors, "auto" takes the first available of these. Measured on an H200 (bench/RESULTS.md, GPU
+# On CUDA tensors, "auto" takes the first available of these. Measured on an H200 (docs/benchmark-history.md, GPU
 # run 2): the cpp ops beat the Triton ones at every op-suite shape, linear (4 x 256 rows, 512 and 1024
 # features, fwd+bwd: cpp 1.11-1.58x cuBLAS, Triton 3.3-3.8x, Triton's Python launches dominate at these
 # sizes) and conv (WRN-28-10 stage 1, fwd+bwd: cpp 1.17x cuDNN, Triton 2.53x).

@@ -102,7 +102,7 @@ def test_non_finite_embeddings_are_refused(bad, which):
 
 
 def test_auto_backend_order(monkeypatch):
-    """"auto": cpp on the CPU; on CUDA cpp before Triton (measured faster on an H200, bench/RESULTS.md),
+    """"auto": cpp on the CPU; on CUDA cpp before Triton (measured faster on an H200, docs/benchmark-history.md),
     Triton where cpp is missing, the torch composition where neither is there."""
     from hyperkern import _backends
     op = "batch_ensemble_conv2d"
