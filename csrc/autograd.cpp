@@ -1,7 +1,7 @@
 // Autograd of the four rank-1 ensemble ops, in C++ and device-agnostic: each forward and backward
 // op dispatches to the CPU or CUDA kernel of its inputs. Registered at the Autograd key, these
 // replace Python autograd wrappers (torch.library.register_autograd), which cost ~20 us of host time
-// per forward+backward (bench/RESULTS.md) — the time small layers and GPU launches are bound by. The
+// per forward+backward (docs/benchmark-history.md) — the time small layers and GPU launches are bound by. The
 // fake kernels stay in Python (hyperkern/ops/_cpp_linear.py, _cpp_conv.py). Gradients are first
 // order: the backward ops have no autograd of their own.
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -4,7 +4,7 @@
 // x is member-major: images k*B .. (k+1)*B-1 of the (E*B, C, H, W) input belong to member k. NCHW and
 // channels-last inputs are both supported; every activation-sized output follows x's memory format.
 //
-// Design (numbers in bench/RESULTS.md):
+// Design (numbers in docs/benchmark-history.md):
 // - The fast weights are folded into the shared weight, W_k = W * s_k r_k^T per member (tiny: E times
 //   the weight), so member k is ONE plain convolution of its own B images with W_k (and bias_k fused
 //   into it): no activation-sized scaling pass before or after the convolution. The convolutions are

@@ -73,7 +73,7 @@ constexpr int64_t kWeightGradBufferBytes = int64_t(4) << 20;
 // Scratch buffers that never leave an op call (the scaled GEMM operands, the G_k buffer) come from a
 // per-thread workspace, one buffer per slot, kept between calls: a fresh allocation of that size is
 // new memory every call (glibc hands it back to the kernel on free), and first-touching its pages costs
-// 5-6 % of a forward+backward at E=4, B=256, in=out=512 (bench/RESULTS.md). A slot keeps at most
+// 5-6 % of a forward+backward at E=4, B=256, in=out=512 (docs/benchmark-history.md). A slot keeps at most
 // kWorkspaceSlotBytes; larger scratch is allocated per call. Slots in use at the same time differ.
 // HYPERKERN_CPU_WORKSPACE=0 turns the cache off (every scratch buffer allocated per call).
 enum WorkspaceSlot : int { kScaledInput = 0, kScaledGrad = 1, kScaledGradHyper = 2, kDeltaSide = 3, kGBuffer = 4,

@@ -10,7 +10,7 @@
 // On an H200 the batch op's scheme beat one cuDNN convolution per member with folded weights
 // W_k = W * s_k r_k^T (the CPU kernel's scheme; WRN-28-10 train step 50.2 -> 42.9 ms, plain 37.1): cuDNN
 // at B images per call is slower than at E*B images, and each member's weight was folded and transposed
-// (bench/RESULTS.md, GPU run 2). The price is memory: the kept convolution outputs.
+// (docs/benchmark-history.md, GPU run 2). The price is memory: the kept convolution outputs.
 #include "../one_conv.h"
 #include "../rank1_conv.h"
 
