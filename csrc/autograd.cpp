@@ -2,8 +2,13 @@
 // op dispatches to the CPU or CUDA kernel of its inputs. Registered at the Autograd key, these
 // replace Python autograd wrappers (torch.library.register_autograd), which cost ~20 us of host time
 // per forward+backward (docs/benchmark-history.md) — the time small layers and GPU launches are bound by. The
-// fake kernels stay in Python (hyperkern/ops/_cpp_linear.py, _cpp_conv.py). Gradients are first
-// order: the backward ops have no autograd of their own.
+// fake kernels stay in Python (hyperkern/ops/_cpp_linear.py, _cpp_conv.py).
+//
+// Higher order: each backward calls its backward op through the dispatcher, whose own Autograd kernel
+// (csrc/composite.cpp) runs the fused kernel for a first-order backward and a differentiable ATen
+// composition when the backward is itself recorded (create_graph=True), so double backward works.
+// The conv train ops, which return what a backward keeps, get Autograd kernels here too: their
+// outputs' y is differentiable as the plain op's, the kept activations are not.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -13,6 +18,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "autograd_util.h"
 
 namespace hyperkern {
 namespace {
@@ -29,8 +36,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // The gradients a backward op returns, as the variable_list autograd expects: one entry per forward
 // argument, undefined where the input needs none (or is not a tensor).
 template <class Tuple, size_t... I>
@@ -45,29 +50,10 @@ variable_list to_list(const Tuple& grads, const std::vector<bool>& mask, size_t 
   return to_list(grads, mask, num_args, std::make_index_sequence<std::tuple_size_v<Tuple>>{});
 }
 
-// Whether autograd will take a gradient of this call: grad mode on and a (present) input requires grad.
-bool taking_grad(std::initializer_list<Tensor> tensors, std::initializer_list<OptTensor> optional) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor& t : tensors) {
-    if (t.requires_grad()) return true;
-  }
-  for (const OptTensor& t : optional) {
-    if (present(t) && t->requires_grad()) return true;
-  }
-  return false;
-}
-
 // A tensor a train op kept for the backward: 4-D where the device's backward reads it (CUDA), else an empty
 // or absent one (CPU, or a forward without gradients).
 OptTensor kept_activation(const variable_list& saved, size_t i) {
   return saved.size() > i && saved[i].defined() && saved[i].dim() == 4 ? OptTensor(saved[i]) : std::nullopt;
-}
-
-// The backward ops have no autograd of their own: a backward that records a graph (create_graph=True,
-// double backward) gets a clear error instead of a wrong or missing second derivative.
-void check_first_order(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "hyperkern::", op,
-              ": gradients are first order only; double backward (create_graph=True) is not supported");
 }
 
 // Which of the forward's first tensor arguments need a gradient. `present` says which of them were
@@ -84,6 +70,7 @@ std::vector<bool> needs(AutogradContext* ctx, const std::vector<bool>& present) 
 // The hyper ops save the same tensors (x, weight, delta, r, s, u, v, e1, delta_bias, e2 and the
 // Delta-branch output the forward kept) and flags; both backward ops read them back the same way.
 // `extra`: more tensors for the backward (the conv train op's branches), saved after `kept` (t[11], ...).
+// `kept` and `extra` are outputs of the forward too, marked non-differentiable.
 void save_hyper(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
                 const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& e1, const OptTensor& bias,
                 const OptTensor& delta_bias, const OptTensor& e2, const Tensor& kept,
@@ -93,7 +80,9 @@ void save_hyper(AutogradContext* ctx, const Tensor& x, const Tensor& weight, con
   ctx->save_for_backward(saved);
   ctx->saved_data["has_bias"] = present(bias);
   ctx->saved_data["has_delta_bias"] = present(delta_bias);
-  ctx->mark_non_differentiable({kept});
+  variable_list kept_outputs{kept};
+  kept_outputs.insert(kept_outputs.end(), extra.begin(), extra.end());
+  ctx->mark_non_differentiable(kept_outputs);
 }
 
 struct HyperSaved {
@@ -157,7 +146,6 @@ class BatchEnsembleLinear : public torch::autograd::Function<BatchEnsembleLinear
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Grads5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           bool, bool)>("hyperkern::batch_ensemble_linear_backward");
-    check_first_order("batch_ensemble_linear");
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, has_bias});
@@ -189,7 +177,6 @@ class HyperBatchEnsembleLinear : public torch::autograd::Function<HyperBatchEnse
         find_op<Grads11(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                         bool, bool)>("hyperkern::hyper_batch_ensemble_linear_backward");
-    check_first_order("hyper_batch_ensemble_linear");
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
@@ -204,9 +191,10 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
  public:
   // train: a gradient will be taken (grad mode on and an input requires grad), so the forward runs the
   // train op, which also returns what the device's backward reads (pre); otherwise the plain op.
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& r,
-                        const Tensor& s, const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups, bool train) {
+  // Returns {y, pre}: pre (non-differentiable) is the train op's, an empty tensor from the plain op.
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& r,
+                               const Tensor& s, const OptTensor& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool train) {
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t)>("hyperkern::batch_ensemble_conv2d");
@@ -219,11 +207,14 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
     save_geometry(ctx, stride, padding, dilation, groups);
     if (!train) {
       ctx->save_for_backward({x, weight, r, s, Tensor()});
-      return op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+      const Tensor none = at::empty({0}, x.options());
+      ctx->mark_non_differentiable({none});
+      return {op.call(x, weight, r, s, bias, stride, padding, dilation, groups), none};
     }
     auto [y, pre] = train_op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
     ctx->save_for_backward({x, weight, r, s, pre});
-    return y;
+    ctx->mark_non_differentiable({pre});
+    return {y, pre};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -231,7 +222,6 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
         find_op<Grads5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>, const OptTensor&)>(
             "hyperkern::batch_ensemble_conv2d_backward");
-    check_first_order("batch_ensemble_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
@@ -242,6 +232,7 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
 };
 
 // ---- hyper_batch_ensemble_conv2d: (y, hd); hd = conv(x * u_k, delta) * v_k when save_hd ------------
+// (the train op's forward returns (y, hd, h, hr), the kept branches too)
 
 class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnsembleConv2d> {
  public:
@@ -271,7 +262,7 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
     auto [y, hd, h, hr] =
         train_op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
     save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd, {h, hr});
-    return {y, hd};
+    return {y, hd, h, hr};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -280,7 +271,6 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
         const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
         at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
         "hyperkern::hyper_batch_ensemble_conv2d_backward");
-    check_first_order("hyper_batch_ensemble_conv2d");
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const SavedGeometry g = load_geometry(ctx);
@@ -307,7 +297,25 @@ Tensor batch_ensemble_conv2d_autograd(const Tensor& x, const Tensor& weight, con
                                       const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
   const bool train = taking_grad({x, weight, r, s}, {bias});
-  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train);
+  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train)[0];
+}
+
+// The train op as an op of its own (e.g. under opcheck): with a gradient to take, the autograd function above
+// runs it and returns its y differentiable and its pre non-differentiable; otherwise the kernel below autograd.
+std::tuple<Tensor, Tensor> batch_ensemble_conv2d_train_autograd(const Tensor& x, const Tensor& weight, const Tensor& r,
+                                                                const Tensor& s, const OptTensor& bias,
+                                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                at::IntArrayRef dilation, int64_t groups) {
+  if (!taking_grad({x, weight, r, s}, {bias})) {
+    static const auto train_op =
+        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>(
+            "hyperkern::batch_ensemble_conv2d_train");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return train_op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+  }
+  const variable_list out = BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, true);
+  return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_autograd(
@@ -320,6 +328,25 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_autograd(
   return {out[0], out[1]};
 }
 
+// The hyper train op as an op of its own: (y, hd, h, hr), y differentiable, the kept tensors not.
+std::tuple<Tensor, Tensor, Tensor, Tensor> hyper_batch_ensemble_conv2d_train_autograd(
+    const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
+    const Tensor& v, const Tensor& e1, const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  if (!taking_grad({x, weight, delta, r, s, u, v, e1}, {bias, delta_bias, e2})) {
+    static const auto train_op = find_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+        at::IntArrayRef, int64_t, bool)>("hyperkern::hyper_batch_ensemble_conv2d_train");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return train_op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups,
+                         save_hd);
+  }
+  const variable_list out = HyperBatchEnsembleConv2d::apply(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
+                                                            stride, padding, dilation, groups, save_hd, true);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
@@ -327,6 +354,8 @@ TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
   m.impl("hyper_batch_ensemble_linear", &hyper_batch_ensemble_linear_autograd);
   m.impl("batch_ensemble_conv2d", &batch_ensemble_conv2d_autograd);
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_autograd);
+  m.impl("batch_ensemble_conv2d_train", &batch_ensemble_conv2d_train_autograd);
+  m.impl("hyper_batch_ensemble_conv2d_train", &hyper_batch_ensemble_conv2d_train_autograd);
 }
 
 }  // namespace hyperkern

@@ -1,6 +1,7 @@
 // hyperkern._C: the one place where every hyperkern op schema is defined.
 // Implementations register per dispatch key in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA);
-// fake (meta) kernels are registered from Python (hyperkern/ops/_cpp_*.py), autograd in csrc/autograd.cpp.
+// fake (meta) kernels are registered from Python (hyperkern/ops/_cpp_*.py), autograd in csrc/autograd.cpp
+// (the forward and train ops) and csrc/composite.cpp (the backward ops: differentiable, for double backward).
 // Inputs reaching these kernels were validated by hyperkern.ops (shapes, dtypes, devices); the
 // kernels only TORCH_CHECK what would otherwise be memory-unsafe.
 #include <Python.h>

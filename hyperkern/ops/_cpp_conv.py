@@ -7,7 +7,8 @@ channels-last (outputs follow x's memory format). weight, delta: (O, C/groups, k
 s, v, bias, delta_bias: (E, O); e1, e2: (E*B, O), one row per image. Arguments arrive validated by
 hyperkern.ops.conv (stride, padding, dilation as int pairs).
 
-Gradients are first order (the backward ops have no autograd formula of their own).
+Double backward: the backward ops' Autograd kernels (csrc/composite.cpp) run the fused kernels for a
+first-order backward and a differentiable ATen composition when create_graph=True.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 The schemas live in csrc/ops.cpp, the kernels in csrc/cpu/rank1_linear.cpp (CPU) and
 csrc/cuda/rank1_linear.cu (CUDA). This module adds what the compiler stack needs around them: fake
 (meta) implementations, so the ops trace under torch.compile(fullgraph=True). Their autograd
-(calling the C++ backward ops) is registered in C++, csrc/autograd.cpp.
+(calling the C++ backward ops) is registered in C++, csrc/autograd.cpp; the backward ops' own, which
+makes double backward work (a differentiable ATen composition when create_graph=True, the fused
+kernel otherwise), in csrc/composite.cpp.
 
 Rows are member-major: x is (E*B, in) and rows k*B .. (k+1)*B-1 belong to member k (E = r.shape[0]).
 The functions below take arguments already validated by hyperkern.ops.linear (they may be

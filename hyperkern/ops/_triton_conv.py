@@ -16,6 +16,9 @@ and their backward ops (..._backward) used by register_autograd. The backward ru
 kernel when x needs a gradient and the weight-gradient kernel (which also reduces dr, ds, and for the
 hyper op dDelta, du, dv, de1) when any of those need one; bias gradients are per-image channel sums of
 the output gradient. Gradients the caller does not need come back as empty tensors and are None.
+Double backward (create_graph=True) computes the gradients with the differentiable composition of
+hyperkern.ops._composite instead; the backward ops' own derivative is that composition's
+vector-Jacobian product.
 
 float64 runs the same kernels with float64 accumulators and IEEE dots (DMMA on an H100: exact, for
 gradcheck, not fast); float32 uses TF32 tensor cores when torch.backends.cudnn.allow_tf32 is set
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from hyperkern.kernels import rank1_conv as _kernels
+from hyperkern.ops._composite import rank1_grads, vjp_of
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
 
@@ -145,6 +149,20 @@ def _(grad, x, weight, r, s, has_bias, stride, padding, dilation, groups, input_
     return dx, dw, dr, ds, db
 
 
+def _batch_ensemble_backward_composite(grad, x, weight, r, s, has_bias, stride, padding, dilation, groups, input_grad,
+                                       weight_grads):
+    """The backward op's outputs as differentiable torch ops (None where the op returns a placeholder)."""
+    d = rank1_grads(grad, x, weight, r, s, dict(x=input_grad, weight=weight_grads, r=weight_grads, s=weight_grads,
+                                                bias=has_bias),
+                    stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return d.get("x"), d.get("weight"), d.get("r"), d.get("s"), d.get("bias")
+
+
+_setup, _derivative = vjp_of(_batch_ensemble_backward_composite, 5)
+torch.library.register_autograd("hyperkern::batch_ensemble_conv2d_triton_backward", _derivative,
+                                setup_context=_setup)
+
+
 def _batch_ensemble_setup_context(ctx, inputs, output):
     x, weight, r, s, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, r, s)
@@ -155,6 +173,11 @@ def _batch_ensemble_backward(ctx, grad):
     x, weight, r, s = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        d = rank1_grads(grad, x, weight, r, s, dict(x=need[0], weight=need[1], r=need[2], s=need[3],
+                                                    bias=has_bias and need[4]),
+                        stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return (d.get("x"), d.get("weight"), d.get("r"), d.get("s"), d.get("bias"), None, None, None, None)
     dx, dw, dr, ds, db = _batch_ensemble_conv2d_backward_op(
         grad, x, weight, r, s, has_bias and need[4], stride, padding, dilation, groups, need[0],
         need[1] or need[2] or need[3])
@@ -234,6 +257,23 @@ def _(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, has_bias, stride, 
             like(s, delta_bias is not None), like(e1, delta_bias is not None))
 
 
+def _hyper_backward_composite(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, has_bias, stride, padding,
+                              dilation, groups, input_grad, weight_grads):
+    """The hyper backward op's outputs as differentiable torch ops."""
+    db = delta_bias is not None
+    d = rank1_grads(grad, x, weight, r, s, dict(x=input_grad, weight=weight_grads, delta=weight_grads, r=weight_grads,
+                                                s=weight_grads, u=weight_grads, v=weight_grads, e1=weight_grads,
+                                                bias=has_bias, delta_bias=db, e2=db),
+                    delta, u, v, e1, delta_bias, e2, stride, padding, dilation, groups)
+    return tuple(d.get(name) for name in ("x", "weight", "delta", "r", "s", "u", "v", "e1", "bias", "delta_bias",
+                                          "e2"))
+
+
+_setup, _derivative = vjp_of(_hyper_backward_composite, 11)
+torch.library.register_autograd("hyperkern::hyper_batch_ensemble_conv2d_triton_backward", _derivative,
+                                setup_context=_setup)
+
+
 def _hyper_setup_context(ctx, inputs, output):
     x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, delta, r, s, u, v, e1, delta_bias, e2)
@@ -244,6 +284,14 @@ def _hyper_backward(ctx, grad):
     x, weight, delta, r, s, u, v, e1, delta_bias, e2 = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        has_db = delta_bias is not None
+        d = rank1_grads(grad, x, weight, r, s, dict(zip(("x", "weight", "delta", "r", "s", "u", "v", "e1"), need[:8]),
+                                                    bias=has_bias and need[8], delta_bias=has_db and need[9],
+                                                    e2=has_db and need[10]),
+                        delta, u, v, e1, delta_bias, e2, stride, padding, dilation, groups)
+        return tuple(d.get(name) for name in ("x", "weight", "delta", "r", "s", "u", "v", "e1", "bias", "delta_bias",
+                                              "e2")) + (None, None, None, None)
     weight_grads = any(need[1:8])
     outs = _hyper_batch_ensemble_conv2d_backward_op(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2,
                                                     has_bias and need[8], stride, padding, dilation, groups,

@@ -21,6 +21,10 @@ grad weight with the fast-weight reductions fused, and one row-wise pass for bia
 gradients; see kernels/rank1_linear.py). Gradients a backward op is not asked for come back as
 empty tensors and are returned to autograd as None.
 
+Double backward: a backward recorded by autograd (create_graph=True) computes the gradients with the
+differentiable composition of hyperkern.ops._composite instead of the backward ops; the backward ops'
+own derivative (register_autograd) is that composition's vector-Jacobian product.
+
 The hyper op needs the pre-scale product (x * u_k) @ Delta^T for the e1 gradient: the forward
 kernel stores it (delta_product, non-differentiable) when save_delta_product is true, which the
 public wrapper sets when grad mode is on and e1 requires grad; otherwise delta_product is empty and
@@ -40,6 +44,7 @@ import torch
 from torch import Tensor
 
 from hyperkern.kernels import rank1_linear as kernels
+from hyperkern.ops._composite import rank1_grads, vjp_of
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
 
@@ -92,6 +97,17 @@ def _(grad, x, weight, r, s, bias_grad, x_grad, weight_grads):
         like(s, bias_grad)
 
 
+def _batch_backward_composite(grad, x, weight, r, s, bias_grad, x_grad, weight_grads):
+    """The backward op's outputs as differentiable torch ops (None where the op returns a placeholder)."""
+    d = rank1_grads(grad, x, weight, r, s, dict(x=x_grad, weight=weight_grads, r=weight_grads, s=weight_grads,
+                                                bias=bias_grad))
+    return d.get("x"), d.get("weight"), d.get("r"), d.get("s"), d.get("bias")
+
+
+_setup, _derivative = vjp_of(_batch_backward_composite, 5)
+_batch_backward.register_autograd(_derivative, setup_context=_setup)
+
+
 def _batch_setup_context(ctx, inputs, output):
     x, weight, r, s, bias = inputs
     ctx.has_bias = bias is not None
@@ -103,6 +119,9 @@ def _batch_autograd(ctx, grad):
     need_x, need_w, need_r, need_s, need_b = ctx.needs_input_grad
     weight_grads = need_w or need_r or need_s
     bias_grad = ctx.has_bias and need_b
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        d = rank1_grads(grad, x, weight, r, s, dict(x=need_x, weight=need_w, r=need_r, s=need_s, bias=bias_grad))
+        return d.get("x"), d.get("weight"), d.get("r"), d.get("s"), d.get("bias")
     dx, dw, dr, ds, db = torch.ops.hyperkern.batch_ensemble_linear_triton_backward(
         grad, x, weight, r, s, bias_grad, need_x, weight_grads)
     return (dx if need_x else None, dw if need_w else None, dr if need_r else None, ds if need_s else None,
@@ -179,6 +198,22 @@ def _(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bia
             like(s, bias_grad), like(s, db_grads), like(e1, db_grads))
 
 
+def _hyper_backward_composite(grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bias_grad,
+                              x_grad, weight_grads, e1_grad, delta_bias_grads):
+    """The hyper backward op's outputs as differentiable torch ops (delta_product is recomputed)."""
+    db = delta_bias_grads and delta_bias is not None
+    d = rank1_grads(grad, x, weight, r, s, dict(x=x_grad, weight=weight_grads, delta=weight_grads, r=weight_grads,
+                                                s=weight_grads, u=weight_grads, v=weight_grads, e1=e1_grad,
+                                                bias=bias_grad, delta_bias=db, e2=db),
+                    delta, u, v, e1, delta_bias, e2)
+    return tuple(d.get(name) for name in ("x", "weight", "delta", "r", "s", "u", "v", "e1", "bias", "delta_bias",
+                                          "e2"))
+
+
+_setup, _derivative = vjp_of(_hyper_backward_composite, 12)
+_hyper_backward.register_autograd(_derivative, setup_context=_setup)
+
+
 def _hyper_setup_context(ctx, inputs, output):
     x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, _save = inputs
     ctx.has_bias = bias is not None
@@ -194,6 +229,13 @@ def _hyper_autograd(ctx, grad, _grad_delta_product):
     weight_grads = need_w or need_d or need_r or need_s or need_u or need_v
     bias_grad = ctx.has_bias and need_b
     db_grads = ctx.has_delta_bias and (need_db or need_e2)
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        d = rank1_grads(grad, x, weight, r, s, dict(x=need_x, weight=need_w, delta=need_d, r=need_r, s=need_s,
+                                                    u=need_u, v=need_v, e1=need_e1, bias=bias_grad,
+                                                    delta_bias=db_grads and need_db, e2=db_grads and need_e2),
+                        delta, u, v, e1, delta_bias, e2)
+        return tuple(d.get(name) for name in ("x", "weight", "delta", "r", "s", "u", "v", "e1", "bias",
+                                              "delta_bias", "e2")) + (None,)
     dx, dw, dd, dr, ds, du, dv, de1, dbias, ddb, de2 = torch.ops.hyperkern.hyper_batch_ensemble_linear_triton_backward(
         grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bias_grad, need_x, weight_grads,
         need_e1, db_grads)
