@@ -59,6 +59,15 @@ enum Grad : int { kX = 0, kW, kDelta, kR, kS, kU, kV, kE1, kBias, kDeltaBias, kE
 std::array<Tensor, kNumGrads> composite_grads(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& r,
                                               const Tensor& s, const HyperInputs& hyper, const Geometry& geo,
                                               const std::array<bool, kNumGrads>& need) {
+  // A raw call with inconsistent shapes must raise, never crash: the divisions below need these; the
+  // ATen ops raise for every other mismatch.
+  TORCH_CHECK(x.dim() == 4 && g.dim() == 4, "hyperkern backward: x and the output gradient must be ",
+              "(E*B, C) or (E*B, C, H, W), got ", x.sizes(), " and ", g.sizes());
+  TORCH_CHECK(r.dim() == 2 && s.dim() == 2 && r.size(0) >= 1 && s.size(0) == r.size(0),
+              "hyperkern backward: r and s must be (E, C_in) and (E, C_out) with E >= 1, got ", r.sizes(), " and ",
+              s.sizes());
+  TORCH_CHECK(x.size(0) % r.size(0) == 0 && g.size(0) == x.size(0), "hyperkern backward: x has ", x.size(0),
+              " rows and the output gradient ", g.size(0), "; both must be E*B with E = r.size(0) = ", r.size(0));
   const int64_t N = x.size(0), E = r.size(0), B = N / E;
   // (E, C) per-member vectors as (N, C) per-row values, and per-row values summed per member.
   auto per_row = [&](const Tensor& t) { return t.unsqueeze(1).expand({E, B, t.size(1)}).reshape({N, t.size(1)}); };

@@ -108,3 +108,24 @@ def test_backward_op_called_directly_is_differentiable():
     assert all(t.requires_grad for t in (dx, dw, dr, ds, db))
     assert torch.autograd.gradcheck(
         lambda *a: torch.ops.hyperkern.batch_ensemble_linear_backward(*a, True, True), (g, x, w, r, s))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="cpp backend unavailable")
+def test_backward_ops_recorded_with_bad_shapes_raise():
+    """A raw backward op call that autograd records (so the composition runs) with inconsistent shapes
+    raises, as the fused kernels do; it never crashes (E = 0 would divide by zero)."""
+    x, w, r, s, _ = [a.requires_grad_() for a in _args("batch_ensemble_linear")[0]]
+    g = _f(E * B, 2)
+    with pytest.raises(RuntimeError, match="E >= 1"):
+        torch.ops.hyperkern.batch_ensemble_linear_backward(g, x, w, r[:0], s[:0], True, True)
+    with pytest.raises(RuntimeError, match="rows"):
+        torch.ops.hyperkern.batch_ensemble_linear_backward(g[:3], x[:3], w, r, s, True, True)
+    with pytest.raises(RuntimeError):
+        torch.ops.hyperkern.batch_ensemble_linear_backward(g, x, w, r[:, :2], s, True, True)
+    args, _ = _args("hyper_batch_ensemble_conv2d")
+    args = [a.requires_grad_() for a in args]
+    x, w, d, r, s, u, v, e1, b, db, e2 = args
+    gy = _f(E * B, 2, 3, 3)
+    with pytest.raises(RuntimeError):
+        torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward(gy, x, w, d, r, s, u, v, e1[:3], db, e2, x.new_empty(0),
+                                                                 [1, 1], [1, 1], [1, 1], 2, [True] * 11)
