@@ -203,6 +203,10 @@ def test_layer_bad_inputs_name_the_argument():
         hyp(x, torch.rand(4, 3) + 1)
     with pytest.raises(TypeError, match="^hparams must be a torch.Tensor"):
         hyp(x, [[0.5] * 3] * 4)
+    one_nan = torch.full((4, 3), 0.5)
+    one_nan[1, 2] = float("nan")  # the range said [nan, nan]: where the finite values lie, and how many are NaN
+    with pytest.raises(ValueError, match=r"got finite values in \[0.5, 0.5\], 1 NaN of 12$"):
+        hyp(x, one_nan)
     hyp(x, torch.rand(4, 3) + 1, check_range=False)  # models check the range once, layers may skip it
     with pytest.raises(ValueError, match="^lam must have shape"):
         hyp.l2_penalty(torch.rand(3), torch.rand(4, 3))

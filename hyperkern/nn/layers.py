@@ -82,6 +82,20 @@ def _linear_init_(weight: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+def _describe_values(t: torch.Tensor) -> str:
+    """'values in [lo, hi]' of the finite entries, plus how many are NaN or infinite (min/max of a
+    tensor with one NaN is NaN, which hid where the finite values lie)."""
+    finite = torch.isfinite(t)
+    parts = []
+    if bool(finite.any()):
+        values = t[finite]
+        parts.append(f"finite values in [{values.min().item():.4g}, {values.max().item():.4g}]")
+    for name, count in (("NaN", int(torch.isnan(t).sum())), ("infinite", int(torch.isinf(t).sum()))):
+        if count:
+            parts.append(f"{count} {name} of {t.numel()}")
+    return ", ".join(parts)
+
+
 def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True) -> torch.Tensor:
     """Validate a member-major hyperparameter matrix: a floating tensor of shape (rows, num_hparams) in [0, 1].
 
@@ -103,8 +117,8 @@ def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True
         ok = torch.isfinite(hparams).all() & (hparams >= 0).all() & (hparams <= 1).all()
         if not bool(ok):
             raise ValueError("hparams must be normalised hyperparameters in [0, 1] (use "
-                             "HyperParameterSpace.normalize on values in their original scale), got values in "
-                             f"[{hparams.min().item():.4g}, {hparams.max().item():.4g}]")
+                             "HyperParameterSpace.normalize on values in their original scale), got "
+                             + _describe_values(hparams))
     return hparams
 
 
