@@ -12,6 +12,10 @@ Variants (--variants, comma separated):
   tuned-no-ls    the same without label smoothing on either arm
   reference-init the tuned recipe with the reference's fast weights (0.75 hyper-batch) and
                  linear-scale distributions
+  reference-schedule  the tuned recipe with the reference's warm-up and x0.2 steps
+  reference      the reference recipe's batch-type arms (range-mean start, no label smoothing,
+                 fast weights 0.5 / 0.75, linear-scale intervals, its schedule and Adam rate);
+                 the split and the search stay the tuned recipe's, so only the arms differ
 
     python tools/dev_splits.py --data digits --splits 0 1 2 --train-seeds 0 1 --variants tuned,tuned-no-ls
 """
@@ -29,12 +33,18 @@ import torch
 
 def _variant(name: str, recipe):
     """(recipe, use label smoothing) of a variant name."""
+    from hyperkern.ensembles.recipes import get_recipe
+
     if name == "tuned":
         return recipe, True
     if name == "tuned-no-ls":
         return recipe, False
     if name == "reference-init":
         return dataclasses.replace(recipe, hyper_fast_init_std_mlp=0.75, init_space="linear"), True
+    if name == "reference-schedule":
+        return dataclasses.replace(recipe, lr_schedule="reference"), True
+    if name == "reference":
+        return get_recipe("reference"), False
     raise SystemExit(f"unknown variant {name!r}")
 
 
@@ -61,7 +71,6 @@ def main(argv=None):
     E = args.ensemble_size
     epochs = args.epochs or (40 if args.data == "digits" else 20)
     config = TrainConfig(epochs=epochs, batch_size=64, lr=0.1, lr_schedule=recipe.lr_schedule)
-    hb_config = dataclasses.replace(config, hparam_lr=recipe.distribution_lr(args.data))
     results = {}
     for split in args.splits:
         data = load_dataset(args.data, data_dir=args.data_dir, seed=split,
@@ -77,6 +86,8 @@ def main(argv=None):
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         for name in args.variants.split(","):
             v_recipe, smoothing_on = _variant(name, recipe)
+            v_config = dataclasses.replace(config, lr_schedule=v_recipe.lr_schedule)
+            v_hb_config = dataclasses.replace(v_config, hparam_lr=v_recipe.distribution_lr(args.data))
             for seed in args.train_seeds:
                 hb_spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "fast_init_std":
                                                             v_recipe.fast_init_std(args.model, "hyper_batch")})
@@ -86,9 +97,9 @@ def main(argv=None):
                 batch_hp, init, smoothing = v_recipe.batch_type_start(space, tuned)
                 if not smoothing_on:
                     batch_hp, smoothing = {**batch_hp, "label_smoothing": 0.0}, 0.0
-                batch = BatchEnsembleTrainer(b_spec, E, hparams=batch_hp, config=config, seed=seed,
+                batch = BatchEnsembleTrainer(b_spec, E, hparams=batch_hp, config=v_config, seed=seed,
                                              progress=False).fit(dev_train, dev_val)
-                hyper = HyperBatchEnsembleTrainer(hb_spec, E, config=hb_config, seed=seed, init_hparams=init,
+                hyper = HyperBatchEnsembleTrainer(hb_spec, E, config=v_hb_config, seed=seed, init_hparams=init,
                                                   init_space=v_recipe.init_space, label_smoothing=smoothing,
                                                   progress=False).fit(dev_train, dev_val)
                 for method, trainer in (("batch", batch), ("hyper_batch", hyper)):
