@@ -176,6 +176,38 @@ def test_bf16_channels_last_conv_on_cpu_runs_on_a_contiguous_input(backend, hype
         torch.testing.assert_close(a.grad.double(), b.grad, atol=0.05 * b.grad.abs().max().item() + 1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("hyper", [False, True], ids=["batch", "hyper"])
+def test_pointwise_strided_channels_last_conv_on_cpu_is_right(backend, hyper):
+    """torch 2.13's CPU convolution of a channels-last float32 input with a 1x1 kernel at stride 2 and
+    few channels (x (4, 3, 8, 8), weight (5, 3, 1, 1)) returns wrong weight gradients in most seeds
+    (the stride-2 shortcut of a ResNet fed NHWC images); the ops must match the float64 reference."""
+    from hyperkern.ops import reference as ref
+
+    op = ops.hyper_batch_ensemble_conv2d if hyper else ops.batch_ensemble_conv2d
+    reference = ref.hyper_batch_ensemble_conv2d_reference if hyper else ref.batch_ensemble_conv2d_reference
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        f = lambda *shape: 1 + 0.5 * torch.randn(*shape, generator=g)  # noqa: E731
+        args = [torch.randn(4, 3, 8, 8, generator=g), torch.randn(5, 3, 1, 1, generator=g), f(2, 3), f(2, 5),
+                torch.randn(2, 5, generator=g)]
+        if hyper:
+            args = args[:2] + [torch.randn(5, 3, 1, 1, generator=g)] + args[2:4] + [
+                f(2, 3), f(2, 5), torch.randn(4, 5, generator=g), args[4], torch.randn(2, 5, generator=g),
+                torch.randn(4, 5, generator=g)]
+        ins = [a.clone().requires_grad_() for a in args]
+        ins[0] = args[0].contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = op(*ins, 2, 0, backend=backend)
+        gy = torch.randn(y.shape, generator=g)
+        y.backward(gy)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert ins[0].grad.is_contiguous(memory_format=torch.channels_last)
+        ref_ins = [a.double().requires_grad_() for a in args]
+        reference(*ref_ins, 2, 0).backward(gy.double())
+        for a, b in zip(ins, ref_ins):
+            torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4 * b.grad.abs().max().item(), rtol=1e-4)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS or torch.cuda.is_available(), reason="Triton's interpreter only")
 @pytest.mark.parametrize("name", list(OPS))
 def test_triton_interpreter_refuses_bf16(name):

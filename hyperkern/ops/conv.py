@@ -52,7 +52,7 @@ def _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, d
     return y.reshape(h.shape)
 
 
-class _ContiguousForBf16(torch.autograd.Function):
+class _ContiguousCopy(torch.autograd.Function):
     """x.contiguous() whose gradient comes back channels-last, as x was."""
 
     @staticmethod
@@ -64,21 +64,27 @@ class _ContiguousForBf16(torch.autograd.Function):
         return grad.contiguous(memory_format=torch.channels_last)
 
 
-def _bf16_channels_last_on_cpu(x: torch.Tensor) -> bool:
-    """A bfloat16 CPU input laid out channels-last (and not also plain contiguous). torch's own CPU
-    convolution gets this case wrong (torch 2.13, oneDNN on CPUs with native bf16: F.conv2d's weight
-    gradient of a (4, 6, 3, 1) channels-last input, stride 2, padding 1 was off by up to ~1e32 or
-    inf/NaN in 35 of 40 seeds; a contiguous input, fp16 and fp32 are right), and every backend's CPU
-    path runs it. The ops convolve a contiguous copy of x instead and hand back the output and the
-    gradient of x channels-last, so callers see the layout they passed."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
+def _cpu_channels_last_is_unsafe(x: torch.Tensor, weight: torch.Tensor, stride) -> bool:
+    """A channels-last CPU input (and not also plain contiguous) in one of the cases torch's own CPU
+    convolution (torch 2.13, oneDNN) gets wrong, which every backend's CPU path runs:
+    - bfloat16: F.conv2d's weight gradient of a (4, 6, 3, 1) channels-last input, stride 2, padding 1
+      was off by up to ~1e32 or inf/NaN in 35 of 40 seeds on CPUs with native bf16;
+    - a 1x1 kernel at stride > 1, any dtype: x (4, 3, 8, 8), weight (5, 3, 1, 1), stride 2 gave wrong
+      weight gradients in 16 of 20 seeds in float32 (and heap corruption was seen; oneDNN#6035); 3x3
+      kernels, stride 1 and 16 or more channels were right.
+    The ops convolve a contiguous copy of x instead and hand back the output and the gradient of x
+    channels-last, so callers see the layout they passed."""
+    if not (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    pointwise_strided = tuple(weight.shape[2:]) == (1, 1) and max(stride) > 1
+    return x.dtype == torch.bfloat16 or pointwise_strided
 
 
-def _guard_layout(run, x, *rest):
-    if not _bf16_channels_last_on_cpu(x):
-        return run(x, *rest)
-    return run(_ContiguousForBf16.apply(x), *rest).contiguous(memory_format=torch.channels_last)
+def _guard_layout(run, x, weight, *rest, stride):
+    if not _cpu_channels_last_is_unsafe(x, weight, stride):
+        return run(x, weight, *rest)
+    return run(_ContiguousCopy.apply(x), weight, *rest).contiguous(memory_format=torch.channels_last)
 
 
 def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
@@ -94,14 +100,14 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         stride, padding, dilation: int or pair; groups: int.
         backend: "auto" | "torch" | "cpp" | "triton".
     Returns:
-        (E*B, C_out, H_out, W_out) member-major outputs. A bfloat16 channels-last x on the CPU is
-        convolved as a contiguous copy (torch's CPU bf16 convolution is wrong on that layout); the
-        output and x's gradient still come back channels-last.
+        (E*B, C_out, H_out, W_out) member-major outputs. A channels-last x on the CPU in bfloat16,
+        or with a 1x1 kernel at stride > 1, is convolved as a contiguous copy (torch's CPU
+        convolution is wrong there); the output and x's gradient still come back channels-last.
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     name = resolve_backend(backend, x.device, "batch_ensemble_conv2d")
     run = _torch_batch_ensemble_conv2d if name == "torch" else backend_module("conv", name).batch_ensemble_conv2d
-    return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups)
+    return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
 
 
 def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -131,4 +137,4 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     run = _torch_hyper_batch_ensemble_conv2d if name == "torch" else \
         backend_module("conv", name).hyper_batch_ensemble_conv2d
     return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
-                         groups)
+                         groups, stride=stride)
