@@ -27,14 +27,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
-using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Grads11 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The gradients a backward op returns, as the variable_list autograd expects: one entry per forward
 // argument, undefined where the input needs none (or is not a tensor).

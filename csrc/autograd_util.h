@@ -2,11 +2,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <initializer_list>
 #include <optional>
+#include <tuple>
 
 namespace hyperkern {
+
+using OptTensor = std::optional<at::Tensor>;
+// what the batch (x, weight, r, s, bias) and hyper (11 inputs) backward ops return
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The typed handle of a hyperkern:: op (schemas live in csrc/ops.cpp).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

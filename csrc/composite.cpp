@@ -33,14 +33,6 @@ namespace hyperkern {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Grads11 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 struct Geometry {
   std::vector<int64_t> stride{1, 1}, padding{0, 0}, dilation{1, 1};
