@@ -28,6 +28,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def keep_threads():
+    """Restores torch's thread count after a test that runs the CLI (which sets --threads)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits():
     """Small seeded (train, val, test) slices of the embedded digits."""

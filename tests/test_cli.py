@@ -12,11 +12,7 @@ from hyperkern.ensembles import BatchEnsembleTrainer, DeepEnsemble
 TINY = ["--epochs", "1", "-E", "2", "--no-progress", "--backend", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def test_compare_prints_table_writes_json_and_diagram_and_resumes(tmp_path, capsys):

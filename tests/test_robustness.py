@@ -332,13 +332,6 @@ def test_shift_evaluation_tables_means_and_skips(tmp_path):
 TINY = ["--epochs", "1", "-E", "2", "--budget", "2", "--no-progress", "--backend", "torch"]
 
 
-@pytest.fixture
-def keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, keep_threads):
     from hyperkern.cli import main
 
