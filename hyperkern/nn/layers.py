@@ -114,8 +114,10 @@ def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True
         raise ValueError(f"hparams must have one row per input row: expected shape ({rows}, {num_hparams}), "
                          f"got {tuple(hparams.shape)}")
     if check_range and not _is_compiling() and hparams.device.type != "meta" and hparams.numel() > 0:
-        ok = torch.isfinite(hparams).all() & (hparams >= 0).all() & (hparams <= 1).all()
-        if not bool(ok):
+        # one reduction and one read: a NaN makes the minimum NaN and every comparison with NaN is false;
+        # an infinity is outside [0, 1]
+        lo, hi = torch.aminmax(hparams)
+        if not (lo.item() >= 0 and hi.item() <= 1):
             raise ValueError("hparams must be normalised hyperparameters in [0, 1] (use "
                              "HyperParameterSpace.normalize on values in their original scale), got "
                              + _describe_values(hparams))
@@ -212,6 +214,8 @@ class BatchEnsembleLinear(_RankOneEnsembleLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_linear_input(x, self.in_features, self.ensemble_size)
+        if x.dim() == 2:  # no reshape (each would be an autograd view node on every call)
+            return ops.batch_ensemble_linear(x, self.weight, self.r, self.s, self.bias, backend=self.backend)
         lead = x.shape[:-1]
         y = ops.batch_ensemble_linear(x.reshape(-1, self.in_features), self.weight, self.r, self.s, self.bias,
                                       backend=self.backend)

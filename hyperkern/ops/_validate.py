@@ -101,9 +101,52 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
     return named
 
 
+def _fast_ok(x, weight, r, s, bias, x_dim, in_dim, out_dim, hyper, delta, u, v, e1, delta_bias, e2) -> bool:
+    """True when the tensor arguments certainly pass every check of _check_members_and_hyper and
+    ensemble_size (the common case: the ops run on every layer call, and on small networks the checks'
+    host cost is a visible part of a step), tested with plain comparisons and no message building.
+    False sends the call through the full checks, which name what is wrong. The caller has checked
+    that weight is a tensor of the right rank and that x's row width is in_dim."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(r, Tensor) and isinstance(s, Tensor)) or x.dim() != x_dim \
+            or r.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        return False
+    E, N = r.shape[0], x.shape[0]
+    if E < 1 or N % E or r.shape[1] != in_dim or s.shape != (E, out_dim):
+        return False
+    expected = [(bias, (E, out_dim))]
+    if hyper:
+        if delta is None or u is None or v is None or e1 is None or (delta_bias is None) != (e2 is None):
+            return False
+        expected += [(delta, weight.shape), (u, (E, in_dim)), (v, (E, out_dim)), (e1, (N, out_dim)),
+                     (delta_bias, (E, out_dim)), (e2, (N, out_dim))]
+    dtype, device = x.dtype, x.device
+    for t in (weight, r, s):
+        if t.dtype != dtype or t.device != device:
+            return False
+    for t, shape in expected:
+        if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype
+                              or t.device != device):
+            return False
+    return True
+
+
 def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
                     hyper: bool = False, check_embeddings: bool = True) -> int:
     """Validate the linear ops' arguments (docs/design.md contract) and return the ensemble size E."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and isinstance(x, torch.Tensor) and x.dim() == 2 \
+            and x.shape[1] == weight.shape[1] \
+            and _fast_ok(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
+                         delta_bias, e2):
+        if hyper and check_embeddings:
+            check_finite("e1", e1)
+            check_finite("e2", e2)
+        return r.shape[0]
+    return _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings)
+
+
+def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings) -> int:
+    """Every check of validate_linear one by one, each with its message (the path of invalid arguments)."""
     check_tensor("x", x, 2)
     check_tensor("weight", weight, 2)
     check_tensor("r", r, 2)
@@ -137,26 +180,43 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
 def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta=None, u=None, v=None, e1=None,
                     delta_bias=None, e2=None, hyper: bool = False, check_embeddings: bool = True):
     """Validate the conv ops' arguments; return (E, stride, padding, dilation, groups) normalised."""
-    check_tensor("x", x, 4)
-    check_tensor("weight", weight, 4)
-    check_tensor("r", r, 2)
-    check_tensor("s", s, 2)
-    check_tensor("bias", bias, 2, optional=True)
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", padding, 0)
     dilation = _pair("dilation", dilation, 1)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4:
+        out_c, cg, kh, kw = weight.shape
+        if out_c % groups == 0 and x.shape[1] == cg * groups \
+                and x.shape[2] + 2 * padding[0] > dilation[0] * (kh - 1) \
+                and x.shape[3] + 2 * padding[1] > dilation[1] * (kw - 1) \
+                and _fast_ok(x, weight, r, s, bias, 4, cg * groups, out_c, hyper, delta, u, v, e1, delta_bias, e2):
+            if hyper and check_embeddings:
+                check_finite("e1", e1)
+                check_finite("e2", e2)
+            return r.shape[0], stride, padding, dilation, groups
+    return _validate_conv2d_in_full(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1,
+                                    delta_bias, e2, hyper, check_embeddings)
+
+
+def _validate_conv2d_in_full(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias,
+                             e2, hyper, check_embeddings):
+    """Every check of validate_conv2d after the geometry one by one, each with its message."""
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 4)
+    check_tensor("r", r, 2)
+    check_tensor("s", s, 2)
+    check_tensor("bias", bias, 2, optional=True)
     out_c, cg, kh, kw = weight.shape
     in_c = cg * groups
     if out_c % groups != 0:
         raise ValueError(f"weight.shape[0] = {out_c} output channels must be divisible by groups = {groups}")
+    h_eff = x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_eff = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
     E = ensemble_size(x, r)
     if x.shape[1] != in_c:
         raise ValueError(f"x must have {in_c} channels (weight {tuple(weight.shape)} with groups={groups}), "
                          f"got x of shape {tuple(x.shape)}")
-    h_eff = x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1)
-    w_eff = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
     if h_eff < 1 or w_eff < 1:
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
                          f"kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import backend_module, resolve_backend
+from hyperkern._backends import implementation
 from hyperkern.ops._validate import validate_conv2d
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
@@ -105,8 +105,7 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         convolution is wrong there); the output and x's gradient still come back channels-last.
     """
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    name = resolve_backend(backend, x.device, "batch_ensemble_conv2d")
-    run = _torch_batch_ensemble_conv2d if name == "torch" else backend_module("conv", name).batch_ensemble_conv2d
+    run = implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d)
     return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
 
 
@@ -133,8 +132,6 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
                                                            delta, u, v, e1, delta_bias, e2, hyper=True,
                                                            check_embeddings=check_embeddings)
-    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_conv2d")
-    run = _torch_hyper_batch_ensemble_conv2d if name == "torch" else \
-        backend_module("conv", name).hyper_batch_ensemble_conv2d
+    run = implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device, _torch_hyper_batch_ensemble_conv2d)
     return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
                          groups, stride=stride)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import backend_module, resolve_backend
+from hyperkern._backends import implementation
 from hyperkern.ops._validate import validate_linear
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
@@ -59,10 +59,8 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         (E*B, out) member-major outputs.
     """
     validate_linear(x, weight, r, s, bias)
-    name = resolve_backend(backend, x.device, "batch_ensemble_linear")
-    if name == "torch":
-        return _torch_batch_ensemble_linear(x, weight, r, s, bias)
-    return backend_module("linear", name).batch_ensemble_linear(x, weight, r, s, bias)
+    run = implementation("linear", "batch_ensemble_linear", backend, x.device, _torch_batch_ensemble_linear)
+    return run(x, weight, r, s, bias)
 
 
 def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -92,7 +90,5 @@ def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_b
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
     validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True,
                     check_embeddings=check_embeddings)
-    name = resolve_backend(backend, x.device, "hyper_batch_ensemble_linear")
-    if name == "torch":
-        return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
-    return backend_module("linear", name).hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    run = implementation("linear", "hyper_batch_ensemble_linear", backend, x.device, _torch_hyper_batch_ensemble_linear)
+    return run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)

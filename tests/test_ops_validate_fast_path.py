@@ -1,0 +1,121 @@
+"""The ops' argument checks have a fast path (hyperkern/ops/_validate.py: _fast_ok) that accepts the
+common, valid call with plain comparisons and sends everything else through the full, message-giving
+checks. These tests mutate valid arguments one at a time (shape, rank, dtype, device, None, type) and
+require that the fast path never accepts what the full checks refuse, and that it does accept every
+valid call (otherwise it would save nothing)."""
+import itertools
+
+import pytest
+import torch
+
+from hyperkern.ops import _validate as V
+
+HYPER_ARGS = ("delta", "u", "v", "e1", "delta_bias", "e2")
+
+
+def _linear_args(E=3, B=2, fin=5, fout=4, hyper=True, bias=True):
+    t = lambda *shape: torch.randn(*shape)  # noqa: E731
+    args = {"x": t(E * B, fin), "weight": t(fout, fin), "r": t(E, fin), "s": t(E, fout),
+            "bias": t(E, fout) if bias else None}
+    if hyper:
+        args.update(delta=t(fout, fin), u=t(E, fin), v=t(E, fout), e1=t(E * B, fout),
+                    delta_bias=t(E, fout) if bias else None, e2=t(E * B, fout) if bias else None)
+    return args
+
+
+def _conv_args(E=3, B=2, cin=4, cout=6, groups=2, hyper=True, bias=True):
+    t = lambda *shape: torch.randn(*shape)  # noqa: E731
+    args = {"x": t(E * B, cin, 5, 5), "weight": t(cout, cin // groups, 3, 3), "r": t(E, cin), "s": t(E, cout),
+            "bias": t(E, cout) if bias else None}
+    if hyper:
+        args.update(delta=t(cout, cin // groups, 3, 3), u=t(E, cin), v=t(E, cout), e1=t(E * B, cout),
+                    delta_bias=t(E, cout) if bias else None, e2=t(E * B, cout) if bias else None)
+    return args
+
+
+def _mutations(t):
+    """Ways to break one argument."""
+    if t is None:
+        return [torch.randn(2, 2), "not a tensor"]
+    out = [None, t.double(), t.to(torch.int64), t.to("meta"), t.unsqueeze(0), t[..., :-1] if t.shape[-1] > 1 else
+           t.new_zeros(*t.shape[:-1], 2), t[:-1] if t.shape[0] > 1 else t.new_zeros(2, *t.shape[1:]), [1.0]]
+    if t.dim() > 1:
+        out.append(t.reshape(-1))
+    return out
+
+
+def _full_accepts(full, kwargs) -> bool:
+    try:
+        full(**kwargs)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _linear_full(hyper):
+    def run(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None):
+        return V._validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, False)
+    return run
+
+
+def _linear_fast(hyper):
+    def run(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None):
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and isinstance(x, torch.Tensor)
+                and x.dim() == 2 and x.shape[1] == weight.shape[1]):
+            return False
+        return V._fast_ok(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
+                          delta_bias, e2)
+    return run
+
+
+@pytest.mark.parametrize("hyper,bias", list(itertools.product([False, True], [False, True])))
+def test_linear_fast_path_accepts_valid_calls_and_nothing_the_full_checks_refuse(hyper, bias):
+    base = _linear_args(hyper=hyper, bias=bias)
+    full, fast = _linear_full(hyper), _linear_fast(hyper)
+    assert fast(**base) and _full_accepts(full, base)
+    assert V.validate_linear(**base, hyper=hyper, check_embeddings=False) == 3
+    for name in base:
+        for bad in _mutations(base[name]):
+            kwargs = dict(base, **{name: bad})
+            if fast(**kwargs):
+                assert _full_accepts(full, kwargs), f"fast path accepted {name} = {bad!r:.60}"
+            elif _full_accepts(full, kwargs) and isinstance(bad, torch.Tensor) and bad.device.type == "cpu":
+                pytest.fail(f"fast path refused a call the full checks accept ({name} = shape {tuple(bad.shape)})")
+
+
+def test_conv_fast_path_matches_the_full_checks():
+    for hyper, bias in itertools.product([False, True], [False, True]):
+        base = _conv_args(hyper=hyper, bias=bias)
+        assert V.validate_conv2d(**base, stride=1, padding=1, dilation=1, groups=2, hyper=hyper,
+                                 check_embeddings=False)[0] == 3
+        for name in base:
+            for bad in _mutations(base[name]):
+                kwargs = dict(base, **{name: bad})
+                fast_result = full_result = None
+                try:
+                    fast_result = V.validate_conv2d(**kwargs, stride=1, padding=1, dilation=1, groups=2, hyper=hyper,
+                                                    check_embeddings=False)
+                except (TypeError, ValueError) as exc:
+                    fast_result = type(exc)
+                try:
+                    V._validate_conv2d_in_full(**{**dict.fromkeys(HYPER_ARGS), **kwargs}, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2,
+                                               hyper=hyper, check_embeddings=False)
+                    full_result = "ok"
+                except (TypeError, ValueError) as exc:
+                    full_result = type(exc)
+                if full_result != "ok":  # refused in full: the public check must refuse it the same way
+                    assert fast_result == full_result, (name, bad if not isinstance(bad, torch.Tensor) else bad.shape)
+                else:  # accepted in full: the public check accepts it too
+                    assert isinstance(fast_result, tuple), (name, fast_result)
+    # geometry that only the full path names: too small an input for the kernel
+    base = _conv_args(hyper=False)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        V.validate_conv2d(**{**base, "x": torch.randn(6, 4, 2, 2)}, stride=1, padding=0, dilation=1, groups=2)
+
+
+def test_fast_path_still_checks_embeddings_are_finite():
+    base = _linear_args()
+    base["e1"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="e1 contains NaN"):
+        V.validate_linear(**base, hyper=True, check_embeddings=True)
+    V.validate_linear(**base, hyper=True, check_embeddings=False)  # the layers' path skips the read
