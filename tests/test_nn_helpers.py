@@ -43,6 +43,40 @@ def test_rowwise_dropout_uses_each_rows_rate():
         hnn.rowwise_dropout(x, rates[:3])
 
 
+@pytest.mark.parametrize("shape", [(6, 7), (6, 2, 3, 3)])
+def test_relu_rowwise_dropout_equals_relu_then_dropout_and_keeps_only_its_output(shape):
+    """Same draws, values and gradients (x and the rates, float64) as rowwise_dropout(relu(x)), including
+    a rate of 1 (keep probability clamped: no gradient) and a rate of 0; and what autograd keeps for
+    the backward is the output and the rates only."""
+    x0 = torch.randn(*shape, dtype=F64)
+    rate0 = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 0.2], dtype=F64)
+    g = torch.randn(*shape, dtype=F64)
+    results = []
+    for fused in (False, True):
+        x, rate = x0.clone().requires_grad_(), rate0.clone().requires_grad_()
+        torch.manual_seed(3)
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = hnn.relu_rowwise_dropout(x, rate) if fused else hnn.rowwise_dropout(torch.relu(x), rate)
+        y.backward(g)
+        results.append((y.detach(), x.grad, rate.grad, saved, y))
+    (y_ref, gx_ref, gr_ref, saved_ref, _), (y, gx, gr, saved, y_out) = results
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gr, gr_ref, rtol=1e-12, atol=1e-12)
+    assert gr[4] == 0 and gr[0] != 0  # rate 1: clamped, no gradient; rate 0: a gradient
+    full = [t for t in saved if t.numel() == y.numel()]
+    assert len(full) == 1 and full[0].untyped_storage().data_ptr() == y_out.untyped_storage().data_ptr()
+    assert sum(t.numel() for t in saved) < sum(t.numel() for t in saved_ref) / 2
+    assert torch.equal(hnn.relu_rowwise_dropout(x0, rate0, training=False), torch.relu(x0))
+    with pytest.raises(ValueError, match=r"^rate must have shape \(6,\)"):
+        hnn.relu_rowwise_dropout(x0, rate0[:3])
+
+
 def test_from_linear_and_conv2d_copy_the_weights():
     lin = nn.Linear(5, 4).double()
     be = hnn.from_linear(lin, ensemble_size=3, init="ones", backend="torch")

@@ -54,6 +54,7 @@ def _deterministic_lambda():
 
     EnsembleLogUniform.rsample = midpoint_rsample
     base_module.rowwise_dropout = lambda h, rate, training=True: h
+    base_module.relu_rowwise_dropout = lambda h, rate, training=True: torch.relu(h)
 
 
 class _Stop(Exception):
@@ -166,6 +167,7 @@ def test_hyper_batch_ddp_matches_single_process_with_deterministic_lambda(ddp_ru
     base_module = importlib.import_module("hyperkern.models._base")
     monkeypatch.setattr(EnsembleLogUniform, "rsample", EnsembleLogUniform.rsample)
     monkeypatch.setattr(base_module, "rowwise_dropout", base_module.rowwise_dropout)
+    monkeypatch.setattr(base_module, "relu_rowwise_dropout", base_module.relu_rowwise_dropout)
     _deterministic_lambda()  # undone by monkeypatch after the test
     train, val = _data()
     single = HyperBatchEnsembleTrainer(SPEC, 2, config=CONFIG, seed=4, progress=False).fit(train, val)

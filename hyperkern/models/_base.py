@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from hyperkern.nn.hparams import HyperParameter, HyperParameterSpace
 from hyperkern.nn.layers import (BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d,
                                  HyperBatchEnsembleLinear, _he_normal_, check_hparams)
-from hyperkern.nn.functional import rowwise_dropout
+from hyperkern.nn.functional import relu_rowwise_dropout, rowwise_dropout
 from hyperkern.nn.norm import EnsembleBatchNorm2d
 
 VARIANTS = ("plain", "batch", "hyper_batch")
@@ -121,6 +121,14 @@ class EnsembleModel(nn.Module):
             rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
             return rowwise_dropout(h, rate, self.training)
         return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
+
+    def _relu_drop(self, h: torch.Tensor, hparams: torch.Tensor | None) -> torch.Tensor:
+        """self._drop(F.relu(h), hparams), with hyper_batch rows' ReLU and dropout in one autograd node
+        that keeps only its output for the backward (relu_rowwise_dropout)."""
+        if hparams is not None:
+            rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
+            return relu_rowwise_dropout(h, rate, self.training)
+        return self._drop(F.relu(h), None)
 
     def _register_l2(self, layer: nn.Module, kernel_group: str, bias_group: str | None = None):
         """layer's kernel (and delta) is penalised with hyperparameter kernel_group, its bias (and

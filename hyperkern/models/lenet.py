@@ -65,8 +65,8 @@ class LeNet5(EnsembleModel):
         h = F.max_pool2d(F.relu(call_layer(self.conv1, x, hparams)), 2)
         h = F.max_pool2d(F.relu(call_layer(self.conv2, h, hparams)), 2)
         h = self._drop(h.flatten(1), hparams)
-        h = self._drop(F.relu(call_layer(self.fc1, h, hparams)), hparams)
-        h = self._drop(F.relu(call_layer(self.fc2, h, hparams)), hparams)
+        h = self._relu_drop(call_layer(self.fc1, h, hparams), hparams)
+        h = self._relu_drop(call_layer(self.fc2, h, hparams), hparams)
         return call_layer(self.dense, h, hparams)
 
 

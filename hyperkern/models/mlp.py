@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hyperkern.models._base import EnsembleModel, call_layer, l2_space
 
@@ -70,7 +69,7 @@ class MLP(EnsembleModel):
                              f"{self.in_features}, got {tuple(x.shape)}")
         h = x.reshape(x.shape[0], self.in_features)
         for layer in self.hidden:
-            h = self._drop(F.relu(call_layer(layer, h, hparams)), hparams)
+            h = self._relu_drop(call_layer(layer, h, hparams), hparams)
         return call_layer(self.dense, h, hparams)
 
 

@@ -5,7 +5,7 @@ ensemble member k. tile(x, E) builds such a batch from one minibatch; untile(y, 
 ensemble_proba(logits, E) is the ensemble's prediction (the mean of the members' probabilities).
 """
 from hyperkern.nn.convert import convert_, from_conv2d, from_linear
-from hyperkern.nn.functional import ensemble_proba, rowwise_dropout, tile, untile
+from hyperkern.nn.functional import ensemble_proba, relu_rowwise_dropout, rowwise_dropout, tile, untile
 from hyperkern.nn.hparams import EnsembleLogUniform, HyperParameter, HyperParameterSpace
 from hyperkern.nn.layers import (BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d,
                                  HyperBatchEnsembleLinear, check_hparams)
@@ -16,7 +16,7 @@ from hyperkern.nn.norm import EnsembleBatchNorm2d
 __all__ = [
     "BatchEnsembleLinear", "BatchEnsembleConv2d", "HyperBatchEnsembleLinear", "HyperBatchEnsembleConv2d",
     "EnsembleBatchNorm2d", "HyperParameter", "HyperParameterSpace", "EnsembleLogUniform",
-    "tile", "untile", "ensemble_proba", "rowwise_dropout", "check_hparams", "from_linear", "from_conv2d", "convert_",
+    "tile", "untile", "ensemble_proba", "rowwise_dropout", "relu_rowwise_dropout", "check_hparams", "from_linear", "from_conv2d", "convert_",
     "load_tabm_", "load_torch_uncertainty_", "load_edward2_", "tabm_to_member_major", "member_major_to_tabm",
     "fast_parameters", "slow_parameters",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tile", "untile", "ensemble_proba", "rowwise_dropout"]
+__all__ = ["tile", "untile", "ensemble_proba", "rowwise_dropout", "relu_rowwise_dropout"]
 
 
 def _check_e(ensemble_size) -> int:
@@ -64,12 +64,57 @@ def rowwise_dropout(x: torch.Tensor, rate: torch.Tensor, training: bool = True) 
     """
     if not training:
         return x
+    rate = _row_rates(x, rate)
+    keep = torch.rand_like(x) >= rate
+    return x * keep / (1.0 - rate).clamp_min(_MIN_KEEP)  # rate = 1 drops everything (0, not NaN)
+
+
+_MIN_KEEP = 1e-6  # the smallest keep probability 1 - rate: rate = 1 drops everything (0, not NaN)
+
+
+def _row_rates(x: torch.Tensor, rate) -> torch.Tensor:
+    """rate (N,) or (N, 1) -> (N, 1, ..., 1) in x's dtype, broadcastable against x (N, ...)."""
     if not isinstance(rate, torch.Tensor):
         raise TypeError(f"rate must be a torch.Tensor of shape ({x.shape[0]},), got {type(rate).__name__}")
     if rate.dim() == 2 and rate.shape[1] == 1:
         rate = rate[:, 0]
     if rate.dim() != 1 or rate.shape[0] != x.shape[0]:
         raise ValueError(f"rate must have shape ({x.shape[0]},), one dropout rate per row of x, got {tuple(rate.shape)}")
-    rate = rate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    keep = torch.rand_like(x) >= rate
-    return x * keep / (1.0 - rate).clamp_min(1e-6)  # rate = 1 drops everything (0, not NaN)
+    return rate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class _ReluRowwiseDropout(torch.autograd.Function):
+    """y = relu(x) * keep / max(1 - rate, _MIN_KEEP), keeping only y (and the per-row rates) for the
+    backward: where y > 0 the ReLU was active and the element kept, so dx = g * scale * (y > 0), and
+    d rate_i = sum_j g_ij * y_ij * scale_i (zero where the keep probability was clamped)."""
+
+    @staticmethod
+    def forward(ctx, x, rate):
+        keep_prob = (1.0 - rate).clamp_min(_MIN_KEEP)
+        keep = torch.rand_like(x) >= rate
+        y = torch.relu(x).mul_(keep).div_(keep_prob)  # rowwise_dropout's arithmetic, bit for bit
+        ctx.save_for_backward(y, keep_prob.reciprocal(), rate)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, scale, rate = ctx.saved_tensors
+        active = y > 0
+        grad_x = grad * scale * active if ctx.needs_input_grad[0] else None
+        grad_rate = None
+        if ctx.needs_input_grad[1]:
+            per_row = (grad * y).sum(dim=tuple(range(1, y.dim())), keepdim=True)
+            grad_rate = per_row * scale * ((1.0 - rate) >= _MIN_KEEP)
+        return grad_x, grad_rate
+
+
+def relu_rowwise_dropout(x: torch.Tensor, rate: torch.Tensor, training: bool = True) -> torch.Tensor:
+    """rowwise_dropout(relu(x), rate, training) in one autograd node that keeps only its output for the
+    backward (and the (N,) rates): relu then dropout would keep relu's output, the keep mask and, when
+    the rates need a gradient, the masked product, besides the output the next layer keeps anyway.
+    Same random draws as rowwise_dropout(F.relu(x), ...), so the same result for the same RNG state.
+    Gradients flow to x and to rate (through the 1 / (1 - rate) scaling); no double backward."""
+    if not training:
+        return torch.relu(x)
+    return _ReluRowwiseDropout.apply(x, _row_rates(x, rate))
