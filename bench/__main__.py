@@ -15,6 +15,8 @@ Suites:
           floor (plain F.linear / conv2d over the same E*B rows); forward and forward+backward.
   models  bench/models.py: ResNet-20 and a WRN-28-k training step and inference, plain / batch /
           peers / hyper_batch / deep ensemble (loop and vmap), images/s and peak memory.
+  host    bench/host.py: every op and layer at a tiny shape (forward + backward) against the plain
+          torch call: the host cost (Python, checks, dispatch, autograd, allocations).
 Timing: interleaved rounds, median (bench/common.py). The model suite always runs float32; --dtype
 sets the op suite's dtype.
 """
@@ -39,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\nRun from")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="docs/benchmarks.md explains every column and holds the latest tables.")
-    p.add_argument("--suite", choices=["ops", "models", "all"], default="all",
+    p.add_argument("--suite", choices=["ops", "models", "host", "all"], default="all",
                    help="which suites to run: ops (the rank-1 ops against the floor), models (training step and "
-                        "inference of whole networks) or all (default: all)")
+                        "inference of whole networks), host (ops and layers at a tiny shape: host cost, one thread "
+                        "on the CPU) or all (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="device to benchmark on; cuda adds the triton rows, WRN-28-10 and bfloat16 ops (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
@@ -300,6 +303,23 @@ def main(argv=None) -> int:
               "peak MiB: bytes allocated above the level before the call (bench/common.py)")
         if not args.tiny:
             result["targets"] += check_model_targets(rows, args.device)
+
+    if args.suite in ("host", "all"):
+        from bench import host
+
+        threads = torch.get_num_threads()
+        if args.device == "cpu":
+            torch.set_num_threads(1)  # the host cost is one thread's work; the CPU clock is repeatable there
+        rows = host.run(args.device, repeats=args.repeats or (3 if args.quick or args.tiny else 15),
+                        inner=20 if args.tiny else 200)
+        torch.set_num_threads(threads)
+        result["suites"]["host"] = {"rows": rows}
+        print(f"\n## Host cost\n\nforward + backward at E={host.E} x B={host.B}, {host.FEATURES} -> {host.FEATURES} "
+              f"features / {host.CHANNELS} -> {host.CHANNELS} channels {host.SIZE}x{host.SIZE} {host.KERNEL}x{host.KERNEL}; "
+              + ("1 thread, CPU time (bench/host.py)" if args.device == "cpu" else "wall clock (bench/host.py)"))
+        print(host.format_table(rows))
+        if not args.tiny:
+            result["targets"] += host.check_targets(rows)
 
     if result["targets"]:
         print("\n## Targets\n")

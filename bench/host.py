@@ -79,6 +79,7 @@ def candidates(device, backends=("auto",)) -> list[dict]:
          "fn": lambda: check_hparams(hp, N, NUM_HPARAMS)},
     ]
     for be in backends:
+        first = len(out)
         out += [
             {"name": f"batch_ensemble_linear [{be}]", "kind": "op", "family": "batch", "floor": "F.linear",
              "fn": _fwd_bwd(lambda be=be: ops.batch_ensemble_linear(x, w, r, s, bias, backend=be), g)},
@@ -106,6 +107,8 @@ def candidates(device, backends=("auto",)) -> list[dict]:
             {"name": f"HyperBatchEnsembleConv2d [{be}]", "kind": "layer", "family": "hyper", "floor": "nn.Conv2d",
              "fn": _fwd_bwd(lambda m=hbec: m(xc, hp, check_range=False), gc)},
         ]
+        for c in out[first:]:
+            c["backend"] = be
     return out
 
 
@@ -120,6 +123,7 @@ def run(device="cpu", backends=("auto",), repeats: int = 15, inner: int = 200, c
         us = times[c["name"]]["ms"] * 1e3
         floor_us = times[c["floor"]]["ms"] * 1e3 if c["floor"] else us
         rows.append({"name": c["name"], "kind": c["kind"], "family": c["family"], "floor": c["floor"],
+                     "backend": c.get("backend"),
                      "us": us, "min_us": times[c["name"]]["min_ms"] * 1e3, "ratio": us / floor_us})
     return rows
 
@@ -127,15 +131,17 @@ def run(device="cpu", backends=("auto",), repeats: int = 15, inner: int = 200, c
 def format_table(rows: list[dict]) -> str:
     body = [[r["name"], r["kind"], f"{r['us']:.1f}", r["floor"] or "-",
              f"{r['ratio']:.2f}x" if r["floor"] else "-",
-             f"<= {TARGETS[r['family']]}x" if r["family"] in TARGETS else "-"] for r in rows]
+             f"<= {TARGETS[r['family']]}x" if r["family"] in TARGETS and r["backend"] == "auto" else "-"]
+            for r in rows]
     return format_markdown_table(["candidate", "kind", "us / fwd+bwd", "against", "ratio", "target"], body,
                                  ["l", "l", "r", "l", "r", "r"])
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
+    """The targets hold for what users get, backend="auto"; other backends' rows are for comparison."""
     return [{"target": f"host cost {r['name']}: <= {TARGETS[r['family']]}x {r['floor']} (fwd+bwd, tiny shape)",
              "value": f"{r['ratio']:.2f}x", "ok": r["ratio"] <= TARGETS[r["family"]]}
-            for r in rows if r["family"] in TARGETS]
+            for r in rows if r["family"] in TARGETS and r["backend"] == "auto"]
 
 
 def main(argv=None) -> int:

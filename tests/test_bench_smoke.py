@@ -71,6 +71,24 @@ def test_quick_tiny_run_writes_valid_json(tmp_path):
             assert r["ratio"] == 1.0
     assert "| model | mode | variant |" in proc.stdout
 
+    host = {r["name"]: r for r in data["suites"]["host"]["rows"]}
+    for name in ("batch_ensemble_linear [auto]", "hyper_batch_ensemble_conv2d [auto]", "BatchEnsembleLinear [auto]",
+                 "HyperBatchEnsembleConv2d [auto]", "F.linear", "nn.Conv2d"):
+        assert math.isfinite(host[name]["us"]) and host[name]["us"] > 0, name
+    assert host["F.conv2d"]["ratio"] == 1.0
+    assert host["BatchEnsembleConv2d [auto]"]["ratio"] == pytest.approx(
+        host["BatchEnsembleConv2d [auto]"]["us"] / host["nn.Conv2d"]["us"])
+    assert "## Host cost" in proc.stdout
+
+
+def test_host_targets_judge_only_the_auto_backend():
+    from bench import host
+    rows = [{"name": "a", "family": "batch", "floor": "F.linear", "backend": "auto", "ratio": 1.4},
+            {"name": "b", "family": "hyper", "floor": "F.linear", "backend": "auto", "ratio": 2.6},
+            {"name": "c", "family": "batch", "floor": "F.linear", "backend": "torch", "ratio": 9.0},
+            {"name": "F.linear", "family": "floor", "floor": None, "backend": None, "ratio": 1.0}]
+    assert [(t["ok"], t["value"]) for t in host.check_targets(rows)] == [(True, "1.40x"), (False, "2.60x")]
+
 
 def _fast(E, n):
     return (torch.rand(E, n, dtype=torch.float64) + 0.5).requires_grad_(False)
