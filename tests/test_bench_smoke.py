@@ -226,3 +226,18 @@ def test_graphed_train_step_updates_like_the_eager_step():
     for (name, a), b in zip(eager.modules[0].state_dict().items(), captured.modules[0].state_dict().values()):
         # cuDNN's weight-gradient reductions may differ in order between calls: fp32 round-off only
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_step_targets_cover_both_networks_and_graph_replays():
+    from bench.models import check_model_targets
+    rows = [{"suite": "models", "model": m, "mode": mode, "variant": v, "ms": ms} for m, mode, v, ms in [
+        ("resnet20", "train", "plain", 10.0), ("resnet20", "train", "batch", 11.6), ("resnet20", "train", "hyper_batch", 19.0),
+        ("resnet20", "train", "deep/loop", 30.0), ("wrn28-10", "train (graph)", "plain", 100.0),
+        ("wrn28-10", "train (graph)", "batch", 109.0), ("wrn28-10", "train (graph)", "hyper_batch", 201.0),
+        ("resnet20", "infer", "plain", 1.0), ("resnet20", "infer", "batch", 5.0)]]
+    got = {t["target"]: (t["ok"], t["value"]) for t in check_model_targets(rows, "cuda")}
+    assert got == {"resnet20 train: batch <= 1.15x plain": (False, "1.160x"),
+                   "resnet20 train: hyper_batch <= 2.0x plain": (True, "1.900x"),
+                   "resnet20 train: batch >= 1.5x faster than deep/loop": (True, "2.59x faster"),
+                   "wrn28-10 train (graph): batch <= 1.1x plain": (True, "1.090x"),
+                   "wrn28-10 train (graph): hyper_batch <= 2.0x plain": (False, "2.010x")}
