@@ -175,7 +175,25 @@ def test_l2_penalty_equals_explicit_per_row_sum(bias):
                 b_i = layer.bias[k] + layer.delta_bias[k] * e[i, out:]
                 want = want + lam_b[i] * b_i.square().sum()
         want = want / (E * B)
-        torch.testing.assert_close(layer.l2_penalty(lam, z, lam_bias=lam_b if bias else None), want)
+        got = layer.l2_penalty(lam, z, lam_bias=lam_b if bias else None)
+        torch.testing.assert_close(got, want)
+        # the same gradients as the explicit sum, for every parameter, the hyperparameters and the strengths
+        z.requires_grad_()
+        lam.requires_grad_()
+        inputs = [p for p in layer.parameters() if p.requires_grad] + [z, lam]
+        got = layer.l2_penalty(lam, z, lam_bias=lam_b if bias else None)
+        e = z @ layer.embedding.weight.T
+        want = 0.0
+        for i in range(E * B):
+            w_i = layer.weight + layer.delta * e[i, :out].reshape(bcast)
+            want = want + lam[i] * w_i.square().sum()
+            if bias:
+                want = want + lam_b[i] * (layer.bias[i // B] + layer.delta_bias[i // B] * e[i, out:]).square().sum()
+        for g_got, g_want in zip(torch.autograd.grad(got, inputs, allow_unused=True, materialize_grads=True),
+                                 torch.autograd.grad(want / (E * B), inputs, allow_unused=True, materialize_grads=True)):
+            torch.testing.assert_close(g_got, g_want)
+        z.requires_grad_(False)
+        lam = lam.detach()
         # lam given as a column works too, and lam_bias defaults to lam
         torch.testing.assert_close(layer.l2_penalty(lam[:, None], z), layer.l2_penalty(lam, z, lam_bias=lam))
     # gradients flow to the embedding (the penalty depends on e1)

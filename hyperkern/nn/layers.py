@@ -437,21 +437,33 @@ class _HyperMixin:
                              "(rows are member-major: E blocks of B rows)")
         lam = _check_lam("lam", lam, rows)
         lam_bias = lam if lam_bias is None else _check_lam("lam_bias", lam_bias, rows)
-        e1, e2 = self.embed(hparams)
         W = self.weight.reshape(self.weight.shape[0], -1)  # (out, fan_in)
         D = self.delta.reshape(self.delta.shape[0], -1)
+        A = self.embedding.weight  # (out or 2*out, m): e_i = A @ z_i
+        out = self._out_size
+        z = hparams.to(W.dtype)
         lam = lam.to(W.dtype)
-        mean_lam_e1 = (lam[:, None] * e1).mean(0)  # (out,)
-        mean_lam_e1sq = (lam[:, None] * e1 * e1).mean(0)
+        # The row means of lam_i * e1_i and lam_i * e1_i^2 without the (rows, out) embeddings: with
+        # e1_i = A1 z_i, mean_i lam_i e1_i = A1 (Z^T lam / rows) and mean_i lam_i e1_i^2 = diag(A1 M A1^T),
+        # M = Z^T diag(lam) Z / rows (m x m): O(rows m^2 + out m^2) instead of passes over rows x out.
+        A1 = A[:out]
+        mean_lam_e1 = A1 @ (z.t() @ lam / rows)  # (out,)
+        mean_lam_e1sq = ((A1 @ ((z.t() * lam) @ z / rows)) * A1).sum(1)
         penalty = (lam.mean() * W.square().sum() + 2.0 * ((W * D).sum(1) * mean_lam_e1).sum()
                    + (D.square().sum(1) * mean_lam_e1sq).sum())
         if self.bias is not None:
             B = rows // E
-            lb = lam_bias.to(W.dtype).reshape(E, B, 1)
-            e2m = e2.reshape(E, B, -1)
+            lb = lam_bias.to(W.dtype).reshape(E, B)
+            zm = z.reshape(E, B, -1)
+            A2 = A[out:]
             b, db = self.bias, self.delta_bias  # (E, out)
-            per_member = (lb.mean(1) * b.square().sum(1, keepdim=True)).squeeze(1) \
-                + 2.0 * (b * db * (lb * e2m).mean(1)).sum(1) + (db.square() * (lb * e2m * e2m).mean(1)).sum(1)
+            # per member k, the same identities over its B rows: mean lb e2 = A2 c_k, mean lb e2^2 = diag(A2 M_k A2^T)
+            c = torch.einsum("kb,kbm->km", lb, zm) / B  # (E, m)
+            Mk = torch.einsum("kb,kbm,kbn->kmn", lb, zm, zm) / B  # (E, m, m)
+            mean_lb_e2 = c @ A2.t()  # (E, out)
+            mean_lb_e2sq = torch.einsum("om,kmn,on->ko", A2, Mk, A2)
+            per_member = lb.mean(1) * b.square().sum(1) + 2.0 * (b * db * mean_lb_e2).sum(1) \
+                + (db.square() * mean_lb_e2sq).sum(1)
             penalty = penalty + per_member.mean()
         return penalty
 
