@@ -254,7 +254,26 @@ Scheme forced_scheme() {
 }
 
 // Whether an op with these dimensions runs the one-convolution scheme (else one convolution per member
-// with folded weights). RULE: see below.
+// with folded weights): when each member's output is small, B * O * Ho * Wo < 32768 elements. Measured
+// (1 thread, process CPU time, forward+backward, ratio to the floor conv2d over the same E*B images,
+// python bench/ops_conv.py --threads 1 --hyper --no-compile --clock cpu --batch B; E = 4, 3x3):
+//                                       per-member            one-convolution
+//   tiny 4->4 6x6, B=2 (288)            batch 3.4x, hyper 3.5x   batch 1.36x, hyper 2.5x (bench/conv_host.py)
+//   16->16 32x32, B=2 (32768) NCHW      batch 1.42, hyper 1.39   batch 1.80, hyper 1.93
+//   32->32 16x16, B=2 (16384) NCHW      batch 1.65, hyper 1.41   batch 1.26, hyper 1.39
+//   64->64 8x8,   B=2 (8192)  NCHW      batch 1.81, hyper 1.92   batch 1.18, hyper 1.37
+//   64->64 8x8,   B=4 (16384) NCHW      batch 1.46, hyper 1.38   batch 1.15, hyper 1.21
+//   16->16 32x32, B=4 (65536) NCHW      batch 0.84, hyper 1.20   batch 1.45, hyper 1.71
+//   16->16 32x32, B=16 NCHW / CL        batch 0.84 / 1.22, hyper 1.15 / 1.06   batch 1.93 / 1.40, hyper 1.65 / 1.66
+//   32->32 16x16, B=16 NCHW / CL        batch 1.14 / 0.92, hyper 1.12 / 1.16   batch 1.16 / 1.23, hyper 1.24 / 1.19
+//   64->64 8x8,   B=16 NCHW / CL        batch 1.16 / 1.18, hyper 1.10 / 1.10   batch 1.16 / 1.11, hyper 1.16 / 1.18
+// Small members are bound by the per-call cost of E convolutions (and their copies), large ones by the
+// one-convolution scheme's scaling passes over the activations (and oneDNN is faster on B images than on
+// E*B at 32x32). Channels-last follows the same rule (16->16 32x32 B=2: one-convolution 1.35 vs 1.53,
+// batch; the other cases as NCHW). With several threads the per-member scheme also runs members in
+// parallel, which only favours it above the threshold.
+constexpr int64_t kOneConvMaxMemberOutput = 32768;
+
 bool uses_one_conv(const Dims& d) {
   switch (forced_scheme()) {
     case Scheme::kMember:
@@ -264,7 +283,7 @@ bool uses_one_conv(const Dims& d) {
     case Scheme::kAuto:
       break;
   }
-  return true;
+  return d.B * d.O * d.Ho * d.Wo < kOneConvMaxMemberOutput;
 }
 
 // Runs f(k) for every member k. With several threads, whole groups of `threads` members run in

@@ -47,18 +47,25 @@ def cpu_scheme() -> str:
     return setting
 
 
-def cpu_uses_one_conv(x, weight, hw) -> bool:
-    """Whether the CPU kernels run the one-convolution scheme for this op (csrc/cpu/rank1_conv.cpp's
-    uses_one_conv, mirrored here for the fake kernels: that scheme's train ops keep activations)."""
+# csrc/cpu/rank1_conv.cpp's kOneConvMaxMemberOutput (the measurements behind it are there)
+ONE_CONV_MAX_MEMBER_OUTPUT = 32768
+
+
+def cpu_uses_one_conv(x, r, weight, hw) -> bool:
+    """Whether the CPU kernels run the one-convolution scheme for this op: csrc/cpu/rank1_conv.cpp's
+    uses_one_conv (each member's output B * O * Ho * Wo below ONE_CONV_MAX_MEMBER_OUTPUT elements, unless
+    HYPERKERN_CPU_CONV forces a scheme), mirrored here for the fake kernels: that scheme's train ops keep
+    activations for the backward."""
     setting = cpu_scheme()
     if setting != "auto":
         return setting == "one_conv"
-    return True
+    B = x.shape[0] // r.shape[0]
+    return B * weight.shape[0] * hw[0] * hw[1] < ONE_CONV_MAX_MEMBER_OUTPUT
 
 
-def _one_conv_on(x, weight, hw) -> bool:
+def _one_conv_on(x, r, weight, hw) -> bool:
     """Whether the kernel for x's device runs the one-convolution scheme (CUDA always; CPU by its rule)."""
-    return x.device.type == "cuda" or cpu_uses_one_conv(x, weight, hw)
+    return x.device.type == "cuda" or cpu_uses_one_conv(x, r, weight, hw)
 
 
 def _kept(x, y, one_conv):
@@ -93,7 +100,7 @@ def _batch_ensemble_conv2d_train_fake(x, weight, r, s, bias, stride, padding, di
     """(y, pre): the one-convolution scheme keeps pre = conv(x * r_k, weight) for its backward, the CPU's
     per-member scheme nothing."""
     y = _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups)
-    return y, _kept(x, y, _one_conv_on(x, weight, y.shape[2:]))
+    return y, _kept(x, y, _one_conv_on(x, r, weight, y.shape[2:]))
 
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
@@ -121,7 +128,7 @@ def _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, e1, bi
                                             dilation, groups, save_hd):
     """(y, hd, h, hr): the one-convolution scheme (CUDA, and the CPU where it runs it) keeps the branches h and
     hr, the CPU's per-member scheme hd (when save_hd)."""
-    one_conv = _one_conv_on(x, weight, _output_hw(x, weight, stride, padding, dilation))
+    one_conv = _one_conv_on(x, r, weight, _output_hw(x, weight, stride, padding, dilation))
     y, hd = _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
                                               padding, dilation, groups, save_hd and not one_conv)
     return y, hd, _kept(x, y, one_conv), _kept(x, y, one_conv)
