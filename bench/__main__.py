@@ -303,6 +303,10 @@ def main(argv=None) -> int:
               "peak MiB: bytes allocated above the level before the call (bench/common.py)")
         if not args.tiny:
             result["targets"] += check_model_targets(rows, args.device)
+        from bench.models import print_operator_counts
+        op_targets = print_operator_counts(args.device, tiny=args.tiny)
+        if not args.tiny:
+            result["targets"] += op_targets
 
     if args.suite in ("host", "all"):
         from bench import host

@@ -22,7 +22,9 @@ Every candidate processes E*B member-images per step:
   deep/vmap           the same E networks through torch.func.stack_module_state + vmap(functional_call)
 
 A training step is forward + cross-entropy (mean over the E*B rows) + backward + SGD(momentum 0.9,
-nesterov; weight decay 5e-4 for all but hyper_batch, whose L2 is its penalty) + zero_grad(set_to_none)
+nesterov; weight decay 5e-4 for all but hyper_batch, whose L2 is its penalty; fused=True on CPU and CUDA
+alike: one aten::_fused_sgd_ for all parameters, where torch's default is a per-parameter loop on the CPU
+and foreach kernels on CUDA) + zero_grad(set_to_none)
 (so every step starts without gradients and its peak memory counts the gradients it allocates).
 Inference is model.eval() under torch.inference_mode (hyper_batch at each member's distribution mean).
 Reported: median ms, member-images/s (E*B / time), the ratio to plain, the peak memory of one call
@@ -57,7 +59,7 @@ from bench.common import (MIB, describe_environment, format_markdown_table, para
 from bench.peers import swap_batch_ensemble_layers
 
 __all__ = ["model_configs", "build_candidates", "run_models", "format_models_table", "check_model_targets",
-           "ALL_VARIANTS"]
+           "count_step_ops", "operator_counts", "format_operator_counts", "check_operator_targets", "ALL_VARIANTS"]
 
 ALL_VARIANTS = ("plain", "batch", "batch[torch]", "batch[triton]", "batch/tabm", "batch/torch_unc", "hyper_batch",
                 "deep/loop", "deep/vmap")
@@ -99,7 +101,9 @@ class Candidate:
 
 
 def _sgd(params, weight_decay):
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    # fused: the same single optimizer op on the CPU and on CUDA (torch's default differs: a per-parameter
+    # loop on the CPU, foreach on CUDA), so the step's operator counts compare across devices
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=weight_decay, fused=True)
 
 
 def _make(arch, kwargs, variant, E, device, dtype, backend="auto"):
@@ -390,6 +394,106 @@ def check_model_targets(rows: list[dict], device: str) -> list[dict]:
     return out
 
 
+# ---- operators dispatched by one training step -------------------------------------------------------------
+
+OP_COUNT_VARIANTS = ("plain", "batch", "hyper_batch")
+OP_COUNT_TARGETS = {"batch": 1.15, "hyper_batch": 2.0}  # x plain's operator count (issue 15)
+_ALLOCATIONS = ("aten::empty", "aten::empty_strided", "aten::empty_like")
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith(("aten::", "hyperkern::"))
+
+
+def count_step_ops(candidate: Candidate, warmup: int = 2) -> dict:
+    """Operators (aten:: and hyperkern::) one training step dispatches, from a torch.profiler trace on the
+    device the candidate was built for (CPU activity: the host side, which is the same code on CUDA):
+    total (all nesting levels), top (called from Python, not from inside another operator), allocations
+    (aten::empty / empty_strided / empty_like at any level) and convolutions (aten::convolution, forward,
+    any level) and convolution_backward. After `warmup` steps (optimizer state exists)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    candidate.set_mode("train")
+    for _ in range(warmup):
+        candidate.train_step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        candidate.train_step()
+    ops = [e for e in prof.events() if _is_op(e.name)]
+
+    def top(e):
+        p = e.cpu_parent
+        while p is not None:
+            if _is_op(p.name):
+                return False
+            p = p.cpu_parent
+        return True
+
+    return {"total": len(ops), "top": sum(top(e) for e in ops),
+            "allocations": sum(e.name in _ALLOCATIONS for e in ops),
+            "convolutions": sum(e.name == "aten::convolution" for e in ops),
+            "convolution_backward": sum(e.name == "aten::convolution_backward" for e in ops)}
+
+
+def operator_counts(arch="resnet20", kwargs=None, *, E: int = 4, B: int = 2, image: int = 32, device="cpu",
+                    variants=OP_COUNT_VARIANTS, cpu_scheme: str | None = "one_conv") -> dict[str, dict]:
+    """count_step_ops for each variant of one network (default: ResNet-20 at E=4, B=2), with "x_plain"
+    (total / plain's total) on every variant when plain is among them.
+
+    cpu_scheme: the CPU conv kernels' scheme while counting (HYPERKERN_CPU_CONV; None: their own rule).
+    Default "one_conv": the host code the CUDA conv ops run (csrc/one_conv.h), built for the CPU."""
+    cands = build_candidates(arch, kwargs or {}, E=E, B=B, image=image, device=device, dtype=torch.float32,
+                             variants=tuple(variants))
+    old = os.environ.get("HYPERKERN_CPU_CONV")
+    if cpu_scheme is not None:
+        os.environ["HYPERKERN_CPU_CONV"] = cpu_scheme
+    try:
+        out = {name: count_step_ops(c) for name, c in cands.items()}
+    finally:
+        if old is None:
+            os.environ.pop("HYPERKERN_CPU_CONV", None)
+        else:
+            os.environ["HYPERKERN_CPU_CONV"] = old
+    if "plain" in out:
+        for counts in out.values():
+            counts["x_plain"] = counts["total"] / out["plain"]["total"]
+    return out
+
+
+def format_operator_counts(counts: dict[str, dict]) -> str:
+    header = ["variant", "ops (all levels)", "x plain", "top-level ops", "allocations", "convolutions",
+              "conv backward"]
+    body = [[name, str(c["total"]), "-" if c.get("x_plain") is None else f"{c['x_plain']:.2f}", str(c["top"]),
+             str(c["allocations"]), str(c["convolutions"]), str(c["convolution_backward"])]
+            for name, c in counts.items()]
+    return format_markdown_table(header, body, ["l", "r", "r", "r", "r", "r", "r"])
+
+
+def check_operator_targets(counts: dict[str, dict], label: str = "resnet20") -> list[dict]:
+    """The issue's operator-count targets: batch <= 1.15x and hyper_batch <= 2x plain's (all nesting levels)."""
+    out = []
+    for name, limit in OP_COUNT_TARGETS.items():
+        if name in counts and counts[name].get("x_plain") is not None:
+            ratio = counts[name]["x_plain"]
+            out.append({"target": f"{label} train step ATen operators: {name} <= {limit}x plain",
+                        "value": f"{ratio:.3f}x ({counts[name]['total']} vs {counts['plain']['total']})",
+                        "ok": ratio <= limit})
+    return out
+
+
+def print_operator_counts(device="cpu", *, tiny: bool = False, E: int = 4, B: int = 2, log=print) -> list[dict]:
+    """Counts the operators of ResNet-20's train step (tiny: the smoke config's ResNet) and prints the table
+    and the targets; returns the targets."""
+    cfg = model_configs(str(torch.device(device).type), tiny=tiny)[0]
+    counts = operator_counts(cfg["arch"], cfg["kwargs"], E=E, B=B, image=cfg["image"], device=device)
+    log(f"\nATen operators dispatched by one {cfg['name']} training step (E={E}, B={B}, torch.profiler, "
+        f"host side; fused SGD; the conv ops' one-convolution host code, as on CUDA):\n")
+    log(format_operator_counts(counts))
+    targets = check_operator_targets(counts, cfg["name"])
+    for t in targets:
+        log(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+    return targets
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="hyperkern model-level benchmarks (see python -m bench)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -424,6 +528,9 @@ def main(argv=None):
     targets = [] if args.tiny else check_model_targets(rows, args.device)
     for t in targets:
         print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+    if not args.cuda_graphs:
+        operator_targets = print_operator_counts(args.device, tiny=args.tiny)
+        targets += [] if args.tiny else operator_targets
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

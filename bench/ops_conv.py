@@ -34,7 +34,8 @@ except ImportError:  # run as a script: python bench/ops_conv.py puts bench/ its
     import peers
 
 # (label, channels, spatial size): ResNet-20 stage 1 and 3, WRN-28-10 stage 1 (E=4, B=16).
-SHAPES = {"16x32": ("ResNet-20 stage 1", 16, 32), "64x8": ("ResNet-20 stage 3", 64, 8),
+SHAPES = {"16x32": ("ResNet-20 stage 1", 16, 32), "32x16": ("ResNet-20 stage 2", 32, 16),
+          "64x8": ("ResNet-20 stage 3", 64, 8),
           "160x32": ("WRN-28-10 stage 1", 160, 32)}
 GEO = ((1, 1), (1, 1), (1, 1), 1)  # stride, padding, dilation, groups
 
@@ -116,7 +117,7 @@ def _variants(args, grad, hyper: bool, compile_eager: bool):
     return out
 
 
-def run(shapes=("16x32", "64x8", "160x32"), channels_last=(False, True), E=4, B=16, dtype=torch.float32,
+def run(shapes=("16x32", "32x16", "64x8", "160x32"), channels_last=(False, True), E=4, B=16, dtype=torch.float32,
         rounds=None, compile_eager=True, hyper=False, threads=None, clock="wall", device="cpu"):
     """Returns rows: dict(shape, format, op, mode, floor=ms, and ms per variant).
 

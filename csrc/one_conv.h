@@ -37,14 +37,20 @@ inline at::Tensor conv_all(const at::Tensor& in, const at::Tensor& weight, const
       .contiguous(fmt);
 }
 
+// Host work counts on small layers (each ATen call is a dispatch, and on CUDA often a launch): no cast
+// that would not change the dtype, no per-image copies of per-member rows (a broadcast over each
+// member's B rows instead), one empty tensor for all the gradients a backward is not asked for.
+
 // (N, C) opmath per-image sums -> (E, C) per-member sums in dtype.
 inline at::Tensor member_sums(const at::Tensor& per_image, const Dims& d, at::ScalarType dtype) {
-  return per_image.view({d.E, d.B, per_image.size(1)}).sum(1).to(dtype);
+  const at::Tensor sums = per_image.view({d.E, d.B, per_image.size(1)}).sum(1);
+  return sums.scalar_type() == dtype ? sums : sums.to(dtype);
 }
 
-// (E, C) per-member values -> (N, C) per-image rows.
-inline at::Tensor per_image(const at::Tensor& per_member, const Dims& d) {
-  return per_member.repeat_interleave(d.B, 0);
+// (N, C) per-image rows times (E, C) per-member values, row n by member n / B's (one broadcasting
+// multiply; the result has the promoted dtype of the two, contiguous).
+inline at::Tensor rows_times_members(const at::Tensor& rows, const at::Tensor& per_member, const Dims& d) {
+  return (rows.view({d.E, d.B, rows.size(1)}) * per_member.unsqueeze(1)).view({d.N, rows.size(1)});
 }
 
 inline at::Tensor opmath_rows(const Dims& d, int64_t C, const at::Tensor& x) {
@@ -79,14 +85,14 @@ at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, int64_t B, at::Memo
 // The input side of one branch y_branch = conv(x * f_k, weight): from gout = dL/dy_branch, one
 // convolution backward at input xf = x * f_k (needed only for dW; xc stands in for its shape otherwise)
 // gives dW and dxf; one pass turns dxf into dx_branch = dxf * f_k in place and sums dxf * x for df_k.
-// Returns (dx_branch, dW, df): each empty where not needed.
+// Returns (dx_branch, dW, df): each undefined where not needed.
 template <class P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_backward(const at::Tensor& gout, const at::Tensor& xc,
                                                                const at::Tensor& xf, const at::Tensor& weight,
                                                                const at::Tensor& f, const Geometry& geo,
                                                                const Dims& d, bool need_x, bool need_w, bool need_f) {
   const at::MemoryFormat fmt = activation_format(xc);
-  at::Tensor dx_branch = at::empty({0}, xc.options()), dw = dx_branch, df = dx_branch;
+  at::Tensor dx_branch, dw, df;
   if (!(need_x || need_w || need_f)) return {dx_branch, dw, df};
   auto [gi, gw, unused] =
       at::convolution_backward(gout, need_w ? xf : xc, weight.contiguous(fmt), at::OptionalIntArrayRef(), geo.stride,
@@ -120,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor> batch_forward(const at::Tensor& x, const at::
   at::Tensor y = keep_pre ? at::empty_like(pre) : pre;
   P::scale_channels(pre, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
                     fmt == at::MemoryFormat::ChannelsLast);
-  return {y, keep_pre ? pre : at::empty({0}, x.options())};
+  if (keep_pre) return {y, pre};
+  return {y, at::empty({0}, x.options())};
 }
 
 // With gc = g * s_k: db_k = sum g, ds_k = sum g * pre, (dxr, dW) = conv backward of gc at input xr (one
@@ -136,14 +143,14 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto opts = x.options();
-  at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), dr = at::empty({0}, opts),
-             ds = at::empty({0}, opts), db = at::empty({0}, opts);
+  at::Tensor dx, dw, dr, ds, db;  // undefined until computed; fill_unused makes the others empty
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
     if (need_r) dr = at::zeros({d.E, d.C}, opts);
     if (need_s) ds = at::zeros({d.E, d.O}, opts);
     if (need_b) db = at::zeros({d.E, d.O}, opts);
+    fill_unused(opts, dx, dw, dr, ds, db);
     return {dx, dw, dr, ds, db};
   }
   const bool have_pre = is_kept(pre);
@@ -156,6 +163,7 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   if (need_s) ds = ds_k;
   if (need_b) db = member_sums(g_sum, d, x.scalar_type());
   std::tie(dx, dw, dr) = branch_backward<P>(gc, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
+  fill_unused(opts, dx, dw, dr, ds, db);
   return {dx, dw, dr, ds, db};
 }
 
@@ -163,25 +171,9 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 // with h = conv(x * r_k, W) and hr = conv(x * u_k, delta) (the delta branch before v_k; the op's
 // documented hd = v_k * hr).
 
-// Per-image rows (N, O) of e1 * v_k and of bias_k + delta_bias_k * e2 (undefined when there is no bias).
-inline std::tuple<at::Tensor, std::optional<at::Tensor>> hyper_rows(const at::Tensor& v, const at::Tensor& e1,
-                                                                    const std::optional<at::Tensor>& bias,
-                                                                    const std::optional<at::Tensor>& delta_bias,
-                                                                    const std::optional<at::Tensor>& e2,
-                                                                    const Dims& d) {
-  const at::Tensor ve1 = (e1 * per_image(v, d)).contiguous();
-  std::optional<at::Tensor> add;
-  if (defined(bias)) add = per_image(*bias, d);
-  if (defined(delta_bias)) {
-    const at::Tensor shift = per_image(*delta_bias, d) * *e2;
-    add = add ? std::optional<at::Tensor>(*add + shift) : std::optional<at::Tensor>(shift);
-  }
-  if (add) add = add->contiguous();
-  return {ve1, add};
-}
-
 // (y, hd, h, hr): hd = v_k * hr when save_hd (the op's documented output), else empty; h and hr when
-// keep_branches (what the backward reads), else empty.
+// keep_branches (what the backward reads), else empty. y = h * s_k + bias_k in one pass (per member),
+// then y += hr * (e1 * v_k) (per image) and, with delta_bias, y += delta_bias_k * e2.
 template <class P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
@@ -190,22 +182,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
     const Dims& d, bool save_hd, bool keep_branches) {
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor none = at::empty({0}, x.options());
   const std::vector<int64_t> out_sizes{d.N, d.O, d.Ho, d.Wo};
   if (d.N == 0) {
-    const at::Tensor e = empty_like_format(out_sizes, x, fmt);
-    return {e, save_hd ? empty_like_format(out_sizes, x, fmt) : none, keep_branches ? empty_like_format(out_sizes, x, fmt) : none,
-            keep_branches ? empty_like_format(out_sizes, x, fmt) : none};
+    at::Tensor y = empty_like_format(out_sizes, x, fmt), hd, h, hr;
+    if (save_hd) hd = empty_like_format(out_sizes, x, fmt);
+    if (keep_branches) h = empty_like_format(out_sizes, x, fmt), hr = empty_like_format(out_sizes, x, fmt);
+    fill_unused(x.options(), hd, h, hr);
+    return {y, hd, h, hr};
   }
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor h = conv_all(scaled<P>(xc, r, d.B, fmt), weight, geo, fmt);
   const at::Tensor hr = conv_all(scaled<P>(xc, u, d.B, fmt), delta, geo, fmt);
-  auto [ve1, add] = hyper_rows(v, e1, bias, delta_bias, e2, d);
-  at::Tensor y = at::empty_like(hr);
-  P::scale_channels(hr, ve1, add, at::Tensor(), y, at::Tensor(), at::Tensor(), 1, channels_last);  // per image
-  y.addcmul_(h, per_image(s, d).view({d.N, d.O, 1, 1}));
-  const at::Tensor hd = save_hd ? scaled<P>(hr, v, d.B, fmt) : none;
-  return {y, hd, keep_branches ? h : none, keep_branches ? hr : none};
+  at::Tensor y = at::empty_like(h);
+  P::scale_channels(h, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
+                    channels_last);
+  y.addcmul_(hr, rows_times_members(e1, v, d).view({d.N, d.O, 1, 1}));
+  if (defined(delta_bias)) y.add_(rows_times_members(*e2, *delta_bias, d).view({d.N, d.O, 1, 1}));
+  at::Tensor hd, h_kept, hr_kept;
+  if (save_hd) hd = scaled<P>(hr, v, d.B, fmt);
+  if (keep_branches) h_kept = h, hr_kept = hr;
+  fill_unused(x.options(), hd, h_kept, hr_kept);
+  return {y, hd, h_kept, hr_kept};
 }
 
 // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so, from
@@ -231,8 +228,7 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto opts = x.options();
   const at::ScalarType dtype = x.scalar_type();
-  const at::Tensor none = at::empty({0}, opts);
-  at::Tensor dx = none, dw = none, ddelta = none, dr = none, ds = none, du = none, dv = none, de1 = none;
+  at::Tensor dx, dw, ddelta, dr, ds, du, dv, de1;  // undefined until computed; fill_unused makes the others empty
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
@@ -244,6 +240,7 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
     if (need_e1) de1 = at::zeros({d.N, d.O}, opts);
     auto [db, ddb, de2] = hyper_bias_grads(at::zeros({0, d.O}, opts), delta_bias, e2, d, need_b, need_db, need_e2,
                                            dtype);
+    fill_unused(opts, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
     return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
   }
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
@@ -262,12 +259,14 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   const at::Tensor g_hr = need_g_hr ? opmath_rows(d, d.O, x) : at::Tensor();
   const at::Tensor gd = need_d_conv ? at::empty_like(g) : at::Tensor();
   if (need_d_conv || need_g_hr) {
-    const at::Tensor ve1 = (e1 * per_image(v, d)).contiguous();
-    P::scale_channels(g, ve1, std::nullopt, hr, gd, at::Tensor(), g_hr, 1, channels_last);
+    P::scale_channels(g, rows_times_members(e1, v, d), std::nullopt, hr, gd, at::Tensor(), g_hr, 1, channels_last);
   }
-  if (need_e1) de1 = (g_hr * per_image(v, d).to(g_hr.scalar_type())).to(dtype);
-  if (need_v) dv = member_sums(g_hr * e1.to(g_hr.scalar_type()), d, dtype);
-  at::Tensor db = none, ddb = none, de2 = none;
+  if (need_e1) {  // g_hr (op-math) * v_k promotes to op-math
+    const at::Tensor rows = rows_times_members(g_hr, v, d);
+    de1 = rows.scalar_type() == dtype ? rows : rows.to(dtype);
+  }
+  if (need_v) dv = member_sums(g_hr * e1, d, dtype);
+  at::Tensor db, ddb, de2;
   if (need_g_sum) std::tie(db, ddb, de2) = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, dtype);
 
   // one convolution backward per branch; dx is the sum of the branches' input sides
@@ -275,6 +274,7 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   std::tie(dxr, dw, dr) = branch_backward<P>(gh, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
   std::tie(dxu, ddelta, du) = branch_backward<P>(gd, xc, xu, delta, u, geo, d, need_x, need_delta, need_u);
   if (need_x) dx = dxr.add_(dxu);
+  fill_unused(opts, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }
 

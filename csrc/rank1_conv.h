@@ -177,21 +177,28 @@ inline WeightRows member_weight_rows(const Dims& d, int64_t parts, int64_t part,
           channels_last ? d.cg : 1};
 }
 
+// The outputs an op is not asked for (gradients outside output_mask, activations not kept) are (0,)-shaped
+// tensors, each its own (the outputs of an op must not alias each other); made only for those, so a
+// backward asked for every gradient allocates none.
+template <class... T>
+inline void fill_unused(const at::TensorOptions& opts, T&... outputs) {
+  ((outputs = outputs.defined() ? outputs : at::empty({0}, opts)), ...);
+}
+
 // Gradients of bias, delta_bias and e2 of the hyper op from g_sum[n, o] = sum over positions of the
 // output gradient (accumulation dtype): db_k = sum_n g_sum, ddelta_bias_k = sum_n g_sum * e2,
-// de2[n] = g_sum[n] * delta_bias_k. Empty tensors where not needed. Device-agnostic ATen code.
+// de2[n] = g_sum[n] * delta_bias_k. Undefined where not needed (fill_unused). Device-agnostic ATen code.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> hyper_bias_grads(
     const at::Tensor& g_sum, const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2,
     const Dims& d, bool need_b, bool need_db, bool need_e2, at::ScalarType out_type) {
-  const auto opts = g_sum.options().dtype(out_type);
-  at::Tensor db = at::empty({0}, opts), ddb = at::empty({0}, opts), de2 = at::empty({0}, opts);
+  at::Tensor db, ddb, de2;
   if (!(need_b || need_db || need_e2)) return {db, ddb, de2};
+  // the products promote to g_sum's op-math dtype (a float sum times a bfloat16 row is float)
+  const auto as_out = [&](const at::Tensor& t) { return t.scalar_type() == out_type ? t : t.to(out_type); };
   const at::Tensor sums = g_sum.view({d.E, d.B, d.O});
-  if (need_b) db = sums.sum(1).to(out_type);
-  if (need_db) ddb = (sums * e2->to(g_sum.scalar_type()).view({d.E, d.B, d.O})).sum(1).to(out_type);
-  if (need_e2) {
-    de2 = (sums * delta_bias->to(g_sum.scalar_type()).view({d.E, 1, d.O})).view({d.N, d.O}).to(out_type);
-  }
+  if (need_b) db = as_out(sums.sum(1));
+  if (need_db) ddb = as_out((sums * e2->view({d.E, d.B, d.O})).sum(1));
+  if (need_e2) de2 = as_out((sums * delta_bias->unsqueeze(1)).view({d.N, d.O}));
   return {db, ddb, de2};
 }
 

@@ -241,3 +241,25 @@ def test_model_step_targets_cover_both_networks_and_graph_replays():
                    "resnet20 train: batch >= 1.5x faster than deep/loop": (True, "2.59x faster"),
                    "wrn28-10 train (graph): batch <= 1.1x plain": (True, "1.090x"),
                    "wrn28-10 train (graph): hyper_batch <= 2.0x plain": (False, "2.010x")}
+
+
+def test_operator_counts_of_a_train_step():
+    """bench.models.operator_counts: plain, batch and hyper_batch train steps each dispatch operators, and the
+    rank-1 networks run ONE convolution per conv layer forward (over all E*B rows), as plain does, not E."""
+    from bench import models
+
+    counts = models.operator_counts("resnet20", {"depth": 8, "width": 4}, E=3, B=2, image=8)
+    assert set(counts) == {"plain", "batch", "hyper_batch"}
+    plain = counts["plain"]
+    assert plain["total"] > plain["top"] > 0 and plain["allocations"] > 0 and plain["x_plain"] == 1.0
+    n_conv = plain["convolutions"]
+    assert n_conv == plain["convolution_backward"] > 0  # ResNet-8: 7 convolutions + 2 shortcuts... all 3x3/1x1
+    for name in ("batch", "hyper_batch"):
+        c = counts[name]
+        assert c["total"] > c["top"] > 0 and c["x_plain"] == pytest.approx(c["total"] / plain["total"])
+    # the tiny shape runs the one-convolution scheme on the CPU: one convolution per layer (the hyper layer:
+    # two, its W and delta branches), not one per member
+    assert counts["batch"]["convolutions"] == n_conv
+    assert counts["hyper_batch"]["convolutions"] == 2 * n_conv
+    targets = models.check_operator_targets(counts)
+    assert [t["target"].split(": ")[1] for t in targets] == ["batch <= 1.15x plain", "hyper_batch <= 2.0x plain"]

@@ -17,6 +17,15 @@ if _REASON is None:  # registers the ops' fake kernels and autograd formulas (hy
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpp backend unavailable: {_REASON}")
 
 CL = torch.channels_last
+# The CPU kernels' two schemes (csrc/cpu/rank1_conv.cpp): one convolution per member with folded weights,
+# and the one-convolution scheme of csrc/one_conv.h with the CPU scaling pass; "auto" picks by shape.
+SCHEMES = ["member", "one_conv"]
+
+
+@pytest.fixture(params=SCHEMES)
+def scheme(request, monkeypatch):
+    monkeypatch.setenv("HYPERKERN_CPU_CONV", request.param)
+    return request.param
 
 
 @contextlib.contextmanager
@@ -104,7 +113,7 @@ CASES = [
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES)
 def test_batch_ensemble_conv2d_fp64_matches_member_loop(E, B, C, O, groups, stride, padding, dilation, hw,
-                                                        channels_last, bias):
+                                                        channels_last, bias, scheme):
     args = _be_args(E, B, C, O, groups, hw, bias=bias, channels_last=channels_last)
     _check_against_reference(hyperkern.ops.batch_ensemble_conv2d, ref.batch_ensemble_conv2d_reference, args,
                              (stride, padding, dilation, groups), 1e-10, 1e-10, channels_last)
@@ -114,7 +123,7 @@ def test_batch_ensemble_conv2d_fp64_matches_member_loop(E, B, C, O, groups, stri
 @pytest.mark.parametrize("bias,delta_bias", [(True, True), (False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CASES[:5])
 def test_hyper_batch_ensemble_conv2d_fp64_matches_member_loop(E, B, C, O, groups, stride, padding, dilation, hw,
-                                                              bias, delta_bias, channels_last):
+                                                              bias, delta_bias, channels_last, scheme):
     args = _hyper_args(E, B, C, O, groups, hw, bias, delta_bias, channels_last=channels_last)
     _check_against_reference(hyperkern.ops.hyper_batch_ensemble_conv2d, ref.hyper_batch_ensemble_conv2d_reference,
                              args, (stride, padding, dilation, groups), 1e-10, 1e-10, channels_last)
@@ -123,7 +132,7 @@ def test_hyper_batch_ensemble_conv2d_fp64_matches_member_loop(E, B, C, O, groups
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("E", [1, 4, 7])
-def test_fp32_matches_member_loop_with_any_thread_count(threads, channels_last, E):
+def test_fp32_matches_member_loop_with_any_thread_count(threads, channels_last, E, scheme):
     # float32 runs through oneDNN: members run one per thread, leftovers with all threads.
     with _threads(threads):
         args = _be_args(E, 3, 8, 16, 1, (10, 9), dtype=torch.float32, channels_last=channels_last)
@@ -136,7 +145,7 @@ def test_fp32_matches_member_loop_with_any_thread_count(threads, channels_last, 
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bf16_matches_member_loop(channels_last):
+def test_bf16_matches_member_loop(channels_last, scheme):
     args = _be_args(4, 2, 16, 16, 1, (8, 8), dtype=torch.bfloat16, channels_last=channels_last)
     _check_against_reference(hyperkern.ops.batch_ensemble_conv2d, ref.batch_ensemble_conv2d_reference, args,
                              (1, 1, 1, 1), 2e-2, 2e-2, channels_last)
@@ -157,7 +166,7 @@ def test_member_major_layout_is_respected():
     torch.testing.assert_close(y_sw[4:], y[4:])
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(scheme):
     geo = ([2, 1], [1, 0], [1, 2], 2)
     x, w, r, s, b = (t.requires_grad_() for t in _be_args(2, 2, 4, 4, 2, (4, 5)))
     torch.autograd.gradcheck(lambda *a: torch.ops.hyperkern.batch_ensemble_conv2d(*a, *geo), (x, w, r, s, b))
@@ -180,16 +189,23 @@ def test_hyper_saves_hd_only_when_e1_needs_grad():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
+def test_opcheck(channels_last, scheme):
     geo = ([1, 2], [1, 0], [1, 1], 2)
     x, w, r, s, b = (t.requires_grad_() for t in _be_args(2, 2, 4, 6, 2, (5, 6), dtype=torch.float32,
                                                            channels_last=channels_last))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d, (x, w, r, s, b, *geo))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d, (x, w, r, s, None, *geo))
-    # the train op: the CPU kernel keeps nothing for its backward (an empty pre)
+    # the train op: the per-member scheme keeps nothing for its backward (an empty pre), the one-convolution
+    # scheme the unscaled convolution pre = conv(x * r_k, W)
     y, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(x.detach(), w.detach(), r.detach(), s.detach(),
                                                              b.detach(), *geo)
-    assert pre.numel() == 0
+    if scheme == "member":
+        assert pre.numel() == 0
+    else:
+        want = ref.batch_ensemble_conv2d_reference(x.detach(), w.detach(), r.detach(), torch.ones_like(s), None,
+                                                   *geo[:3], groups=geo[3])
+        torch.testing.assert_close(pre.double(), want, atol=1e-4, rtol=1e-4)
+        assert pre.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
     torch.testing.assert_close(y, torch.ops.hyperkern.batch_ensemble_conv2d(x, w, r, s, b, *geo))
     torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_train,
                           (x.detach(), w.detach(), r.detach(), s.detach(), b.detach(), *geo))
@@ -202,12 +218,16 @@ def test_opcheck(channels_last):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*args, *geo, save_hd))
     no_db = args[:9] + [None, None]
     torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d, (*no_db, *geo, True))
-    # the train op: the CPU kernel keeps hd (when save_hd) and no branches
+    # the train op: the per-member scheme keeps hd (when save_hd) and no branches, the one-convolution scheme
+    # the branches h and hr and no hd
     detached = [t.detach() for t in args]
     for save_hd in (True, False):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train, (*detached, *geo, save_hd))
         y_t, hd_t, h_t, hr_t = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*detached, *geo, save_hd)
-        assert h_t.numel() == hr_t.numel() == 0 and (hd_t.numel() > 0) == save_hd
+        if scheme == "member":
+            assert h_t.numel() == hr_t.numel() == 0 and (hd_t.numel() > 0) == save_hd
+        else:
+            assert hd_t.numel() == 0 and h_t.shape == hr_t.shape == y_t.shape
         torch.testing.assert_close(y_t, torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*detached, *geo, save_hd)[0])
     plain = [t.detach() for t in args]
     y, hd = torch.ops.hyperkern.hyper_batch_ensemble_conv2d(*plain, *geo, True)
@@ -215,6 +235,13 @@ def test_opcheck(channels_last):
     for saved in (hd, hd.new_empty(0)):
         torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward,
                               (torch.randn_like(y), *plain[:8], *plain[9:], saved, *geo, mask))
+    if scheme == "one_conv":  # the backward reading the kept branches
+        _, _, h_t, hr_t = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*plain, *geo, False)
+        torch.library.opcheck(torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward,
+                              (torch.randn_like(y), *plain[:8], *plain[9:], hd.new_empty(0), *geo, mask, h_t, hr_t))
+        torch.library.opcheck(torch.ops.hyperkern.batch_ensemble_conv2d_backward,
+                              (g, x.detach(), w.detach(), r.detach(), s.detach(), *geo, [True, False, True, True, False],
+                               pre))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -245,14 +272,48 @@ def test_torch_compile_inductor_forward():
                                torch.relu(hyperkern.ops.batch_ensemble_conv2d(x, w, r, s, b, 1, 1, backend="torch")))
 
 
-def test_zero_images():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_zero_images(scheme, channels_last):
     x, w, r, s, b = (t.requires_grad_() for t in _be_args(2, 1, 4, 4, dtype=torch.float32))
-    x0 = x[:0].detach().requires_grad_()
+    x0 = x[:0].detach()
+    if channels_last:
+        x0 = x0.contiguous(memory_format=CL)
+    x0.requires_grad_()
     y = hyperkern.ops.batch_ensemble_conv2d(x0, w, r, s, b, 1, 1, backend="cpp")
     assert y.shape == (0, 4, 7, 8)
-    dw, dr, ds, db = torch.autograd.grad(y.sum(), (w, r, s, b))
+    dx, dw, dr, ds, db = torch.autograd.grad(y.sum(), (x0, w, r, s, b))
+    assert dx.shape == x0.shape
     for t in (dw, dr, ds, db):
         assert torch.count_nonzero(t) == 0
+    args = [t.requires_grad_() for t in _hyper_args(2, 1, 4, 4, dtype=torch.float32)]
+    args[0], args[7], args[10] = (t[:0].detach().requires_grad_() for t in (args[0], args[7], args[10]))
+    y = hyperkern.ops.hyper_batch_ensemble_conv2d(*args, 1, 1, backend="cpp")
+    assert y.shape == (0, 4, 7, 8)
+    grads = torch.autograd.grad(y.sum(), [a for a in args if a.numel() > 0])
+    for t in grads:
+        assert torch.count_nonzero(t) == 0
+
+
+@pytest.mark.parametrize("hw,C,E,B,one_conv", [((6, 6), 4, 4, 2, True), ((32, 32), 16, 4, 16, False),
+                                               ((8, 8), 64, 4, 4, True), ((16, 16), 32, 1, 8, False)])
+def test_auto_scheme_mirror_matches_the_kernel(hw, C, E, B, one_conv, monkeypatch):
+    """The fake kernels' mirror of the CPU scheme rule (_cpp_conv.cpu_uses_one_conv) agrees with the kernel:
+    the one-convolution train op keeps pre, the per-member one an empty tensor; small members (B * O * Ho * Wo
+    below the threshold) take the one-convolution scheme."""
+    monkeypatch.delenv("HYPERKERN_CPU_CONV", raising=False)
+    x, w, r, s, b = _be_args(E, B, C, C, 1, hw, dtype=torch.float32)
+    assert _cpp_conv.cpu_uses_one_conv(x, r, w, hw) == one_conv
+    _, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(x, w, r, s, b, [1, 1], [1, 1], [1, 1], 1)
+    assert (pre.dim() == 4) == one_conv
+
+
+def test_bad_scheme_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("HYPERKERN_CPU_CONV", "fastest")
+    x, w, r, s, b = _be_args(2, 1, 4, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="HYPERKERN_CPU_CONV must be auto, member or one_conv"):
+        torch.ops.hyperkern.batch_ensemble_conv2d(x, w, r, s, b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="HYPERKERN_CPU_CONV must be auto, member or one_conv"):
+        _cpp_conv.cpu_scheme()
 
 
 def test_bad_inputs_raise_instead_of_crashing():

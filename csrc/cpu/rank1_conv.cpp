@@ -24,6 +24,7 @@
 //   a fused epilogue writes y = h + e1 * hd + bias + delta_bias * e2 (and hd itself when the
 //   backward needs it for de1[n, o] = sum_p g * hd). The backward feeds [g | g * e1] through the
 //   stacked weight's convolution backward: one pass gives dx and both weight gradients.
+#include "../one_conv.h"
 #include "../rank1_conv.h"
 
 #include <ATen/OpMathType.h>
@@ -32,6 +33,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -41,6 +45,246 @@
 namespace hyperkern {
 namespace rank1_conv {
 namespace {
+
+// ---- the one-convolution scheme's primitive on the CPU (csrc/one_conv.h: P::scale_channels) ----------
+
+#define HYPERKERN_INLINE inline __attribute__((always_inline))
+// Function multiversioning (GCC/Clang on x86-64 with ifunc): the pass gets AVX-512 and AVX2 code paths
+// although the extension is compiled for baseline x86-64 (as csrc/cpu/rank1_linear.cpp's row kernels).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define HYPERKERN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HYPERKERN_CPU_CLONES
+#endif
+
+// Loads widen to the op-math type and stores narrow from it; bfloat16 with integer ops (round to nearest
+// even, NaN kept quiet: c10::BFloat16(float)'s result) so that the loops vectorise.
+template <typename T>
+HYPERKERN_INLINE at::opmath_type<T> widen(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+template <>
+HYPERKERN_INLINE float widen<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+template <typename T>
+HYPERKERN_INLINE T narrow_to(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+HYPERKERN_INLINE c10::BFloat16 narrow_to<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+template <typename T>
+struct ScaleArgs {
+  const T* in;
+  const T* f;    // (N / B, C) or null (1)
+  const T* add;  // (N / B, C) or null (0)
+  const T* aux;  // like in, or null (no sum_aux)
+  T* out;        // like in (may be in itself), or null
+  at::opmath_type<T>* sum_in;
+  at::opmath_type<T>* sum_aux;
+  int64_t C, P, B;
+  bool channels_last;
+};
+
+// NCHW: rows [r0, r1) of (n, c), each P contiguous positions; kLanes independent partial sums per row
+// so that the reduction vectorises. Every element is loaded before it is stored (out may be in).
+template <typename T, bool kOut, bool kAux>
+HYPERKERN_INLINE void scale_rows_nchw(const ScaleArgs<T>& a, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kLanes = 16;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t kc = (row / a.C / a.B) * a.C + row % a.C;
+    const acc_t scale = a.f != nullptr ? widen(a.f[kc]) : acc_t(1);
+    const acc_t shift = a.add != nullptr ? widen(a.add[kc]) : acc_t(0);
+    const T* in = a.in + row * a.P;
+    const T* aux = kAux ? a.aux + row * a.P : nullptr;
+    T* out = kOut ? a.out + row * a.P : nullptr;
+    acc_t s[kLanes] = {}, sa[kLanes] = {};
+    int64_t p = 0;
+    for (; p + kLanes <= a.P; p += kLanes) {
+      acc_t v[kLanes];
+      for (int j = 0; j < kLanes; ++j) v[j] = widen(in[p + j]);
+      for (int j = 0; j < kLanes; ++j) s[j] += v[j];
+      if constexpr (kAux) {
+        for (int j = 0; j < kLanes; ++j) sa[j] += v[j] * widen(aux[p + j]);
+      }
+      if constexpr (kOut) {
+        for (int j = 0; j < kLanes; ++j) out[p + j] = narrow_to<T>(v[j] * scale + shift);
+      }
+    }
+    for (int j = 0; p < a.P; ++p, ++j) {
+      const acc_t v = widen(in[p]);
+      s[j] += v;
+      if constexpr (kAux) sa[j] += v * widen(aux[p]);
+      if constexpr (kOut) out[p] = narrow_to<T>(v * scale + shift);
+    }
+    acc_t total = 0, total_aux = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      total += s[j];
+      total_aux += sa[j];
+    }
+    if (a.sum_in != nullptr) a.sum_in[row] = total;
+    if (a.sum_aux != nullptr) a.sum_aux[row] = total_aux;
+  }
+}
+
+// Channels-last: images [n0, n1), each P positions of C contiguous channels; the per-channel sums
+// accumulate across positions (vectorised over channels).
+template <typename T, bool kOut, bool kAux>
+HYPERKERN_INLINE void scale_images_nhwc(const ScaleArgs<T>& a, int64_t n0, int64_t n1) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t C = a.C;
+  std::vector<acc_t> buf(4 * C);
+  acc_t* scale = buf.data();
+  acc_t* shift = scale + C;
+  acc_t* s = shift + C;
+  acc_t* sa = s + C;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t k0 = (n / a.B) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = a.f != nullptr ? widen(a.f[k0 + c]) : acc_t(1);
+      shift[c] = a.add != nullptr ? widen(a.add[k0 + c]) : acc_t(0);
+      s[c] = 0;
+      sa[c] = 0;
+    }
+    for (int64_t p = 0; p < a.P; ++p) {
+      const int64_t at = (n * a.P + p) * C;
+      const T* in = a.in + at;
+      const T* aux = kAux ? a.aux + at : nullptr;
+      T* out = kOut ? a.out + at : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = widen(in[c]);
+        s[c] += v;
+        if constexpr (kAux) sa[c] += v * widen(aux[c]);
+        if constexpr (kOut) out[c] = narrow_to<T>(v * scale[c] + shift[c]);
+      }
+    }
+    if (a.sum_in != nullptr) std::copy(s, s + C, a.sum_in + n * C);
+    if (a.sum_aux != nullptr) std::copy(sa, sa + C, a.sum_aux + n * C);
+  }
+}
+
+// Units [i0, i1): (n, c) rows for NCHW, images for channels-last.
+template <typename T>
+HYPERKERN_INLINE void scale_channels_body(const ScaleArgs<T>& a, int64_t i0, int64_t i1) {
+  const bool out = a.out != nullptr, aux = a.aux != nullptr;
+  if (a.channels_last) {
+    if (out && aux) scale_images_nhwc<T, true, true>(a, i0, i1);
+    else if (out) scale_images_nhwc<T, true, false>(a, i0, i1);
+    else if (aux) scale_images_nhwc<T, false, true>(a, i0, i1);
+    else scale_images_nhwc<T, false, false>(a, i0, i1);
+  } else {
+    if (out && aux) scale_rows_nchw<T, true, true>(a, i0, i1);
+    else if (out) scale_rows_nchw<T, true, false>(a, i0, i1);
+    else if (aux) scale_rows_nchw<T, false, true>(a, i0, i1);
+    else scale_rows_nchw<T, false, false>(a, i0, i1);
+  }
+}
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<float>& a, int64_t i0, int64_t i1) {
+  scale_channels_body(a, i0, i1);
+}
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<double>& a, int64_t i0, int64_t i1) {
+  scale_channels_body(a, i0, i1);
+}
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<c10::BFloat16>& a, int64_t i0, int64_t i1) {
+  scale_channels_body(a, i0, i1);
+}
+template <typename T>  // float16: computed in float, baseline ISA
+void scale_channels_units(const ScaleArgs<T>& a, int64_t i0, int64_t i1) {
+  scale_channels_body(a, i0, i1);
+}
+
+// Elements per parallel chunk below which the pass stays on one thread.
+constexpr int64_t kElementGrain = 1 << 14;
+
+// CpuPrims::scale_channels: the contract of csrc/one_conv.h (AtenPrims in tests/harness/one_conv_harness.cpp
+// is its specification in ATen ops): one pass over `in` (contiguous in its memory format) writing
+// out = in * f_k + add_k (when out is defined; out may be in) and the (N, C) opmath sums of in and of
+// in * aux (when defined), with k = n / B.
+struct CpuPrims {
+  static void scale_channels(const at::Tensor& in, const at::Tensor& f, const std::optional<at::Tensor>& add,
+                             const at::Tensor& aux, const at::Tensor& out, const at::Tensor& sum_in,
+                             const at::Tensor& sum_aux, int64_t B, bool channels_last) {
+    const int64_t N = in.size(0), C = in.size(1), P = in.size(2) * in.size(3);
+    if (N == 0 || C == 0) return;
+    if (P == 0) {  // empty images: every sum is zero
+      if (sum_in.defined()) sum_in.zero_();
+      if (sum_aux.defined()) sum_aux.zero_();
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rank1_conv_scale_channels_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ScaleArgs<scalar_t> a{in.const_data_ptr<scalar_t>(),
+                                  f.defined() ? f.const_data_ptr<scalar_t>() : nullptr,
+                                  defined(add) ? add->const_data_ptr<scalar_t>() : nullptr,
+                                  sum_aux.defined() ? aux.const_data_ptr<scalar_t>() : nullptr,
+                                  out.defined() ? out.data_ptr<scalar_t>() : nullptr,
+                                  sum_in.defined() ? sum_in.mutable_data_ptr<acc_t>() : nullptr,
+                                  sum_aux.defined() ? sum_aux.mutable_data_ptr<acc_t>() : nullptr,
+                                  C, P, B, channels_last};
+      const int64_t units = channels_last ? N : N * C, per_unit = channels_last ? C * P : P;
+      at::parallel_for(0, units, std::max<int64_t>(1, kElementGrain / per_unit),
+                       [&](int64_t i0, int64_t i1) { scale_channels_units(a, i0, i1); });
+    });
+  }
+};
+
+// ---- which scheme a CPU conv op runs ----------------------------------------------------------------
+
+// HYPERKERN_CPU_CONV = member | one_conv forces a scheme (tests, benchmarks); unset or "auto": the rule
+// of uses_one_conv. hyperkern/ops/_cpp_conv.py mirrors both (the train ops' fake kernels must know
+// which activations the CPU kernel keeps).
+enum class Scheme { kAuto, kMember, kOneConv };
+
+Scheme forced_scheme() {
+  const char* setting = std::getenv("HYPERKERN_CPU_CONV");
+  if (setting == nullptr || std::strcmp(setting, "auto") == 0 || setting[0] == '\0') return Scheme::kAuto;
+  if (std::strcmp(setting, "member") == 0) return Scheme::kMember;
+  if (std::strcmp(setting, "one_conv") == 0) return Scheme::kOneConv;
+  TORCH_CHECK(false, "HYPERKERN_CPU_CONV must be auto, member or one_conv, got '", setting, "'");
+}
+
+// Whether an op with these dimensions runs the one-convolution scheme (else one convolution per member
+// with folded weights): when each member's output is small, B * O * Ho * Wo < 32768 elements. Measured
+// (1 thread, process CPU time, forward+backward, ratio to the floor conv2d over the same E*B images,
+// python bench/ops_conv.py --threads 1 --hyper --no-compile --clock cpu --batch B; E = 4, 3x3):
+//                                       per-member            one-convolution
+//   tiny 4->4 6x6, B=2 (288)            batch 3.4x, hyper 3.5x   batch 1.36x, hyper 2.5x (bench/conv_host.py)
+//   16->16 32x32, B=2 (32768) NCHW      batch 1.42, hyper 1.39   batch 1.80, hyper 1.93
+//   32->32 16x16, B=2 (16384) NCHW      batch 1.65, hyper 1.41   batch 1.26, hyper 1.39
+//   64->64 8x8,   B=2 (8192)  NCHW      batch 1.81, hyper 1.92   batch 1.18, hyper 1.37
+//   64->64 8x8,   B=4 (16384) NCHW      batch 1.46, hyper 1.38   batch 1.15, hyper 1.21
+//   16->16 32x32, B=4 (65536) NCHW      batch 0.84, hyper 1.20   batch 1.45, hyper 1.71
+//   16->16 32x32, B=16 NCHW / CL        batch 0.84 / 1.22, hyper 1.15 / 1.06   batch 1.93 / 1.40, hyper 1.65 / 1.66
+//   32->32 16x16, B=16 NCHW / CL        batch 1.14 / 0.92, hyper 1.12 / 1.16   batch 1.16 / 1.23, hyper 1.24 / 1.19
+//   64->64 8x8,   B=16 NCHW / CL        batch 1.16 / 1.18, hyper 1.10 / 1.10   batch 1.16 / 1.11, hyper 1.16 / 1.18
+// Small members are bound by the per-call cost of E convolutions (and their copies), large ones by the
+// one-convolution scheme's scaling passes over the activations (and oneDNN is faster on B images than on
+// E*B at 32x32). Channels-last follows the same rule (16->16 32x32 B=2: one-convolution 1.35 vs 1.53,
+// batch; the other cases as NCHW). With several threads the per-member scheme also runs members in
+// parallel, which only favours it above the threshold.
+constexpr int64_t kOneConvMaxMemberOutput = 32768;
+
+bool uses_one_conv(const Dims& d) {
+  switch (forced_scheme()) {
+    case Scheme::kMember:
+      return false;
+    case Scheme::kOneConv:
+      return true;
+    case Scheme::kAuto:
+      break;
+  }
+  return d.B * d.O * d.Ho * d.Wo < kOneConvMaxMemberOutput;
+}
 
 // Runs f(k) for every member k. With several threads, whole groups of `threads` members run in
 // parallel, one member per thread (nested ATen / oneDNN work inside f runs single-threaded); the
@@ -240,6 +484,7 @@ at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weig
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_optional(bias, x, {d.E, d.O}, "bias");
+  if (uses_one_conv(d)) return std::get<0>(one_conv::batch_forward<CpuPrims>(x, weight, r, s, bias, geo, d, false));
   const at::MemoryFormat fmt = activation_format(x);
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor folded = fold_weight(weight, s, r, d, fmt == at::MemoryFormat::ChannelsLast);
@@ -253,26 +498,35 @@ at::Tensor batch_ensemble_conv2d_cpu(const at::Tensor& x, const at::Tensor& weig
   return y;
 }
 
-// The CPU backward reads the members' weight gradients, not the unscaled convolution: nothing more to save.
+// (y, pre): the one-convolution scheme keeps pre = conv(x * r_k, W) for its backward's ds (as on CUDA); the
+// per-member backward reads the members' weight gradients instead: nothing more to save (an empty pre).
 std::tuple<at::Tensor, at::Tensor> batch_ensemble_conv2d_train_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& r, const at::Tensor& s,
                                                                   const std::optional<at::Tensor>& bias,
                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                                   at::IntArrayRef dilation, int64_t groups) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  if (uses_one_conv(d)) return one_conv::batch_forward<CpuPrims>(x, weight, r, s, bias, geo, d, true);
   return {batch_ensemble_conv2d_cpu(x, weight, r, s, bias, stride, padding, dilation, groups),
           at::empty({0}, x.options())};
 }
 
 // Gradients for (x, weight, r, s, bias) where output_mask says so; the others are empty tensors.
-// `pre` is not used on the CPU (the gradients come from the members' weight gradients).
+// A kept `pre` (the one-convolution train op's) selects the one-convolution backward; without one, the
+// scheme rule decides (the one-convolution backward then recomputes pre when ds is needed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ensemble_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
     const at::Tensor& s, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 5> output_mask, const std::optional<at::Tensor>& /*pre*/) {
+    std::array<bool, 5> output_mask, const std::optional<at::Tensor>& pre) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
+  if (check_kept(pre, x, d, "pre") || uses_one_conv(d)) {
+    return one_conv::batch_backward<CpuPrims>(grad_y, x, weight, r, s, pre, geo, d, output_mask);
+  }
   const bool need_x = output_mask[0], need_w = output_mask[1], need_r = output_mask[2], need_s = output_mask[3],
              need_b = output_mask[4];
   const bool need_g = need_w || need_r || need_s;
@@ -281,9 +535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
   const at::Tensor folded = fold_weight(weight, s, r, d, channels_last);
   const auto opts = x.options();
-  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::Tensor();
   at::Tensor grads = need_g ? member_weight_buffer(d, 1, channels_last, opts) : at::Tensor();
-  at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::empty({0}, opts);
+  at::Tensor db = need_b ? at::empty({d.E, d.O}, opts) : at::Tensor();
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_g) grads.zero_();
     if (need_b) db.zero_();
@@ -299,9 +553,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_ens
       if (need_b) db[k].copy_(dbk);
     });
   }
-  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
+  at::Tensor dw, dr, ds;
   reduce_weight_grad(grads, member_weight_rows(d, 1, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
                      ds, dr);
+  fill_unused(opts, dx, dw, dr, ds, db);
   return {dx, dw, dr, ds, db};
 }
 
@@ -384,6 +639,11 @@ std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_cpu(
   const Dims d = check_conv(x, weight, r, s, geo);
   check_optional(bias, x, {d.E, d.O}, "bias");
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  if (uses_one_conv(d)) {
+    auto [y, hd, h, hr] = one_conv::hyper_forward<CpuPrims>(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
+                                                            geo, d, save_hd, false);
+    return {y, hd};
+  }
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), e1c = e1.contiguous();
@@ -475,15 +735,26 @@ void hyper_grad_prep(const at::Tensor& g_k, const at::Tensor& e1, const at::Tens
 // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so;
 // the others (and the delta_bias / e2 ones when delta_bias is None) are empty tensors. hd is the
 // forward's saved hd, or an empty tensor to recompute it (only needed for de1).
-// The CPU backward reads hd (when e1 needs a gradient), not the branches: h and hr stay empty.
+// (y, hd, h, hr): the one-convolution scheme keeps the branches h and hr (as on CUDA; no hd), the per-member
+// backward reads hd (when e1 needs a gradient), not the branches: h and hr stay empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_train_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& e2, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, weight, r, s, geo);
+  check_optional(bias, x, {d.E, d.O}, "bias");
+  check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
+  if (uses_one_conv(d)) {
+    return one_conv::hyper_forward<CpuPrims>(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, geo, d, false,
+                                             true);
+  }
   auto [y, hd] = hyper_batch_ensemble_conv2d_cpu(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
                                                  padding, dilation, groups, save_hd);
-  return {y, hd, at::empty({0}, x.options()), at::empty({0}, x.options())};
+  at::Tensor h, hr;
+  fill_unused(x.options(), h, hr);
+  return {y, hd, h, hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -495,13 +766,20 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
                                          const std::optional<at::Tensor>& e2, const at::Tensor& hd,
                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups, std::array<bool, 11> output_mask,
-                                         const std::optional<at::Tensor>& /*h*/, const std::optional<at::Tensor>& /*hr*/) {
+                                         const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& hr) {
   const Geometry geo = make_geometry(stride, padding, dilation, groups);
   const Dims d = check_conv(x, weight, r, s, geo);
   check_hyper(d, x, weight, delta, u, v, e1, delta_bias, e2);
   check_shape(grad_y, {d.N, d.O, d.Ho, d.Wo}, "grad_y");
   check_same_kind(x, grad_y, "grad_y");
   const bool have_hd = check_kept(hd, x, d, "hd");  // the forward returns a 1-D empty hd when it saved none
+  // Kept branches (the one-convolution train op's) select the one-convolution backward, a kept hd the
+  // per-member one; with neither, the scheme rule decides (each backward recomputes what it reads).
+  const bool have_branches = check_kept(h, x, d, "h") | check_kept(hr, x, d, "hr");
+  if (have_branches || (!have_hd && uses_one_conv(d))) {
+    return one_conv::hyper_backward<CpuPrims>(grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, h, hr, geo,
+                                              d, output_mask);
+  }
   const bool need_x = output_mask[0], need_w = output_mask[1], need_delta = output_mask[2], need_r = output_mask[3],
              need_s = output_mask[4], need_u = output_mask[5], need_v = output_mask[6], need_e1 = output_mask[7],
              need_b = output_mask[8];
@@ -519,7 +797,7 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
   // D_k alone, to recompute hd when the forward did not keep it
   const at::Tensor folded_d = need_e1 && !have_hd ? fold_weight(delta, v, u, d, channels_last) : at::Tensor();
 
-  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::empty({0}, opts);
+  at::Tensor dx = need_x ? empty_like_format(x.sizes(), x, fmt) : at::Tensor();
   at::Tensor grads = need_g ? member_weight_buffer(d, 2, channels_last, opts) : at::Tensor();
   at::Tensor g_sum = at::empty({d.N, d.O}, opts.dtype(acc_type));
   at::Tensor g_hd = need_e1 ? at::empty({d.N, d.O}, opts.dtype(acc_type)) : at::Tensor();
@@ -546,14 +824,14 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
       }
     });
   }
-  at::Tensor dw = at::empty({0}, opts), dr = at::empty({0}, opts), ds = at::empty({0}, opts);
-  at::Tensor ddelta = at::empty({0}, opts), du = at::empty({0}, opts), dv = at::empty({0}, opts);
+  at::Tensor dw, dr, ds, ddelta, du, dv;
   reduce_weight_grad(grads, member_weight_rows(d, 2, 0, channels_last), weight, s, r, d, need_w, need_s, need_r, dw,
                      ds, dr);
   reduce_weight_grad(grads, member_weight_rows(d, 2, 1, channels_last), delta, v, u, d, need_delta, need_v, need_u,
                      ddelta, dv, du);
-  at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::empty({0}, opts);
+  at::Tensor de1 = need_e1 ? g_hd.to(x.scalar_type()) : at::Tensor();
   auto [db, ddb, de2] = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, x.scalar_type());
+  fill_unused(opts, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }
 

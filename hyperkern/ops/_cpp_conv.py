@@ -12,6 +12,8 @@ first-order backward and a differentiable ATen composition when create_graph=Tru
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -37,9 +39,39 @@ def _empty(x):
     return x.new_empty((0,))
 
 
-def _kept_on_cuda(x, y):
-    """An activation a train op keeps for its backward: the CUDA kernels keep one like y, the CPU ones none."""
-    return torch.empty_like(y) if x.device.type == "cuda" else _empty(x)
+def cpu_scheme() -> str:
+    """HYPERKERN_CPU_CONV as csrc/cpu/rank1_conv.cpp reads it: "auto" (unset), "member" or "one_conv"."""
+    setting = os.environ.get("HYPERKERN_CPU_CONV") or "auto"
+    if setting not in ("auto", "member", "one_conv"):
+        raise RuntimeError(f"HYPERKERN_CPU_CONV must be auto, member or one_conv, got '{setting}'")
+    return setting
+
+
+# csrc/cpu/rank1_conv.cpp's kOneConvMaxMemberOutput (the measurements behind it are there)
+ONE_CONV_MAX_MEMBER_OUTPUT = 32768
+
+
+def cpu_uses_one_conv(x, r, weight, hw) -> bool:
+    """Whether the CPU kernels run the one-convolution scheme for this op: csrc/cpu/rank1_conv.cpp's
+    uses_one_conv (each member's output B * O * Ho * Wo below ONE_CONV_MAX_MEMBER_OUTPUT elements, unless
+    HYPERKERN_CPU_CONV forces a scheme), mirrored here for the fake kernels: that scheme's train ops keep
+    activations for the backward."""
+    setting = cpu_scheme()
+    if setting != "auto":
+        return setting == "one_conv"
+    B = x.shape[0] // r.shape[0]
+    return B * weight.shape[0] * hw[0] * hw[1] < ONE_CONV_MAX_MEMBER_OUTPUT
+
+
+def _one_conv_on(x, r, weight, hw) -> bool:
+    """Whether the kernel for x's device runs the one-convolution scheme (CUDA always; CPU by its rule)."""
+    return x.device.type == "cuda" or cpu_uses_one_conv(x, r, weight, hw)
+
+
+def _kept(x, y, one_conv):
+    """An activation a train op keeps for its backward: the one-convolution scheme keeps one like y (CUDA,
+    and the CPU where it runs it), the CPU's per-member scheme none."""
+    return torch.empty_like(y) if one_conv else _empty(x)
 
 
 # ---- batch_ensemble_conv2d ------------------------------------------------------------------------
@@ -65,9 +97,10 @@ def _fake_grads(x, output_mask, shapes):
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d_train")
 def _batch_ensemble_conv2d_train_fake(x, weight, r, s, bias, stride, padding, dilation, groups):
-    """(y, pre): the CUDA kernel keeps pre = conv(x * r_k, weight) for its backward, the CPU kernel nothing."""
+    """(y, pre): the one-convolution scheme keeps pre = conv(x * r_k, weight) for its backward, the CPU's
+    per-member scheme nothing."""
     y = _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups)
-    return y, _kept_on_cuda(x, y)
+    return y, _kept(x, y, _one_conv_on(x, r, weight, y.shape[2:]))
 
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d_backward")
@@ -93,10 +126,12 @@ def _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, de
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_train")
 def _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
                                             dilation, groups, save_hd):
-    """(y, hd, h, hr): the CPU kernel keeps hd (when save_hd), the CUDA kernel the branches h and hr."""
+    """(y, hd, h, hr): the one-convolution scheme (CUDA, and the CPU where it runs it) keeps the branches h and
+    hr, the CPU's per-member scheme hd (when save_hd)."""
+    one_conv = _one_conv_on(x, r, weight, _output_hw(x, weight, stride, padding, dilation))
     y, hd = _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
-                                              padding, dilation, groups, save_hd and x.device.type != "cuda")
-    return y, hd, _kept_on_cuda(x, y), _kept_on_cuda(x, y)
+                                              padding, dilation, groups, save_hd and not one_conv)
+    return y, hd, _kept(x, y, one_conv), _kept(x, y, one_conv)
 
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_backward")
