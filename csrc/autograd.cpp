@@ -48,6 +48,12 @@ OptTensor kept_activation(const variable_list& saved, size_t i) {
   return saved.size() > i && saved[i].defined() && saved[i].dim() == 4 ? OptTensor(saved[i]) : std::nullopt;
 }
 
+// no_zero_gradients: the ops with kept, non-differentiable outputs (the hyper ops' delta branch, the conv
+// train ops' activations) call ctx->set_materialize_grads(false). Otherwise autograd fills a tensor of
+// zeros shaped like each of those outputs on every backward (for the conv train ops activation-sized: an
+// allocation and a memset per layer and step, a kernel launch each on CUDA) that the backward never reads.
+// Their backward then sees an undefined gradient of y only when y itself is unused, and returns none.
+
 // Which of the forward's first tensor arguments need a gradient. `present` says which of them were
 // given (an absent optional tensor has no autograd edge, so the edges count only the present ones).
 std::vector<bool> needs(AutogradContext* ctx, const std::vector<bool>& present) {
@@ -75,6 +81,7 @@ void save_hyper(AutogradContext* ctx, const Tensor& x, const Tensor& weight, con
   variable_list kept_outputs{kept};
   kept_outputs.insert(kept_outputs.end(), extra.begin(), extra.end());
   ctx->mark_non_differentiable(kept_outputs);
+  ctx->set_materialize_grads(false);  // see no_zero_gradients
 }
 
 struct HyperSaved {
@@ -169,6 +176,7 @@ class HyperBatchEnsembleLinear : public torch::autograd::Function<HyperBatchEnse
         find_op<Grads11(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                         bool, bool)>("hyperkern::hyper_batch_ensemble_linear_backward");
+    if (!grads[0].defined()) return variable_list(11);  // y unused: no gradient flows anywhere
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
@@ -196,6 +204,7 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
             "hyperkern::batch_ensemble_conv2d_train");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["has_bias"] = present(bias);
+    ctx->set_materialize_grads(false);  // see no_zero_gradients
     save_geometry(ctx, stride, padding, dilation, groups);
     if (!train) {
       ctx->save_for_backward({x, weight, r, s, Tensor()});
@@ -214,6 +223,7 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
         find_op<Grads5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>, const OptTensor&)>(
             "hyperkern::batch_ensemble_conv2d_backward");
+    if (!grads[0].defined()) return variable_list(10);  // y unused: no gradient flows anywhere
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
@@ -263,6 +273,7 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
         const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
         at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
         "hyperkern::hyper_batch_ensemble_conv2d_backward");
+    if (!grads[0].defined()) return variable_list(17);  // y unused: no gradient flows anywhere
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const SavedGeometry g = load_geometry(ctx);

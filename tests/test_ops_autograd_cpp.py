@@ -73,3 +73,33 @@ def test_gradients_reach_exactly_the_inputs_that_require_them(name, bias, delta_
 
 # Double backward (create_graph=True) is supported since the backward ops' Autograd kernels run a
 # differentiable composition: tests/test_ops_double_backward.py.
+
+
+@pytest.mark.parametrize("scheme", ["member", "one_conv"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_backward_fills_no_zero_gradient_for_kept_outputs(name, scheme, monkeypatch):
+    """The kept, non-differentiable outputs (delta_out, the conv train ops' activations) get no gradient
+    of zeros: autograd would otherwise allocate and fill one per call (set_materialize_grads(false)).
+    Read from the profiler: no aten::zeros / aten::zero_ outside the ops' own kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("HYPERKERN_CPU_CONV", scheme)
+    op, _, make, _ = OPS[name]
+    args, geometry = make(op is not hyperkern.ops.batch_ensemble_linear and "hyper" in name, True, True)
+    args = [a.float().requires_grad_() if a is not None else None for a in args]
+    y = op(*args, *geometry)
+    g = torch.randn_like(y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward(g)
+
+    def inside_op(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("hyperkern::"):
+                return True
+            p = p.cpu_parent
+        return False
+    fills = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")
+             and not inside_op(e)]
+    assert fills == []
+    assert all(a.grad is not None for a in args if a is not None)
