@@ -52,7 +52,7 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
     return E
 
 
-def check_finite(name: str, t):
+def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
     """Refuse NaN / Inf in t. Reads the values (a device sync on CUDA); skipped under torch.compile and
     for meta tensors, which have no values (shape inference runs on them)."""
     if t is None or _is_compiling() or t.device.type == "meta":
@@ -61,7 +61,7 @@ def check_finite(name: str, t):
     # tensor whose sum overflows is rare; the exact elementwise check settles that case.
     if not bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else t.dtype))) \
             and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf; the hyperparameter embedding must be finite")
+        raise ValueError(f"{name} contains NaN or Inf; {what} must be finite")
 
 
 def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
@@ -116,6 +116,51 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
                          f"got {tuple(x.shape)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
                                      delta, u, v, e1, delta_bias, e2, check_embeddings)
+    return E
+
+
+def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                       check_hparams: bool = True) -> int:
+    """Validate hyper_batch_ensemble_linear_hp's arguments and return the ensemble size E: those of the
+    hyper linear op, with hparams (E*B, m) and the embedding weight (out, m), or (2*out, m) with
+    delta_bias, in place of e1 / e2. check_hparams: refuse NaN / Inf in hparams and embedding (reads
+    the values: a device sync on CUDA)."""
+    check_tensor("x", x, 2)
+    check_tensor("weight", weight, 2)
+    check_tensor("r", r, 2)
+    check_tensor("s", s, 2)
+    check_tensor("bias", bias, 2, optional=True)
+    out_f, in_f = weight.shape
+    E = ensemble_size(x, r)
+    if x.shape[1] != in_f:
+        raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    N = x.shape[0]
+    check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
+    check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
+    check_shape("bias", bias, (E, out_f), "(ensemble_size, out_features)")
+    for name, t in (("delta", delta), ("u", u), ("v", v), ("hparams", hparams), ("embedding", embedding)):
+        check_tensor(name, t, 2)
+    check_tensor("delta_bias", delta_bias, 2, optional=True)
+    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+    check_shape("u", u, (E, in_f), "(ensemble_size, in_features)")
+    check_shape("v", v, (E, out_f), "(ensemble_size, out_features)")
+    check_shape("delta_bias", delta_bias, (E, out_f), "(ensemble_size, out_features)")
+    m = hparams.shape[1]
+    if hparams.shape[0] != N:
+        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
+                         f"hyperparameters per row of x, got {tuple(hparams.shape)}")
+    rows = 2 * out_f if delta_bias is not None else out_f
+    what = ("(2*out_features, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
+            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
+            "(out_features, num_hparams): e1 = hparams @ embedding^T, as the layer's "
+            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
+    check_shape("embedding", embedding, (rows, m), what)
+    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
+                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
+    if check_hparams:
+        check_finite("hparams", hparams, "the hyperparameters")
+        check_finite("embedding", embedding, "the embedding weight")
     return E
 
 
