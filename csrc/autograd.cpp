@@ -199,6 +199,9 @@ class HyperBatchEnsembleLinearHp : public torch::autograd::Function<HyperBatchEn
     ctx->saved_data["has_bias"] = present(bias);
     ctx->saved_data["has_delta_bias"] = present(delta_bias);
     ctx->mark_non_differentiable({delta_out});
+    // delta_out never gets a gradient: without this, autograd would fill an (E*B, out) tensor of zeros
+    // for it on every backward (measured: ~3 % of a forward+backward at E=4, B=256, 512 wide).
+    ctx->set_materialize_grads(false);
     return {y, delta_out};
   }
 
@@ -207,6 +210,7 @@ class HyperBatchEnsembleLinearHp : public torch::autograd::Function<HyperBatchEn
         find_op<Grads11(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                         bool, bool, bool)>("hyperkern::hyper_batch_ensemble_linear_hp_backward");
+    if (!grads[0].defined()) return variable_list(11);  // y unused: no gradient flows anywhere
     const variable_list t = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool has_delta_bias = ctx->saved_data["has_delta_bias"].toBool();

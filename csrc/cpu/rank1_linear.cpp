@@ -284,6 +284,28 @@ HYPERKERN_INLINE void store(P* p, V v) {
 template <typename scalar_t>
 HYPERKERN_INLINE void embedding_grads(const RowsE<scalar_t>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                       int64_t, const at::opmath_type<scalar_t>*, const at::opmath_type<scalar_t>*) {}
+// One p of embedding_grads, one loop over the piece: d(embedding) rows += hpv * de, and (DHP) the dot
+// product of de with the embedding's column p, returned.
+template <bool E2, bool DHP, typename opmath_t>
+HYPERKERN_INLINE opmath_t embedding_grads_p(opmath_t hpv, const opmath_t* __restrict__ de1,
+                                            const opmath_t* __restrict__ de2, opmath_t* __restrict__ demb1,
+                                            opmath_t* __restrict__ demb2, const opmath_t* __restrict__ emb1,
+                                            const opmath_t* __restrict__ emb2, int64_t w) {
+  opmath_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < w; ++j) {
+    const opmath_t a = de1[j];
+    demb1[j] += hpv * a;
+    if (DHP) dot += a * emb1[j];
+    if (E2) {
+      const opmath_t b = de2[j];
+      demb2[j] += hpv * b;
+      if (DHP) dot += b * emb2[j];
+    }
+  }
+  return dot;
+}
+
 template <typename scalar_t>
 HYPERKERN_INLINE void embedding_grads(const EmbeddedE<scalar_t>& e, int64_t i, int64_t N, int64_t D, int64_t slice,
                                       int64_t cc, int64_t j0, int64_t w, const at::opmath_type<scalar_t>* de1,
@@ -295,24 +317,17 @@ HYPERKERN_INLINE void embedding_grads(const EmbeddedE<scalar_t>& e, int64_t i, i
   for (int64_t p = 0; p < e.m; ++p) {
     const opmath_t hpv = widen(hp[p]);
     opmath_t* demb1 = e.demb1_partial + (slice * e.m + p) * D + j0;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) demb1[j] += hpv * de1[j];
-    if (de2 != nullptr) {
-      opmath_t* demb2 = e.demb2_partial + (slice * e.m + p) * D + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) demb2[j] += hpv * de2[j];
-    }
-    if (dhp != nullptr) {
-      const opmath_t* emb1 = e.embT + p * ld + j0;
-      opmath_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < w; ++j) dot += de1[j] * emb1[j];
-      if (de2 != nullptr) {
-        const opmath_t* emb2 = e.embT + p * ld + D + j0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < w; ++j) dot += de2[j] * emb2[j];
-      }
-      dhp[p] += dot;
+    opmath_t* demb2 = de2 != nullptr ? e.demb2_partial + (slice * e.m + p) * D + j0 : nullptr;
+    const opmath_t* emb1 = e.embT + p * ld + j0;
+    const opmath_t* emb2 = e.has_e2 ? emb1 + D : nullptr;
+    if (de2 != nullptr && dhp != nullptr) {
+      dhp[p] += embedding_grads_p<true, true>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
+    } else if (de2 != nullptr) {
+      embedding_grads_p<true, false>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
+    } else if (dhp != nullptr) {
+      dhp[p] += embedding_grads_p<false, true>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
+    } else {
+      embedding_grads_p<false, false>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
     }
   }
 }
