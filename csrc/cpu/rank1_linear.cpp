@@ -5,6 +5,10 @@
 //   batch_ensemble_linear:        y = ((x * r_k) @ W^T) * s_k + b_k
 //   hyper_batch_ensemble_linear:  y = s_k * ((x * r_k) @ W^T) + (v_k * e1) * ((x * u_k) @ D^T)
 //                                     + b_k + delta_bias_k * e2
+//   hyper_batch_ensemble_linear_hp:   the same, with [e1 | e2] = hparams @ embedding^T computed per row
+//                                     inside the epilogue and inside the backward's pass over g, which
+//                                     also reduces d(embedding) and d(hparams) (EmbeddedE below): no
+//                                     (E*B, out) tensor of e1, e2 or their gradients is ever made
 //
 // The per-member vectors are never expanded to per-row tensors. Every GEMM goes to at::mm / at::bmm
 // (MKL or oneDNN, with their own threading); the rank-1 scalings are applied in one fused pass
