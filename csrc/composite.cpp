@@ -170,6 +170,56 @@ Grads11 hyper_batch_ensemble_linear_backward_autograd(const Tensor& g, const Ten
           or_empty(d[kE2], has_delta_bias, e1)};
 }
 
+// ---- hyper_batch_ensemble_linear_hp_backward ------------------------------------------------------
+// The composition recomputes [e1 | e2] = hparams @ embedding^T (differentiably), takes the hyper op's
+// gradients for e1, e2, and chains them: d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
+
+Grads11 hyper_batch_ensemble_linear_hp_backward_autograd(const Tensor& g, const Tensor& x, const Tensor& w,
+                                                         const Tensor& delta, const Tensor& r, const Tensor& s,
+                                                         const Tensor& u, const Tensor& v, const Tensor& hparams,
+                                                         const Tensor& embedding, const OptTensor& delta_bias,
+                                                         const Tensor& delta_out, bool has_bias, bool compute_grad_x,
+                                                         bool compute_grad_hparams) {
+  if (!taking_grad({g, x, w, delta, r, s, u, v, hparams, embedding}, {delta_bias})) {
+    static const auto op =
+        find_op<Grads11(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                        bool, bool, bool)>("hyperkern::hyper_batch_ensemble_linear_hp_backward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(g, x, w, delta, r, s, u, v, hparams, embedding, delta_bias, delta_out, has_bias, compute_grad_x,
+                   compute_grad_hparams);
+  }
+  const bool has_delta_bias = present(delta_bias);
+  TORCH_CHECK(w.dim() == 2 && hparams.dim() == 2 && embedding.dim() == 2 && hparams.size(0) == x.size(0) &&
+                  embedding.size(1) == hparams.size(1) && embedding.size(0) == (has_delta_bias ? 2 : 1) * w.size(0),
+              "hyperkern backward: hparams must be (E*B, m) and embedding (out, m), or (2*out, m) with delta_bias; got "
+              "hparams ", hparams.sizes(), ", embedding ", embedding.sizes(), " for weight ", w.sizes());
+  const int64_t out = w.size(0);
+  const Tensor e = at::mm(hparams, embedding.t());
+  const Tensor e1 = e.narrow(1, 0, out);
+  OptTensor e2;
+  if (has_delta_bias) e2 = e.narrow(1, out, out);
+  std::array<bool, kNumGrads> need;
+  need.fill(true);
+  need[kX] = compute_grad_x;
+  need[kBias] = has_bias;
+  need[kDeltaBias] = need[kE2] = has_delta_bias;
+  const auto d = composite_grads(as_image(g), as_image(x), as_image(w), r, s,
+                                 {as_image(delta), u, v, e1, delta_bias, e2}, {}, need);
+  const Tensor de = has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];  // (E*B, out or 2*out)
+  return {compute_grad_x ? as_rows(d[kX]) : empty_like_flag(x),
+          as_rows(d[kW]),
+          as_rows(d[kDelta]),
+          d[kR],
+          d[kS],
+          d[kU],
+          d[kV],
+          compute_grad_hparams ? at::mm(de, embedding) : empty_like_flag(hparams),
+          at::mm(de.t(), hparams),
+          or_empty(d[kBias], has_bias, s),
+          or_empty(d[kDeltaBias], has_delta_bias, s)};
+}
+
 // ---- batch_ensemble_conv2d_backward ---------------------------------------------------------------
 
 Grads5 batch_ensemble_conv2d_backward_autograd(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& r,
@@ -230,6 +280,7 @@ Grads11 hyper_batch_ensemble_conv2d_backward_autograd(
 TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
   m.impl("batch_ensemble_linear_backward", &batch_ensemble_linear_backward_autograd);
   m.impl("hyper_batch_ensemble_linear_backward", &hyper_batch_ensemble_linear_backward_autograd);
+  m.impl("hyper_batch_ensemble_linear_hp_backward", &hyper_batch_ensemble_linear_hp_backward_autograd);
   m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_autograd);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_autograd);
 }

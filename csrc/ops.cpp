@@ -30,6 +30,18 @@ TORCH_LIBRARY(hyperkern, m) {
         "Tensor r, Tensor s, Tensor u, Tensor v, Tensor e1, Tensor? delta_bias, Tensor? e2, Tensor delta_out, "
         "bool has_bias, bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");
+  // hyper_batch_ensemble_linear with e(lambda) inside the op: hparams (E*B, m) are the rows' normalised
+  // hyperparameters and embedding the embedding weight, (out, m), or (2*out, m) with delta_bias (rows out ..
+  // 2*out-1 give e2): [e1 | e2] = hparams @ embedding^T, never saved (recomputed in the backward).
+  // Returns (y, delta_out) like hyper_batch_ensemble_linear.
+  m.def("hyper_batch_ensemble_linear_hp(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
+        "Tensor v, Tensor hparams, Tensor embedding, Tensor? bias, Tensor? delta_bias) -> (Tensor, Tensor)");
+  // Gradients for (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias); empty tensors for
+  // grad_x (compute_grad_x false), grad_hparams (compute_grad_hparams false), bias / delta_bias (absent).
+  m.def("hyper_batch_ensemble_linear_hp_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor delta, "
+        "Tensor r, Tensor s, Tensor u, Tensor v, Tensor hparams, Tensor embedding, Tensor? delta_bias, "
+        "Tensor delta_out, bool has_bias, bool compute_grad_x, bool compute_grad_hparams) -> (Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- rank-1 conv2d (csrc/cpu/rank1_conv.cpp, csrc/cuda/rank1_conv.cu) ----
   // x (E*B, C, H, W) member-major, NCHW or channels-last (outputs follow x's format); weight, delta
   // (O, C/groups, kh, kw); r, u (E, C); s, v, bias, delta_bias (E, O); e1, e2 (E*B, O).

@@ -82,6 +82,29 @@ inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& de
   TORCH_CHECK(has_db == has_e2, "hyperkern rank-1 linear: delta_bias and e2 must be given together");
 }
 
+// The embedding op's inputs (hyper_batch_ensemble_linear_hp): delta, u, v as check_hyper; hparams
+// (E*B, m), one row of normalised hyperparameters per input row; embedding (out, m), or (2*out, m)
+// with delta_bias (rows out .. 2*out-1 give e2). Returns m.
+inline int64_t check_hyper_embedding(const Dims& d, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& u,
+                                     const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+                                     const std::optional<at::Tensor>& delta_bias) {
+  check_shape(delta, d.out, d.in, "delta");
+  check_shape(u, d.E, d.in, "u");
+  check_shape(v, d.E, d.out, "v");
+  check_same_kind(x, delta, "delta");
+  check_same_kind(x, u, "u");
+  check_same_kind(x, v, "v");
+  TORCH_CHECK(hparams.dim() == 2 && hparams.size(0) == d.N, "hyperkern rank-1 linear: hparams must have shape (", d.N,
+              ", num_hparams), one row per row of x, got ", hparams.sizes());
+  const int64_t m = hparams.size(1);
+  const bool has_db = delta_bias.has_value() && delta_bias->defined();
+  check_shape(embedding, has_db ? 2 * d.out : d.out, m, has_db ? "embedding (2*out rows with delta_bias)" : "embedding");
+  check_same_kind(x, hparams, "hparams");
+  check_same_kind(x, embedding, "embedding");
+  check_optional(delta_bias, x, d.E, d.out, "delta_bias");
+  return m;
+}
+
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace rank1_linear

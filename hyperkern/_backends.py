@@ -40,7 +40,8 @@ def triton_interpreting() -> bool:
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d")
+OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
+       "hyper_batch_ensemble_conv2d")
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:

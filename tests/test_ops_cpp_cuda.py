@@ -94,6 +94,19 @@ def test_linear_matches_member_loop(E, B, fin, fout, dtype, hyper):
     _check(op, reference, linear_args(E, B, fin, fout, hyper), dtype)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,B,fin,fout,m", [(1, 1, 3, 5, 2), (4, 3, 17, 9, 5), (3, 70, 40, 600, 3)])
+def test_linear_hp_matches_member_loop(E, B, fin, fout, m, dtype, bias):
+    """hyper_batch_ensemble_linear_hp on CUDA (e computed transiently): output and every gradient, hparams
+    and embedding included."""
+    args = linear_args(E, B, fin, fout, True, bias)
+    hparams = torch.rand(E * B, m, dtype=torch.float64)
+    embedding = torch.randn(fout * (2 if bias else 1), m, dtype=torch.float64)
+    _check(hyperkern.ops.hyper_batch_ensemble_linear_hp, ref.hyper_batch_ensemble_linear_hp_reference,
+           args[:7] + [hparams, embedding] + args[8:10], dtype)
+
+
 def test_gradcheck_fp64():
     geo = ([2, 1], [1, 0], [1, 2], 2)
     cuda = lambda args: [t.cuda().requires_grad_() for t in args]  # noqa: E731

@@ -30,12 +30,16 @@ def _args(name):
         geo = dict(stride=2, padding=1, groups=2)
     if not name.startswith("hyper"):
         return [x, w, 1 + _f(E, cin) / 2, 1 + _f(E, cout) / 2, _f(E, cout)], geo
+    if name.endswith("_hp"):  # hparams (E*B, m) and the embedding (2*out, m) in place of e1, e2
+        return [x, w, d, 1 + _f(E, cin) / 2, 1 + _f(E, cout) / 2, 1 + _f(E, cin) / 2, 1 + _f(E, cout) / 2,
+                torch.rand(E * B, 2, dtype=torch.float64, device=DEVICE), _f(2 * cout, 2), _f(E, cout),
+                _f(E, cout)], geo
     return [x, w, d, 1 + _f(E, cin) / 2, 1 + _f(E, cout) / 2, 1 + _f(E, cin) / 2, 1 + _f(E, cout) / 2,
             _f(E * B, cout), _f(E, cout), _f(E, cout), _f(E * B, cout)], geo
 
 
-NAMES = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d",
-         "hyper_batch_ensemble_conv2d"]
+NAMES = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp",
+         "batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,7 +86,8 @@ def test_first_order_runs_fused_and_create_graph_gives_the_same_gradients(name, 
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-@pytest.mark.parametrize("name", ["hyper_batch_ensemble_linear", "hyper_batch_ensemble_conv2d"])
+@pytest.mark.parametrize("name", ["hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp",
+                                  "hyper_batch_ensemble_conv2d"])
 def test_gradient_penalty_and_hessian_vector_product_match_the_torch_backend(name, backend):
     op = getattr(ops, name)
     args, geo = _args(name)

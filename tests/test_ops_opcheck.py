@@ -19,6 +19,7 @@ if _CPU["triton"] is None:  # the Triton custom ops (TRITON_INTERPRET=1 on the C
     from hyperkern.ops import _triton_conv, _triton_linear  # noqa: F401
 
 E, B, IN, OUT = 2, 2, 2, 4
+M = 3  # hyperparameters per row (the *_hp ops)
 HW = (3, 3)
 GEOMETRY = {"stride": [2, 1], "padding": [1, 0], "dilation": [1, 1], "groups": 2}
 
@@ -44,7 +45,10 @@ def _args_by_name(conv: bool, channels_last: bool) -> dict:
         x, w = _rand(E * B, IN), _rand(OUT, IN)
     t = {"x": x, "weight": w, "delta": torch.randn_like(w), "r": _rand(E, IN), "s": _rand(E, OUT),
          "u": _rand(E, IN), "v": _rand(E, OUT), "e1": _rand(E * B, OUT), "bias": _rand(E, OUT),
-         "delta_bias": _rand(E, OUT), "e2": _rand(E * B, OUT)}
+         "delta_bias": _rand(E, OUT), "e2": _rand(E * B, OUT),
+         # the *_hp ops embed the hyperparameters themselves: [e1 | e2] = hparams @ embedding^T (delta_bias
+         # is given, so the embedding has 2*OUT rows)
+         "hparams": torch.rand(E * B, M, dtype=torch.float64), "embedding": _rand(2 * OUT, M)}
     geometry = (GEOMETRY["stride"], GEOMETRY["padding"], GEOMETRY["dilation"], GEOMETRY["groups"]) if conv else ()
     hyper_args = [t[k] for k in ("x", "weight", "delta", "r", "s", "u", "v", "e1", "bias", "delta_bias", "e2")]
     y = (ref.hyper_batch_ensemble_conv2d_reference if conv else ref.hyper_batch_ensemble_linear_reference)(
@@ -118,6 +122,8 @@ def test_the_namespace_is_enumerated():
     names = set(hyperkern_ops())
     if _CPU["cpp"] is None:
         assert {"batch_ensemble_linear", "batch_ensemble_linear_backward", "batch_ensemble_conv2d_train",
-                "hyper_batch_ensemble_conv2d_backward"} <= names
+                "hyper_batch_ensemble_conv2d_backward", "hyper_batch_ensemble_linear_hp",
+                "hyper_batch_ensemble_linear_hp_backward"} <= names
     if _CPU["triton"] is None:
-        assert {"batch_ensemble_linear_triton", "hyper_batch_ensemble_conv2d_triton_backward"} <= names
+        assert {"batch_ensemble_linear_triton", "hyper_batch_ensemble_conv2d_triton_backward",
+                "hyper_batch_ensemble_linear_hp_triton", "hyper_batch_ensemble_linear_hp_triton_backward"} <= names

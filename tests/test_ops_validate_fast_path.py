@@ -63,7 +63,7 @@ def _linear_fast(hyper):
         if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and isinstance(x, torch.Tensor)
                 and x.dim() == 2 and x.shape[1] == weight.shape[1]):
             return False
-        return V._fast_ok(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
+        return V._fast_ok_rank1(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
                           delta_bias, e2)
     return run
 
@@ -119,3 +119,23 @@ def test_fast_path_still_checks_embeddings_are_finite():
     with pytest.raises(ValueError, match="e1 contains NaN"):
         V.validate_linear(**base, hyper=True, check_embeddings=True)
     V.validate_linear(**base, hyper=True, check_embeddings=False)  # the layers' path skips the read
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_hp_fast_path_matches_the_full_checks(bias):
+    base = _linear_args(hyper=True, bias=bias)
+    del base["e1"], base["e2"]
+    base["hparams"] = torch.rand(6, 3)
+    base["embedding"] = torch.randn(8 if bias else 4, 3)
+    assert V.validate_linear_hp(**base, check_hparams=False) == 3
+    for name in base:
+        for bad in _mutations(base[name]):
+            kwargs = dict(base, **{name: bad})
+            results = []
+            for check in (V.validate_linear_hp, V._validate_linear_hp_in_full):
+                try:
+                    check(**kwargs, check_hparams=False)
+                    results.append("ok")
+                except (TypeError, ValueError) as exc:
+                    results.append(type(exc))
+            assert results[0] == results[1], (name, bad.shape if isinstance(bad, torch.Tensor) else bad)

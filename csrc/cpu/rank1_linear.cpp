@@ -5,6 +5,10 @@
 //   batch_ensemble_linear:        y = ((x * r_k) @ W^T) * s_k + b_k
 //   hyper_batch_ensemble_linear:  y = s_k * ((x * r_k) @ W^T) + (v_k * e1) * ((x * u_k) @ D^T)
 //                                     + b_k + delta_bias_k * e2
+//   hyper_batch_ensemble_linear_hp:   the same, with [e1 | e2] = hparams @ embedding^T computed per row
+//                                     inside the epilogue and inside the backward's pass over g, which
+//                                     also reduces d(embedding) and d(hparams) (EmbeddedE below): no
+//                                     (E*B, out) tensor of e1, e2 or their gradients is ever made
 //
 // The per-member vectors are never expanded to per-row tensors. Every GEMM goes to at::mm / at::bmm
 // (MKL or oneDNN, with their own threading); the rank-1 scalings are applied in one fused pass
@@ -186,45 +190,204 @@ HYPERKERN_INLINE void batch_ensemble_epilogue_body(const BatchEnsembleEpilogueAr
 }
 HYPERKERN_ROW_KERNEL(batch_ensemble_epilogue, BatchEnsembleEpilogueArgs)
 
-// y = y * s_k + v_k * e1 * h + bias_k + delta_bias_k * e2   (bias, delta_bias / e2 may be null)
+// ------------------------------------------------------------------------------------------------
+// Where the hyper op's row kernels read the per-row embeddings e1, e2 (out wide each) from: one
+// template argument of the row kernels, so both hyper ops share their loops.
+//   RowsE:     given (E*B, out) tensors (hyperkern::hyper_batch_ensemble_linear);
+//   EmbeddedE: computed per row inside the kernel (hyperkern::hyper_batch_ensemble_linear_hp) from the
+//              row's normalised hyperparameters hp (E*B, m) and the embedding weight, transposed to
+//              embT (m, out or 2*out) in the compute type: e1[i, j] = sum_p hp[i, p] * embT[p, j],
+//              e2[i, j] = sum_p hp[i, p] * embT[p, out + j]. m FMAs per element, into a stack buffer of
+//              kEPiece columns: no (E*B, out) tensor of e1 / e2 (or of their gradients) ever exists.
+// The kernels walk a row's columns in pieces (e_piece_width): RowsE in one piece, EmbeddedE in pieces
+// of kEPiece; e_piece returns the piece's e1, e2 (e2 null without delta_bias).
 template <typename scalar_t>
-struct HyperEpilogueArgs {
-  scalar_t* y;
-  const scalar_t *h, *s, *v, *e1, *bias, *delta_bias, *e2;
-  int64_t D, B;
+struct RowsE {
+  const scalar_t *e1, *e2;  // (E*B, out); e2 null without delta_bias
+  scalar_t *grad_e1, *grad_e2;  // the backward's de1, de2 (E*B, out); null in the forward
 };
 template <typename scalar_t>
-HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t>& a, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t row = i * a.D, mem = (i / a.B) * a.D;
-    scalar_t* y = a.y + row;
-    const scalar_t *h = a.h + row, *e1 = a.e1 + row, *s = a.s + mem, *v = a.v + mem;
-    const scalar_t* b = a.bias != nullptr ? a.bias + mem : nullptr;
-    const scalar_t* db = a.delta_bias != nullptr ? a.delta_bias + mem : nullptr;
-    const scalar_t* e2 = a.delta_bias != nullptr ? a.e2 + row : nullptr;
-    if (b != nullptr && db != nullptr) {
+struct EmbeddedE {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* hp;    // (E*B, m)
+  const opmath_t* embT;  // (m, out) or (m, 2*out): the embedding weight transposed, in the compute type
+  int64_t m;
+  bool has_e2;
+  // The backward's reductions (null in the forward): d(embedding) partials (E * row_chunks, m, out)
+  // for the e1 and the e2 columns, one slice per task of a MemberTiling over out columns, and
+  // d(hparams) partials (col_chunks, E*B, m), one slice per column chunk (null: not asked for).
+  opmath_t *demb1_partial, *demb2_partial, *dhp_partial;
+};
+constexpr int64_t kEPiece = 128;
+
+template <typename scalar_t>
+HYPERKERN_INLINE int64_t e_piece_width(const RowsE<scalar_t>&, int64_t D) {
+  return std::max<int64_t>(D, 1);
+}
+template <typename scalar_t>
+HYPERKERN_INLINE int64_t e_piece_width(const EmbeddedE<scalar_t>&, int64_t) {
+  return kEPiece;
+}
+
+template <typename scalar_t>
+HYPERKERN_INLINE std::pair<const scalar_t*, const scalar_t*> e_piece(const RowsE<scalar_t>& e, int64_t i, int64_t D,
+                                                                     int64_t j0, int64_t, at::opmath_type<scalar_t>*,
+                                                                     at::opmath_type<scalar_t>*) {
+  const int64_t row = i * D + j0;
+  return {e.e1 + row, e.e2 != nullptr ? e.e2 + row : nullptr};
+}
+
+// out[j] = sum_p hp[p] * embT[p * ld + j] for j < w (w <= kEPiece)
+template <typename scalar_t>
+HYPERKERN_INLINE void embed_piece(const scalar_t* hp, const at::opmath_type<scalar_t>* embT, int64_t m, int64_t ld,
+                                  int64_t w, at::opmath_type<scalar_t>* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t h0 = m > 0 ? widen(hp[0]) : opmath_t(0);
 #pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j)
-        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
-                                     widen(b[j]) + widen(db[j]) * widen(e2[j]));
-    } else if (b != nullptr) {
+  for (int64_t j = 0; j < w; ++j) out[j] = m > 0 ? h0 * embT[j] : opmath_t(0);
+  for (int64_t p = 1; p < m; ++p) {
+    const opmath_t hpv = widen(hp[p]);
+    const opmath_t* row = embT + p * ld;
 #pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j)
-        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
-                                     widen(b[j]));
-    } else if (db != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j)
-        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
-                                     widen(db[j]) * widen(e2[j]));
+    for (int64_t j = 0; j < w; ++j) out[j] += hpv * row[j];
+  }
+}
+
+template <typename scalar_t>
+HYPERKERN_INLINE std::pair<const at::opmath_type<scalar_t>*, const at::opmath_type<scalar_t>*> e_piece(
+    const EmbeddedE<scalar_t>& e, int64_t i, int64_t D, int64_t j0, int64_t w, at::opmath_type<scalar_t>* e1_buffer,
+    at::opmath_type<scalar_t>* e2_buffer) {
+  const int64_t ld = e.has_e2 ? 2 * D : D;
+  const scalar_t* hp = e.hp + i * e.m;
+  embed_piece(hp, e.embT + j0, e.m, ld, w, e1_buffer);
+  if (!e.has_e2) return {e1_buffer, nullptr};
+  embed_piece(hp, e.embT + D + j0, e.m, ld, w, e2_buffer);
+  return {e1_buffer, e2_buffer};
+}
+
+// Where the backward writes de1 (de2) of a piece: the gradient tensor's row (RowsE) or a stack buffer
+// that embedding_grads then reduces (EmbeddedE).
+template <typename scalar_t>
+HYPERKERN_INLINE scalar_t* de_target(const RowsE<scalar_t>& e, bool second, int64_t row, at::opmath_type<scalar_t>*) {
+  return (second ? e.grad_e2 : e.grad_e1) + row;
+}
+template <typename scalar_t>
+HYPERKERN_INLINE at::opmath_type<scalar_t>* de_target(const EmbeddedE<scalar_t>&, bool, int64_t,
+                                                     at::opmath_type<scalar_t>* buffer) {
+  return buffer;
+}
+// Stores v at *p in p's type (the storage dtype, or the compute type of a stack buffer).
+template <typename P, typename V>
+HYPERKERN_INLINE void store(P* p, V v) {
+  *p = narrow_to<P>(v);
+}
+
+// RowsE: de1 / de2 are already in their tensors. EmbeddedE: reduce the piece's de1 / de2 (row i,
+// columns j0 .. j0+w-1, of a task with partial offset `slice` (its (k, row chunk) slice) and column
+// chunk cc) into d(embedding)[j, p] += de[j] * hp[i, p] and d(hparams)[i, p] += sum_j de[j] * emb[j, p].
+template <typename scalar_t>
+HYPERKERN_INLINE void embedding_grads(const RowsE<scalar_t>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      int64_t, const at::opmath_type<scalar_t>*, const at::opmath_type<scalar_t>*) {}
+// One p of embedding_grads, one loop over the piece: d(embedding) rows += hpv * de, and (DHP) the dot
+// product of de with the embedding's column p, returned.
+template <bool E2, bool DHP, typename opmath_t>
+HYPERKERN_INLINE opmath_t embedding_grads_p(opmath_t hpv, const opmath_t* __restrict__ de1,
+                                            const opmath_t* __restrict__ de2, opmath_t* __restrict__ demb1,
+                                            opmath_t* __restrict__ demb2, const opmath_t* __restrict__ emb1,
+                                            const opmath_t* __restrict__ emb2, int64_t w) {
+  opmath_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < w; ++j) {
+    const opmath_t a = de1[j];
+    demb1[j] += hpv * a;
+    if (DHP) dot += a * emb1[j];
+    if (E2) {
+      const opmath_t b = de2[j];
+      demb2[j] += hpv * b;
+      if (DHP) dot += b * emb2[j];
+    }
+  }
+  return dot;
+}
+
+template <typename scalar_t>
+HYPERKERN_INLINE void embedding_grads(const EmbeddedE<scalar_t>& e, int64_t i, int64_t N, int64_t D, int64_t slice,
+                                      int64_t cc, int64_t j0, int64_t w, const at::opmath_type<scalar_t>* de1,
+                                      const at::opmath_type<scalar_t>* de2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t ld = e.has_e2 ? 2 * D : D;
+  const scalar_t* hp = e.hp + i * e.m;
+  opmath_t* dhp = e.dhp_partial != nullptr ? e.dhp_partial + (cc * N + i) * e.m : nullptr;
+  for (int64_t p = 0; p < e.m; ++p) {
+    const opmath_t hpv = widen(hp[p]);
+    opmath_t* demb1 = e.demb1_partial + (slice * e.m + p) * D + j0;
+    opmath_t* demb2 = de2 != nullptr ? e.demb2_partial + (slice * e.m + p) * D + j0 : nullptr;
+    const opmath_t* emb1 = e.embT + p * ld + j0;
+    const opmath_t* emb2 = e.has_e2 ? emb1 + D : nullptr;
+    if (de2 != nullptr && dhp != nullptr) {
+      dhp[p] += embedding_grads_p<true, true>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
+    } else if (de2 != nullptr) {
+      embedding_grads_p<true, false>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
+    } else if (dhp != nullptr) {
+      dhp[p] += embedding_grads_p<false, true>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
     } else {
-#pragma omp simd
-      for (int64_t j = 0; j < a.D; ++j)
-        y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]));
+      embedding_grads_p<false, false>(hpv, de1, de2, demb1, demb2, emb1, emb2, w);
     }
   }
 }
-HYPERKERN_ROW_KERNEL(hyper_epilogue, HyperEpilogueArgs)
+
+// y = y * s_k + v_k * e1 * h + bias_k + delta_bias_k * e2   (bias, delta_bias / e2 may be null);
+// e1, e2 from Src (RowsE or EmbeddedE).
+template <typename scalar_t, typename Src>
+struct HyperEpilogueArgs {
+  scalar_t* y;
+  const scalar_t *h, *s, *v, *bias, *delta_bias;
+  Src e;
+  int64_t D, B;
+};
+template <typename scalar_t>
+using HyperEpilogueRowsArgs = HyperEpilogueArgs<scalar_t, RowsE<scalar_t>>;
+template <typename scalar_t>
+using HyperEpilogueEmbeddedArgs = HyperEpilogueArgs<scalar_t, EmbeddedE<scalar_t>>;
+template <typename scalar_t, typename Src>
+HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t, Src>& a, int64_t i0, int64_t i1) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t piece = e_piece_width(a.e, a.D);
+  opmath_t e1_buffer[kEPiece], e2_buffer[kEPiece];
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j0 = 0; j0 < a.D; j0 += piece) {
+      const int64_t width = std::min(piece, a.D - j0);
+      const int64_t row = i * a.D + j0, mem = (i / a.B) * a.D + j0;
+      auto [e1, e2] = e_piece(a.e, i, a.D, j0, width, e1_buffer, e2_buffer);
+      scalar_t* y = a.y + row;
+      const scalar_t *h = a.h + row, *s = a.s + mem, *v = a.v + mem;
+      const scalar_t* b = a.bias != nullptr ? a.bias + mem : nullptr;
+      const scalar_t* db = a.delta_bias != nullptr ? a.delta_bias + mem : nullptr;
+      if (b != nullptr && db != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                       widen(b[j]) + widen(db[j]) * widen(e2[j]));
+      } else if (b != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                       widen(b[j]));
+      } else if (db != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]) +
+                                       widen(db[j]) * widen(e2[j]));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          y[j] = narrow_to<scalar_t>(widen(y[j]) * widen(s[j]) + widen(v[j]) * widen(e1[j]) * widen(h[j]));
+      }
+    }
+  }
+}
+HYPERKERN_ROW_KERNEL(hyper_epilogue, HyperEpilogueRowsArgs)
+HYPERKERN_ROW_KERNEL(hyper_epilogue, HyperEpilogueEmbeddedArgs)
 
 // Work split for passes that also reduce columns within each member (db_k = colsum(g_k), ...):
 // tasks are (member, row chunk, column chunk); every task owns one slice of a partial-sum buffer
@@ -245,7 +408,7 @@ struct MemberTiling {
   int64_t tasks() const { return E * row_chunks * col_chunks; }
 
   struct Task {
-    int64_t k, row_begin, row_end, col_begin, col_end, partial_offset;
+    int64_t k, row_begin, row_end, col_begin, col_end, partial_offset, col_chunk;
   };
   Task task(int64_t t) const {
     const int64_t cc = t % col_chunks;
@@ -258,6 +421,7 @@ struct MemberTiling {
     out.col_begin = cc * cols_per_chunk;
     out.col_end = std::min(D, (cc + 1) * cols_per_chunk);
     out.partial_offset = (k * row_chunks + rc) * D;
+    out.col_chunk = cc;
     return out;
   }
   // Runs body(task) for every task in parallel.
@@ -324,55 +488,71 @@ HYPERKERN_TASK_KERNEL(batch_ensemble_grad, BatchEnsembleGradArgs)
 
 // The hyper backward's pass over g: g_s = g * s_k (if g_s), g_ve = g * v_k * e1, de1 = g * v_k * h,
 // de2 = g * delta_bias_k (if delta_bias), and the member column sums dv += g * e1 * h, db += g
-// (if db_partial), ddb += g * e2 (if delta_bias).
-template <typename scalar_t>
+// (if db_partial), ddb += g * e2 (if delta_bias). e1, e2 come from Src; de1, de2 go where Src says
+// (RowsE: the gradient tensors; EmbeddedE: reduced at once into d(embedding) and d(hparams)).
+template <typename scalar_t, typename Src>
 struct HyperGradArgs {
-  const scalar_t *g, *s, *v, *e1, *h, *delta_bias, *e2;
-  scalar_t *g_s, *g_ve, *grad_e1, *grad_e2;
+  const scalar_t *g, *s, *v, *h, *delta_bias;
+  Src e;
+  scalar_t *g_s, *g_ve;
   at::opmath_type<scalar_t> *dv_partial, *db_partial, *ddb_partial;
-  int64_t D;
+  int64_t D, N;
 };
 template <typename scalar_t>
-HYPERKERN_INLINE void hyper_grad_body(const HyperGradArgs<scalar_t>& a, const MemberTiling::Task& t) {
+using HyperGradRowsArgs = HyperGradArgs<scalar_t, RowsE<scalar_t>>;
+template <typename scalar_t>
+using HyperGradEmbeddedArgs = HyperGradArgs<scalar_t, EmbeddedE<scalar_t>>;
+template <typename scalar_t, typename Src>
+HYPERKERN_INLINE void hyper_grad_body(const HyperGradArgs<scalar_t, Src>& a, const MemberTiling::Task& t) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin, mem = t.k * a.D + c0;
-  opmath_t* dv = a.dv_partial + t.partial_offset + c0;
-  opmath_t* db = a.db_partial != nullptr ? a.db_partial + t.partial_offset + c0 : nullptr;
-  opmath_t* ddb = a.ddb_partial != nullptr ? a.ddb_partial + t.partial_offset + c0 : nullptr;
-  const scalar_t *vk = a.v + mem, *sk = a.s + mem;
+  const int64_t piece = e_piece_width(a.e, a.D), slice = t.partial_offset / std::max<int64_t>(a.D, 1);
+  opmath_t e1_buffer[kEPiece], e2_buffer[kEPiece], de1_buffer[kEPiece], de2_buffer[kEPiece];
   for (int64_t i = t.row_begin; i < t.row_end; ++i) {
-    const int64_t row = i * a.D + c0;
-    const scalar_t *g = a.g + row, *e1 = a.e1 + row, *h = a.h + row;
-    scalar_t *g_ve = a.g_ve + row, *de1 = a.grad_e1 + row;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      const opmath_t gv = widen(g[j]), e1v = widen(e1[j]), hv = widen(h[j]), vv = widen(vk[j]);
-      g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
-      de1[j] = narrow_to<scalar_t>(gv * vv * hv);
-      dv[j] += gv * e1v * hv;
-    }
-    if (a.g_s != nullptr) {
-      scalar_t* g_s = a.g_s + row;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) g_s[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
-    }
-    if (db != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
-    }
-    if (ddb != nullptr) {
-      const scalar_t *dbk = a.delta_bias + mem, *e2 = a.e2 + row;
-      scalar_t* de2 = a.grad_e2 + row;
+    for (int64_t j0 = t.col_begin; j0 < t.col_end; j0 += piece) {
+      const int64_t width = std::min(piece, t.col_end - j0);
+      const int64_t row = i * a.D + j0, mem = t.k * a.D + j0;
+      auto [e1, e2] = e_piece(a.e, i, a.D, j0, width, e1_buffer, e2_buffer);
+      const scalar_t *g = a.g + row, *h = a.h + row, *vk = a.v + mem;
+      scalar_t* g_ve = a.g_ve + row;
+      auto* de1 = de_target(a.e, false, row, de1_buffer);
+      opmath_t* dv = a.dv_partial + t.partial_offset + j0;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const opmath_t gv = widen(g[j]);
-        de2[j] = narrow_to<scalar_t>(gv * widen(dbk[j]));
-        ddb[j] += gv * widen(e2[j]);
+        const opmath_t gv = widen(g[j]), e1v = widen(e1[j]), hv = widen(h[j]), vv = widen(vk[j]);
+        g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
+        store(de1 + j, gv * vv * hv);
+        dv[j] += gv * e1v * hv;
       }
+      if (a.g_s != nullptr) {
+        scalar_t* g_s = a.g_s + row;
+        const scalar_t* sk = a.s + mem;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) g_s[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
+      }
+      if (a.db_partial != nullptr) {
+        opmath_t* db = a.db_partial + t.partial_offset + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) db[j] += widen(g[j]);
+      }
+      opmath_t* de2_piece = nullptr;
+      if (a.ddb_partial != nullptr) {
+        opmath_t* ddb = a.ddb_partial + t.partial_offset + j0;
+        const scalar_t* dbk = a.delta_bias + mem;
+        auto* de2 = de_target(a.e, true, row, de2_buffer);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const opmath_t gv = widen(g[j]);
+          store(de2 + j, gv * widen(dbk[j]));
+          ddb[j] += gv * widen(e2[j]);
+        }
+        de2_piece = de2_buffer;
+      }
+      embedding_grads(a.e, i, a.N, a.D, slice, t.col_chunk, j0, width, de1_buffer, de2_piece);
     }
   }
 }
-HYPERKERN_TASK_KERNEL(hyper_grad, HyperGradArgs)
+HYPERKERN_TASK_KERNEL(hyper_grad, HyperGradRowsArgs)
+HYPERKERN_TASK_KERNEL(hyper_grad, HyperGradEmbeddedArgs)
 
 // The hyper backward's pass over the Delta side: dx = r_k * dx + u_k * bd (if dx), du += x * bd,
 // then bd <- x * u_k (the dDelta GEMM's input).
@@ -732,7 +912,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
 }
 
 // ------------------------------------------------------------------------------------------------
-// hyper_batch_ensemble_linear
+// hyper_batch_ensemble_linear and hyper_batch_ensemble_linear_hp
+//
+// Both ops run the same GEMMs and row kernels; they differ in where e1, e2 come from (RowsE: given
+// tensors; EmbeddedE: recomputed per row from hparams and the embedding inside the epilogue and the
+// backward's pass over g) and in what the backward returns for them (de1, de2 vs d(hparams),
+// d(embedding), reduced inside that pass).
+
+// The forward's GEMMs: delta_out = (x * u_k) @ Delta^T and y = (x * r_k) @ W^T (the epilogue follows).
+void hyper_forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& u,
+                         const Dims& d, Tensor& y, Tensor& delta_out) {
+  if (d.in == 0) {
+    y.zero_();
+    delta_out.zero_();
+    return;
+  }
+  // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM.
+  Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
+  for (const Tensor* scale : {&u, &r}) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
+      const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale->const_data_ptr<scalar_t>(),
+                                         x_scaled.data_ptr<scalar_t>(), d.in, d.B};
+      at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
+    });
+    if (scale == &u) {
+      at::mm_out(delta_out, x_scaled, delta.t());
+    } else {
+      at::mm_out(y, x_scaled, weight.t());
+    }
+  }
+}
+
+// y = y * s_k + v_k * e1 * delta_out + bias_k + delta_bias_k * e2, in place, e1 / e2 from make_e(scalar_t()).
+template <class MakeE>
+void hyper_forward_epilogue(Tensor& y, const Tensor& delta_out, const Tensor& s, const Tensor& v, const Tensor& bias,
+                            const Tensor& delta_bias, const Dims& d, const MakeE& make_e) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "hyper_linear_epilogue", [&] {
+    using Src = decltype(make_e(scalar_t()));
+    const HyperEpilogueArgs<scalar_t, Src> args{y.data_ptr<scalar_t>(),
+                                                delta_out.const_data_ptr<scalar_t>(),
+                                                s.const_data_ptr<scalar_t>(),
+                                                v.const_data_ptr<scalar_t>(),
+                                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                                delta_bias.defined() ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
+                                                make_e(scalar_t()),
+                                                d.out,
+                                                d.B};
+    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) { hyper_epilogue(args, i0, i1); });
+  });
+}
 
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cpu(
     const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
@@ -750,39 +978,135 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cpu(
   Tensor y = at::empty({d.N, d.out}, x.options());
   Tensor delta_out = at::empty({d.N, d.out}, x.options());
   if (d.N == 0 || d.out == 0) return {y, delta_out};
-  if (d.in == 0) {
-    y.zero_();
-    delta_out.zero_();
-  } else {
-    // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM.
-    Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
-    for (const Tensor* scale : {&u, &r}) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
-        const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale->const_data_ptr<scalar_t>(),
-                                           x_scaled.data_ptr<scalar_t>(), d.in, d.B};
-        at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
-      });
-      if (scale == &u) {
-        at::mm_out(delta_out, x_scaled, delta.t());
-      } else {
-        at::mm_out(y, x_scaled, weight.t());
-      }
-    }
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_epilogue", [&] {
-    const HyperEpilogueArgs<scalar_t> args{y.data_ptr<scalar_t>(),
-                                           delta_out.const_data_ptr<scalar_t>(),
-                                           s.const_data_ptr<scalar_t>(),
-                                           v.const_data_ptr<scalar_t>(),
-                                           e1.const_data_ptr<scalar_t>(),
-                                           bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                           delta_bias.defined() ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
-                                           e2.defined() ? e2.const_data_ptr<scalar_t>() : nullptr,
-                                           d.out,
-                                           d.B};
-    at::parallel_for(0, d.N, row_grain(d.out), [&](int64_t i0, int64_t i1) { hyper_epilogue(args, i0, i1); });
+  hyper_forward_gemms(x, weight, delta, r, u, d, y, delta_out);
+  hyper_forward_epilogue(y, delta_out, s, v, bias, delta_bias, d, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return RowsE<scalar_t>{e1.const_data_ptr<scalar_t>(), e2.defined() ? e2.const_data_ptr<scalar_t>() : nullptr,
+                           nullptr, nullptr};
   });
   return {y, delta_out};
+}
+
+// The embedding weight transposed, (m, out or 2*out), in the compute type: what EmbeddedE reads.
+Tensor transposed_embedding(const Tensor& embedding) {
+  return embedding.to(at::toOpMathType(embedding.scalar_type())).t().contiguous();
+}
+
+std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cpu(
+    const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
+    const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in, const Tensor& embedding_in,
+    const std::optional<Tensor>& bias_in, const std::optional<Tensor>& delta_bias_in) {
+  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
+  rank1_linear::check_optional(bias_in, x_in, d.E, d.out, "bias");
+  const int64_t m =
+      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
+  const Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), delta = delta_in.contiguous();
+  const Tensor r = r_in.contiguous(), s = s_in.contiguous(), u = u_in.contiguous(), v = v_in.contiguous();
+  const Tensor hparams = hparams_in.contiguous();
+  const Tensor bias = contiguous_or_empty(bias_in), delta_bias = contiguous_or_empty(delta_bias_in);
+
+  Tensor y = at::empty({d.N, d.out}, x.options());
+  Tensor delta_out = at::empty({d.N, d.out}, x.options());
+  if (d.N == 0 || d.out == 0) return {y, delta_out};
+  hyper_forward_gemms(x, weight, delta, r, u, d, y, delta_out);
+  const Tensor embT = transposed_embedding(embedding_in);
+  const bool has_e2 = delta_bias.defined();
+  hyper_forward_epilogue(y, delta_out, s, v, bias, delta_bias, d, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using opmath_t = at::opmath_type<scalar_t>;
+    return EmbeddedE<scalar_t>{hparams.const_data_ptr<scalar_t>(), embT.const_data_ptr<opmath_t>(), m, has_e2,
+                               nullptr, nullptr, nullptr};
+  });
+  return {y, delta_out};
+}
+
+// What both hyper backwards return besides the embeddings' gradients.
+struct HyperGrads {
+  Tensor x, weight, delta, r, s, u, v, bias, delta_bias;
+};
+
+// The hyper backward; make_e(scalar_t()) gives the pass over g its e source (with the de1 / de2
+// tensors, or the d(embedding) / d(hparams) partials to reduce into), over `tiling` (E, B, out).
+template <class MakeE>
+HyperGrads hyper_backward(const Tensor& g, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
+                          const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& h, const Tensor& delta_bias,
+                          bool has_bias, bool compute_grad_x, const Dims& d, const MemberTiling& tiling,
+                          const MakeE& make_e) {
+  const bool has_delta_bias = delta_bias.defined();
+  const auto opts = x.options();
+  HyperGrads out;
+  out.bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  out.delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  out.v = at::empty({d.E, d.out}, opts);
+  Tensor g_s = compute_grad_x ? scratch(kScaledGrad, {d.N, d.out}, opts) : Tensor();  // g * s_k
+  Tensor g_ve = scratch(kScaledGradHyper, {d.N, d.out}, opts);              // g * v_k * e1
+
+  // Pass over g: the GEMM prologues g * s_k and g * v_k * e1, the per-row gradients
+  // de1 = g * v_k * delta_out and de2 = g * delta_bias_k (or their reductions), and the member column
+  // sums db_k = colsum(g), dv_k = colsum(g * e1 * delta_out), d(delta_bias)_k = colsum(g * e2).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_grad_pass", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using Src = decltype(make_e(scalar_t()));
+    std::vector<opmath_t> db_partial(has_bias ? tiling.partial_size() : 0, opmath_t(0));
+    std::vector<opmath_t> ddb_partial(has_delta_bias ? tiling.partial_size() : 0, opmath_t(0));
+    std::vector<opmath_t> dv_partial(tiling.partial_size(), opmath_t(0));
+    const HyperGradArgs<scalar_t, Src> args{g.const_data_ptr<scalar_t>(),
+                                            s.const_data_ptr<scalar_t>(),
+                                            v.const_data_ptr<scalar_t>(),
+                                            h.const_data_ptr<scalar_t>(),
+                                            has_delta_bias ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
+                                            make_e(scalar_t()),
+                                            compute_grad_x ? g_s.data_ptr<scalar_t>() : nullptr,
+                                            g_ve.data_ptr<scalar_t>(),
+                                            dv_partial.data(),
+                                            has_bias ? db_partial.data() : nullptr,
+                                            has_delta_bias ? ddb_partial.data() : nullptr,
+                                            d.out,
+                                            d.N};
+    tiling.run([&](const MemberTiling::Task& t) { hyper_grad(args, t); });
+    tiling.reduce(dv_partial, out.v.data_ptr<scalar_t>());
+    if (has_bias) tiling.reduce(db_partial, out.bias.data_ptr<scalar_t>());
+    if (has_delta_bias) tiling.reduce(ddb_partial, out.delta_bias.data_ptr<scalar_t>());
+  });
+
+  // Delta side: B_d = (g * v_k * e1) @ Delta; dx += u_k * B_d; du_k = colsum(x * B_d); then B_d's
+  // buffer is overwritten with x * u_k for dDelta = (g * v_k * e1)^T (x * u_k).
+  out.x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
+  out.u = at::empty({d.E, d.in}, opts);
+  out.delta = at::empty({d.out, d.in}, opts);
+  Tensor delta_side = scratch(kDeltaSide, {d.N, d.in}, opts);
+  if (d.out == 0) {
+    delta_side.zero_();
+    if (compute_grad_x) out.x.zero_();
+  } else if (d.N * d.in > 0) {
+    at::mm_out(delta_side, g_ve, delta);
+    if (compute_grad_x) at::mm_out(out.x, g_s, weight);
+  }
+  g_s.reset();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_dx_pass", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const MemberTiling dx_tiling(d.E, d.B, d.in);
+    std::vector<opmath_t> du_partial(dx_tiling.partial_size(), opmath_t(0));
+    const HyperDxArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
+                                     r.const_data_ptr<scalar_t>(),
+                                     u.const_data_ptr<scalar_t>(),
+                                     compute_grad_x ? out.x.data_ptr<scalar_t>() : nullptr,
+                                     delta_side.data_ptr<scalar_t>(),
+                                     du_partial.data(),
+                                     d.in};
+    dx_tiling.run([&](const MemberTiling::Task& t) { hyper_dx(args, t); });
+    dx_tiling.reduce(du_partial, out.u.data_ptr<scalar_t>());
+  });
+  if (d.N == 0) {
+    out.delta.zero_();
+  } else {
+    at::mm_out(out.delta, g_ve.t(), delta_side);
+  }
+  delta_side.reset();
+  g_ve.reset();
+
+  std::tie(out.weight, out.s, out.r) = rank1_weight_grads(g, x, weight, r, s, d);
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -798,91 +1122,72 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
   rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
   rank1_linear::check_shape(delta_out_in, d.N, d.out, "delta_out");
   rank1_linear::check_same_kind(x_in, delta_out_in, "delta_out");
-  const Tensor g = grad_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
-  const Tensor delta = delta_in.contiguous(), r = r_in.contiguous(), s = s_in.contiguous();
-  const Tensor u = u_in.contiguous(), v = v_in.contiguous(), e1 = e1_in.contiguous();
-  const Tensor delta_bias = contiguous_or_empty(delta_bias_in), e2 = contiguous_or_empty(e2_in);
-  const Tensor h = delta_out_in.contiguous();
+  const Tensor e1 = e1_in.contiguous(), e2 = contiguous_or_empty(e2_in);
+  const Tensor delta_bias = contiguous_or_empty(delta_bias_in);
   const bool has_delta_bias = delta_bias.defined();
-  const auto opts = x.options();
-
-  Tensor grad_bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor grad_delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor grad_e2 = has_delta_bias ? at::empty({d.N, d.out}, opts) : at::empty({0}, opts);
+  const auto opts = x_in.options();
   Tensor grad_e1 = at::empty({d.N, d.out}, opts);
-  Tensor grad_v = at::empty({d.E, d.out}, opts);
-  Tensor g_s = compute_grad_x ? scratch(kScaledGrad, {d.N, d.out}, opts) : Tensor();  // g * s_k
-  Tensor g_ve = scratch(kScaledGradHyper, {d.N, d.out}, opts);              // g * v_k * e1
+  Tensor grad_e2 = has_delta_bias ? at::empty({d.N, d.out}, opts) : at::empty({0}, opts);
+  const MemberTiling tiling(d.E, d.B, d.out);
+  const HyperGrads gr = hyper_backward(
+      grad_in.contiguous(), x_in.contiguous(), weight_in.contiguous(), delta_in.contiguous(), r_in.contiguous(),
+      s_in.contiguous(), u_in.contiguous(), v_in.contiguous(), delta_out_in.contiguous(), delta_bias, has_bias,
+      compute_grad_x, d, tiling, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        return RowsE<scalar_t>{e1.const_data_ptr<scalar_t>(),
+                               has_delta_bias ? e2.const_data_ptr<scalar_t>() : nullptr, grad_e1.data_ptr<scalar_t>(),
+                               has_delta_bias ? grad_e2.data_ptr<scalar_t>() : nullptr};
+      });
+  return {gr.x, gr.weight, gr.delta, gr.r, gr.s, gr.u, gr.v, grad_e1, gr.bias, gr.delta_bias, grad_e2};
+}
 
-  // Pass over g: the GEMM prologues g * s_k and g * v_k * e1, the per-row gradients
-  // de1 = g * v_k * delta_out and de2 = g * delta_bias_k, and the member column sums
-  // db_k = colsum(g), dv_k = colsum(g * e1 * delta_out), d(delta_bias)_k = colsum(g * e2).
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_grad_pass", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const MemberTiling tiling(d.E, d.B, d.out);
-    std::vector<opmath_t> db_partial(has_bias ? tiling.partial_size() : 0, opmath_t(0));
-    std::vector<opmath_t> ddb_partial(has_delta_bias ? tiling.partial_size() : 0, opmath_t(0));
-    std::vector<opmath_t> dv_partial(tiling.partial_size(), opmath_t(0));
-    const HyperGradArgs<scalar_t> args{g.const_data_ptr<scalar_t>(),
-                                       s.const_data_ptr<scalar_t>(),
-                                       v.const_data_ptr<scalar_t>(),
-                                       e1.const_data_ptr<scalar_t>(),
-                                       h.const_data_ptr<scalar_t>(),
-                                       has_delta_bias ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
-                                       has_delta_bias ? e2.const_data_ptr<scalar_t>() : nullptr,
-                                       compute_grad_x ? g_s.data_ptr<scalar_t>() : nullptr,
-                                       g_ve.data_ptr<scalar_t>(),
-                                       grad_e1.data_ptr<scalar_t>(),
-                                       has_delta_bias ? grad_e2.data_ptr<scalar_t>() : nullptr,
-                                       dv_partial.data(),
-                                       has_bias ? db_partial.data() : nullptr,
-                                       has_delta_bias ? ddb_partial.data() : nullptr,
-                                       d.out};
-    tiling.run([&](const MemberTiling::Task& t) { hyper_grad(args, t); });
-    tiling.reduce(dv_partial, grad_v.data_ptr<scalar_t>());
-    if (has_bias) tiling.reduce(db_partial, grad_bias.data_ptr<scalar_t>());
-    if (has_delta_bias) tiling.reduce(ddb_partial, grad_delta_bias.data_ptr<scalar_t>());
-  });
-
-  // Delta side: B_d = (g * v_k * e1) @ Delta; dx += u_k * B_d; du_k = colsum(x * B_d); then B_d's
-  // buffer is overwritten with x * u_k for dDelta = (g * v_k * e1)^T (x * u_k).
-  Tensor grad_x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
-  Tensor grad_u = at::empty({d.E, d.in}, opts);
-  Tensor grad_delta = at::empty({d.out, d.in}, opts);
-  Tensor delta_side = scratch(kDeltaSide, {d.N, d.in}, opts);
-  if (d.out == 0) {
-    delta_side.zero_();
-    if (compute_grad_x) grad_x.zero_();
-  } else if (d.N * d.in > 0) {
-    at::mm_out(delta_side, g_ve, delta);
-    if (compute_grad_x) at::mm_out(grad_x, g_s, weight);
-  }
-  g_s.reset();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_dx_pass", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const MemberTiling tiling(d.E, d.B, d.in);
-    std::vector<opmath_t> du_partial(tiling.partial_size(), opmath_t(0));
-    const HyperDxArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
-                                     r.const_data_ptr<scalar_t>(),
-                                     u.const_data_ptr<scalar_t>(),
-                                     compute_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr,
-                                     delta_side.data_ptr<scalar_t>(),
-                                     du_partial.data(),
-                                     d.in};
-    tiling.run([&](const MemberTiling::Task& t) { hyper_dx(args, t); });
-    tiling.reduce(du_partial, grad_u.data_ptr<scalar_t>());
-  });
-  if (d.N == 0) {
-    grad_delta.zero_();
-  } else {
-    at::mm_out(grad_delta, g_ve.t(), delta_side);
-  }
-  delta_side.reset();
-  g_ve.reset();
-
-  auto [grad_weight, grad_s, grad_r] = rank1_weight_grads(g, x, weight, r, s, d);
-  return {grad_x, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1, grad_bias, grad_delta_bias,
-          grad_e2};
+// Gradients for (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias). e1, e2 are
+// recomputed per row in the pass over g, and d(embedding) = [de1 | de2]^T hparams and
+// d(hparams) = de1 @ emb1 + de2 @ emb2 reduced there (per-task partials, summed here): no
+// (E*B, out) tensor of e or de is made.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+hyper_batch_ensemble_linear_hp_backward_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& weight_in,
+                                            const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
+                                            const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in,
+                                            const Tensor& embedding_in, const std::optional<Tensor>& delta_bias_in,
+                                            const Tensor& delta_out_in, bool has_bias, bool compute_grad_x,
+                                            bool compute_grad_hparams) {
+  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
+  const int64_t m =
+      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
+  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
+  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
+  rank1_linear::check_shape(delta_out_in, d.N, d.out, "delta_out");
+  rank1_linear::check_same_kind(x_in, delta_out_in, "delta_out");
+  const Tensor hparams = hparams_in.contiguous(), delta_bias = contiguous_or_empty(delta_bias_in);
+  const bool has_e2 = delta_bias.defined();
+  const Tensor embT = transposed_embedding(embedding_in);
+  const MemberTiling tiling(d.E, d.B, d.out);
+  const auto acc_opts = x_in.options().dtype(at::toOpMathType(x_in.scalar_type()));
+  Tensor demb1_partial = at::zeros({tiling.E * tiling.row_chunks, m, d.out}, acc_opts);
+  Tensor demb2_partial = has_e2 ? at::zeros({tiling.E * tiling.row_chunks, m, d.out}, acc_opts) : Tensor();
+  Tensor dhp_partial = compute_grad_hparams ? at::zeros({tiling.col_chunks, d.N, m}, acc_opts) : Tensor();
+  const HyperGrads gr = hyper_backward(
+      grad_in.contiguous(), x_in.contiguous(), weight_in.contiguous(), delta_in.contiguous(), r_in.contiguous(),
+      s_in.contiguous(), u_in.contiguous(), v_in.contiguous(), delta_out_in.contiguous(), delta_bias, has_bias,
+      compute_grad_x, d, tiling, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        using opmath_t = at::opmath_type<scalar_t>;
+        return EmbeddedE<scalar_t>{hparams.const_data_ptr<scalar_t>(),
+                                   embT.const_data_ptr<opmath_t>(),
+                                   m,
+                                   has_e2,
+                                   demb1_partial.data_ptr<opmath_t>(),
+                                   has_e2 ? demb2_partial.data_ptr<opmath_t>() : nullptr,
+                                   compute_grad_hparams ? dhp_partial.data_ptr<opmath_t>() : nullptr};
+      });
+  // (slices, m, out) partials -> (out, m) rows of d(embedding); e2's rows follow e1's.
+  Tensor grad_embedding = demb1_partial.sum(0).t();
+  if (has_e2) grad_embedding = at::cat({grad_embedding, demb2_partial.sum(0).t()}, 0);
+  grad_embedding = grad_embedding.to(x_in.scalar_type()).contiguous();
+  Tensor grad_hparams =
+      compute_grad_hparams ? dhp_partial.sum(0).to(x_in.scalar_type()) : at::empty({0}, x_in.options());
+  return {gr.x, gr.weight, gr.delta, gr.r, gr.s, gr.u, gr.v, grad_hparams, grad_embedding, gr.bias, gr.delta_bias};
 }
 
 }  // namespace
@@ -892,6 +1197,8 @@ TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
   m.impl("batch_ensemble_linear_backward", &batch_ensemble_linear_backward_cpu);
   m.impl("hyper_batch_ensemble_linear", &hyper_batch_ensemble_linear_cpu);
   m.impl("hyper_batch_ensemble_linear_backward", &hyper_batch_ensemble_linear_backward_cpu);
+  m.impl("hyper_batch_ensemble_linear_hp", &hyper_batch_ensemble_linear_hp_cpu);
+  m.impl("hyper_batch_ensemble_linear_hp_backward", &hyper_batch_ensemble_linear_hp_backward_cpu);
 }
 
 }  // namespace hyperkern

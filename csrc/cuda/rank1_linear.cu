@@ -706,6 +706,52 @@ hyper_batch_ensemble_linear_backward_cuda(const Tensor& grad_in, const Tensor& x
           grad_e2};
 }
 
+// ---------------------------------------------------------------------------------------------
+// hyper_batch_ensemble_linear_hp: e(lambda) computed TRANSIENTLY (not fused into the kernels above).
+// The forward computes [e1 | e2] = hparams @ embedding^T into temporaries (cuBLAS; freed when it
+// returns, never saved) and runs the e1 / e2 op's kernels; the backward recomputes them, runs the
+// e1 / e2 backward and reduces d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
+// Autograd (csrc/autograd.cpp) saves what the CPU saves: x, the parameters, hparams, embedding, delta_out.
+
+// e1 = hparams @ embedding[0:out]^T and, with delta_bias, e2 = hparams @ embedding[out:2*out]^T.
+std::pair<Tensor, std::optional<Tensor>> embed_rows(const Tensor& hparams, const Tensor& embedding, int64_t out,
+                                                    bool has_delta_bias) {
+  Tensor e1 = at::mm(hparams, embedding.narrow(0, 0, out).t());
+  if (!has_delta_bias) return {e1, std::nullopt};
+  return {e1, at::mm(hparams, embedding.narrow(0, out, out).t())};
+}
+
+std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cuda(
+    const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
+    const Tensor& v, const Tensor& hparams, const Tensor& embedding, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& delta_bias) {
+  const Dims d = rank1_linear::check_linear(x, weight, r, s);
+  rank1_linear::check_optional(bias, x, d.E, d.out, "bias");
+  rank1_linear::check_hyper_embedding(d, x, delta, u, v, hparams, embedding, delta_bias);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto [e1, e2] = embed_rows(hparams, embedding, d.out, present(delta_bias));
+  return hyper_batch_ensemble_linear_cuda(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                             const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
+                                             const Tensor& v, const Tensor& hparams, const Tensor& embedding,
+                                             const std::optional<Tensor>& delta_bias, const Tensor& delta_out,
+                                             bool has_bias, bool compute_grad_x, bool compute_grad_hparams) {
+  const Dims d = rank1_linear::check_linear(x, weight, r, s);
+  rank1_linear::check_hyper_embedding(d, x, delta, u, v, hparams, embedding, delta_bias);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const bool has_delta_bias = present(delta_bias);
+  auto [e1, e2] = embed_rows(hparams, embedding, d.out, has_delta_bias);
+  auto [gx, gw, gd, gr, gs, gu, gv, ge1, gb, gdb, ge2] = hyper_batch_ensemble_linear_backward_cuda(
+      grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_out, has_bias, compute_grad_x);
+  const Tensor de = has_delta_bias ? at::cat({ge1, ge2}, 1) : ge1;  // (E*B, out or 2*out)
+  Tensor grad_embedding = at::mm(de.t(), hparams);
+  Tensor grad_hparams = compute_grad_hparams ? at::mm(de, embedding) : at::empty({0}, x.options());
+  return {gx, gw, gd, gr, gs, gu, gv, grad_hparams, grad_embedding, gb, gdb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
@@ -713,6 +759,8 @@ TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
   m.impl("batch_ensemble_linear_backward", &batch_ensemble_linear_backward_cuda);
   m.impl("hyper_batch_ensemble_linear", &hyper_batch_ensemble_linear_cuda);
   m.impl("hyper_batch_ensemble_linear_backward", &hyper_batch_ensemble_linear_backward_cuda);
+  m.impl("hyper_batch_ensemble_linear_hp", &hyper_batch_ensemble_linear_hp_cuda);
+  m.impl("hyper_batch_ensemble_linear_hp_backward", &hyper_batch_ensemble_linear_hp_backward_cuda);
 }
 
 }  // namespace hyperkern

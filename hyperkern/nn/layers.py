@@ -22,7 +22,7 @@ from torch.nn.modules.utils import _pair
 import hyperkern.ops as ops
 from hyperkern._backends import BACKENDS
 from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
-from hyperkern.ops.linear import _hyper_batch_ensemble_linear as _hyper_linear
+from hyperkern.ops.linear import _hyper_batch_ensemble_linear_hp as _hyper_linear_hp
 
 __all__ = ["BatchEnsembleLinear", "BatchEnsembleConv2d", "HyperBatchEnsembleLinear", "HyperBatchEnsembleConv2d",
            "FAST_INITS", "check_hparams"]
@@ -534,16 +534,20 @@ class HyperBatchEnsembleLinear(_HyperMixin, BatchEnsembleLinear):
         """
         _check_linear_input(x, self.in_features, self.ensemble_size)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
-        e1, e2 = self.embed(hparams)
+        # The op embeds the hyperparameters itself ([e1 | e2] = hparams @ embedding.weight^T, as embed()
+        # computes them): the (E*B, out) embeddings are never saved for the backward.
+        hp = hparams.to(self.embedding.weight.dtype)
+        if x.dim() == 2:  # no reshapes (autograd view nodes on every call)
+            return _hyper_linear_hp(x, self.weight, self.delta, self.r, self.s, self.u, self.v, hp,
+                                    self.embedding.weight, self.bias, self.delta_bias, self.backend, False)
         lead = x.shape[:-1]
         T = math.prod(x.shape[1:-1])  # positions per row (named: with no rows a -1 would be ambiguous)
-        if T != 1:  # extra middle dims: every position of row i uses row i's embedding
-            e1 = e1.repeat_interleave(T, 0)
-            e2 = None if e2 is None else e2.repeat_interleave(T, 0)
-        # e1, e2 come from this layer's embedding of checked hparams: no per-layer finiteness check
+        if T != 1:  # extra middle dims: every position of row i uses row i's hyperparameters (tiny to repeat)
+            hp = hp.repeat_interleave(T, 0)
+        # hparams were checked above and the embedding is this layer's own: no per-layer finiteness check
         # (on CUDA it would be a device sync in every layer)
-        y = _hyper_linear(x.reshape(x.shape[0] * T, self.in_features), self.weight, self.delta, self.r, self.s, self.u, self.v,
-                          e1, self.bias, self.delta_bias, e2, self.backend, False)
+        y = _hyper_linear_hp(x.reshape(x.shape[0] * T, self.in_features), self.weight, self.delta, self.r, self.s,
+                             self.u, self.v, hp, self.embedding.weight, self.bias, self.delta_bias, self.backend, False)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -3,7 +3,7 @@ import importlib as _importlib
 
 from hyperkern import _backends
 from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d
-from hyperkern.ops.linear import batch_ensemble_linear, hyper_batch_ensemble_linear
+from hyperkern.ops.linear import batch_ensemble_linear, hyper_batch_ensemble_linear, hyper_batch_ensemble_linear_hp
 
 # The fused backends' op registrations (fake kernels, autograd) are imported now, so that dispatch
 # inside torch.compile finds them in sys.modules. Triton's are imported only where triton can run
@@ -14,5 +14,5 @@ for _backend in _ready:
     for _family in ("linear", "conv"):
         _importlib.import_module(f"hyperkern.ops._{_backend}_{_family}")
 
-__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "batch_ensemble_conv2d",
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
            "hyper_batch_ensemble_conv2d"]

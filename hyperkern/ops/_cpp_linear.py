@@ -21,7 +21,7 @@ import torch
 
 from hyperkern import _C  # noqa: F401  (importing the extension registers the ops)
 
-__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
 _ops = torch.ops.hyperkern
 
@@ -83,4 +83,41 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
     """y = s_k*((x*r_k) @ weight^T) + (v_k*e1)*((x*u_k) @ delta^T) + bias_k + delta_bias_k*e2 on
     member-major rows; (E*B, out), via the C++ op."""
     y, _ = _ops.hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# hyper_batch_ensemble_linear_hp: e(lambda) = hparams @ embedding^T inside the op (fused in the CPU
+# kernels; transient in the CUDA ones); (y, delta_out) like hyper_batch_ensemble_linear.
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear_hp")
+def _hyper_batch_ensemble_linear_hp_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear_hp_backward")
+def _hyper_batch_ensemble_linear_hp_backward_fake(grad_out, x, weight, delta, r, s, u, v, hparams, embedding,
+                                                  delta_bias, delta_out, has_bias, compute_grad_x,
+                                                  compute_grad_hparams):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
+    grad_hparams = hparams.new_empty(hparams.shape) if compute_grad_hparams else hparams.new_empty((0,))
+    grad_bias = s.new_empty(s.shape) if has_bias else s.new_empty((0,))
+    grad_delta_bias = s.new_empty(s.shape) if delta_bias is not None else s.new_empty((0,))
+    return (grad_x, weight.new_empty(weight.shape), delta.new_empty(delta.shape), r.new_empty(r.shape),
+            s.new_empty(s.shape), u.new_empty(u.shape), v.new_empty(v.shape), grad_hparams,
+            embedding.new_empty(embedding.shape), grad_bias, grad_delta_bias)
+
+
+# Autograd of hyperkern::hyper_batch_ensemble_linear_hp is registered in C++ (csrc/autograd.cpp): it saves
+# x, the parameters, hparams, embedding and delta_out, never e1 / e2.
+
+
+def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                   s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, hparams: torch.Tensor,
+                                   embedding: torch.Tensor, bias: torch.Tensor | None,
+                                   delta_bias: torch.Tensor | None) -> torch.Tensor:
+    """hyper_batch_ensemble_linear with [e1 | e2] = hparams @ embedding^T computed inside the C++ op;
+    (E*B, out)."""
+    y, _ = _ops.hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
     return y

@@ -14,6 +14,11 @@ TORCH_LIBRARY(hyperkern) block of hyperkern._C, under names of their own):
     hyperkern::hyper_batch_ensemble_linear_triton_backward(grad, x, weight, delta, r, s, u, v, e1, delta_bias?,
         e2?, delta_product, bias_grad, x_grad, weight_grads, e1_grad, delta_bias_grads)
         -> (dx, dweight, ddelta, dr, ds, du, dv, de1, dbias, ddelta_bias, de2)
+    hyperkern::hyper_batch_ensemble_linear_hp_triton(x, weight, delta, r, s, u, v, hparams, embedding, bias?,
+                                                     delta_bias?, save_delta_product) -> (y, delta_product)
+    hyperkern::hyper_batch_ensemble_linear_hp_triton_backward(grad, x, weight, delta, r, s, u, v, hparams,
+        embedding, delta_bias?, delta_product, bias_grad, x_grad, weight_grads, delta_bias_grad, embedding_grad,
+        hparams_grad) -> (dx, dweight, ddelta, dr, ds, du, dv, dhparams, dembedding, dbias, ddelta_bias)
 
 Each has a fake (meta) implementation, so torch.compile(fullgraph=True) traces through them, and the
 forward ops have autograd formulas that call the backward ops (Triton kernels as well: grad input,
@@ -41,12 +46,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hyperkern.kernels import rank1_linear as kernels
 from hyperkern.ops._composite import rank1_grads, vjp_of
 
-__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -257,4 +263,136 @@ def hyper_batch_ensemble_linear(x: Tensor, weight: Tensor, delta: Tensor, r: Ten
     save_delta_product = torch.is_grad_enabled() and e1.requires_grad
     y, _ = torch.ops.hyperkern.hyper_batch_ensemble_linear_triton(x, weight, delta, r, s, u, v, e1, bias, delta_bias,
                                                                   e2, save_delta_product)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# hyper-batch ensemble linear with e(lambda) = hparams @ embedding^T inside the op
+# ----------------------------------------------------------------------------------------------
+# e is computed TRANSIENTLY here, not fused into the Triton kernels: the forward op computes
+# [e1 | e2] = hparams @ embedding^T into temporaries and runs the e1 / e2 kernels above; autograd saves
+# hparams and embedding (tiny), never e1 / e2; the backward op recomputes them, runs the e1 / e2
+# backward kernels and reduces d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
+
+def _embed(hparams: Tensor, embedding: Tensor, out_features: int, has_e2: bool):
+    """(e1, e2): hparams @ embedding[:out]^T and, with delta_bias, hparams @ embedding[out:]^T."""
+    e1 = hparams @ embedding[:out_features].t()
+    return e1, (hparams @ embedding[out_features:].t() if has_e2 else None)
+
+
+@torch.library.custom_op("hyperkern::hyper_batch_ensemble_linear_hp_triton", mutates_args=())
+def _hp_forward(x: Tensor, weight: Tensor, delta: Tensor, r: Tensor, s: Tensor, u: Tensor, v: Tensor, hparams: Tensor,
+                embedding: Tensor, bias: Optional[Tensor], delta_bias: Optional[Tensor],
+                save_delta_product: bool) -> tuple[Tensor, Tensor]:
+    e1, e2 = _embed(hparams, embedding, weight.shape[0], delta_bias is not None)
+    return torch.ops.hyperkern.hyper_batch_ensemble_linear_triton(x, weight, delta, r, s, u, v, e1, bias, delta_bias,
+                                                                  e2, save_delta_product)
+
+
+@_hp_forward.register_fake
+def _(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, save_delta_product):
+    rows = x.shape[0] if save_delta_product else 0
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((rows, weight.shape[0]))
+
+
+@torch.library.custom_op("hyperkern::hyper_batch_ensemble_linear_hp_triton_backward", mutates_args=())
+def _hp_backward(grad: Tensor, x: Tensor, weight: Tensor, delta: Tensor, r: Tensor, s: Tensor, u: Tensor, v: Tensor,
+                 hparams: Tensor, embedding: Tensor, delta_bias: Optional[Tensor], delta_product: Tensor,
+                 bias_grad: bool, x_grad: bool, weight_grads: bool, delta_bias_grad: bool, embedding_grad: bool,
+                 hparams_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                              Tensor, Tensor]:
+    has_e2 = delta_bias is not None
+    e_grads = embedding_grad or hparams_grad
+    e1, e2 = _embed(hparams, embedding, weight.shape[0], has_e2)
+    dx, dw, dd, dr, ds, du, dv, de1, dbias, ddb, de2 = \
+        torch.ops.hyperkern.hyper_batch_ensemble_linear_triton_backward(
+            grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bias_grad, x_grad, weight_grads,
+            e_grads, has_e2 and (delta_bias_grad or e_grads))
+    if e_grads:
+        de = torch.cat([de1, de2], 1) if has_e2 else de1  # (E*B, out or 2*out)
+        demb = de.t() @ hparams if embedding_grad else _none(embedding)
+        dhp = de @ embedding if hparams_grad else _none(hparams)
+    else:
+        demb, dhp = _none(embedding), _none(hparams)
+    return (dx, dw, dd, dr, ds, du, dv, dhp, demb, dbias if bias_grad else _none(s),
+            ddb if has_e2 and delta_bias_grad else _none(s))
+
+
+@_hp_backward.register_fake
+def _(grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, delta_product, bias_grad, x_grad,
+      weight_grads, delta_bias_grad, embedding_grad, hparams_grad):
+    return (like(x, x_grad), like(weight, weight_grads), like(delta, weight_grads), like(r, weight_grads),
+            like(s, weight_grads), like(u, weight_grads), like(v, weight_grads), like(hparams, hparams_grad),
+            like(embedding, embedding_grad), like(s, bias_grad), like(s, delta_bias_grad and delta_bias is not None))
+
+
+_HP_NAMES = ("x", "weight", "delta", "r", "s", "u", "v", "hparams", "embedding", "bias", "delta_bias")
+
+
+def _hp_grads(grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, need: dict) -> tuple:
+    """The gradients named by _HP_NAMES as differentiable torch ops (None where need says no): e recomputed,
+    the e1 / e2 composition, then d(embedding) = de^T hparams and d(hparams) = de @ embedding."""
+    has_e2 = delta_bias is not None
+    e = F.linear(hparams, embedding)
+    fout = weight.shape[0]
+    e1, e2 = (e, None) if not has_e2 else (e[:, :fout], e[:, fout:])
+    e_grads = need.get("hparams", False) or need.get("embedding", False)
+    d = rank1_grads(grad, x, weight, r, s, dict(need, e1=e_grads, e2=e_grads and has_e2,
+                                                delta_bias=has_e2 and need.get("delta_bias", False)),
+                    delta, u, v, e1, delta_bias, e2)
+    if e_grads:
+        de = torch.cat([d["e1"], d["e2"]], 1) if has_e2 else d["e1"]
+        if need.get("embedding", False):
+            d["embedding"] = de.t() @ hparams
+        if need.get("hparams", False):
+            d["hparams"] = de @ embedding
+    return tuple(d.get(name) for name in _HP_NAMES)
+
+
+def _hp_backward_composite(grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, delta_product,
+                           bias_grad, x_grad, weight_grads, delta_bias_grad, embedding_grad, hparams_grad):
+    """The hp backward op's outputs as differentiable torch ops (delta_product is recomputed)."""
+    return _hp_grads(grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias,
+                     dict(x=x_grad, weight=weight_grads, delta=weight_grads, r=weight_grads, s=weight_grads,
+                          u=weight_grads, v=weight_grads, hparams=hparams_grad, embedding=embedding_grad,
+                          bias=bias_grad, delta_bias=delta_bias_grad))
+
+
+_setup, _derivative = vjp_of(_hp_backward_composite, 12)
+_hp_backward.register_autograd(_derivative, setup_context=_setup)
+
+
+def _hp_setup_context(ctx, inputs, output):
+    x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, _save = inputs
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, output[1])
+
+
+def _hp_autograd(ctx, grad, _grad_delta_product):
+    x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, delta_product = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:11]
+    need = dict(zip(_HP_NAMES, needs))
+    need["bias"] = ctx.has_bias and need["bias"]
+    need["delta_bias"] = delta_bias is not None and need["delta_bias"]
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        return _hp_grads(grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, need) + (None,)
+    weight_grads = any(need[n] for n in ("weight", "delta", "r", "s", "u", "v"))
+    out = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton_backward(
+        grad, x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, delta_product, need["bias"], need["x"],
+        weight_grads, need["delta_bias"], need["embedding"], need["hparams"])
+    return tuple(t if need[n] else None for n, t in zip(_HP_NAMES, out)) + (None,)
+
+
+_hp_forward.register_autograd(_hp_autograd, setup_context=_hp_setup_context)
+
+
+def hyper_batch_ensemble_linear_hp(x: Tensor, weight: Tensor, delta: Tensor, r: Tensor, s: Tensor, u: Tensor,
+                                   v: Tensor, hparams: Tensor, embedding: Tensor, bias: Optional[Tensor],
+                                   delta_bias: Optional[Tensor]) -> Tensor:
+    """hyper_batch_ensemble_linear with [e1 | e2] = hparams @ embedding^T computed inside the op (transiently,
+    then the Triton kernels; arguments validated by hyperkern.ops.hyper_batch_ensemble_linear_hp)."""
+    save_delta_product = torch.is_grad_enabled() and (hparams.requires_grad or embedding.requires_grad)
+    y, _ = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton(x, weight, delta, r, s, u, v, hparams, embedding,
+                                                                     bias, delta_bias, save_delta_product)
     return y

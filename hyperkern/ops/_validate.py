@@ -52,7 +52,7 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
     return E
 
 
-def check_finite(name: str, t):
+def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
     """Refuse NaN / Inf in t. Reads the values (a device sync on CUDA); skipped under torch.compile and
     for meta tensors, which have no values (shape inference runs on them)."""
     if t is None or _is_compiling() or t.device.type == "meta":
@@ -61,7 +61,7 @@ def check_finite(name: str, t):
     # tensor whose sum overflows is rare; the exact elementwise check settles that case.
     if not bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else t.dtype))) \
             and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf; the hyperparameter embedding must be finite")
+        raise ValueError(f"{name} contains NaN or Inf; {what} must be finite")
 
 
 def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
@@ -101,12 +101,15 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
     return named
 
 
-def _fast_ok(x, weight, r, s, bias, x_dim, in_dim, out_dim, hyper, delta, u, v, e1, delta_bias, e2) -> bool:
-    """True when the tensor arguments certainly pass every check of _check_members_and_hyper and
-    ensemble_size (the common case: the ops run on every layer call, and on small networks the checks'
-    host cost is a visible part of a step), tested with plain comparisons and no message building.
-    False sends the call through the full checks, which name what is wrong. The caller has checked
-    that weight is a tensor of the right rank and that x's row width is in_dim."""
+def _fast_ok(x, weight, r, s, x_dim, in_dim, out_dim, members=(), rows=(), fixed=()) -> bool:
+    """True when the tensor arguments certainly pass every check of the full path (the common case: the
+    ops run on every layer call, and on small networks the checks' host cost is a visible part of a
+    step), tested with plain comparisons and no message building. False sends the call through the
+    full checks, which name what is wrong. The caller has checked that weight is a tensor of the right
+    rank, that x's row width is in_dim and that the required tensors are present.
+
+    members: (tensor, width) expected (E, width); rows: (tensor, width) expected (E*B, width); fixed:
+    (tensor, shape). None tensors are skipped (absent optional arguments)."""
     Tensor = torch.Tensor
     if not (isinstance(x, Tensor) and isinstance(r, Tensor) and isinstance(s, Tensor)) or x.dim() != x_dim \
             or r.dim() != 2 or x.dtype not in FLOAT_DTYPES:
@@ -114,16 +117,11 @@ def _fast_ok(x, weight, r, s, bias, x_dim, in_dim, out_dim, hyper, delta, u, v, 
     E, N = r.shape[0], x.shape[0]
     if E < 1 or N % E or r.shape[1] != in_dim or s.shape != (E, out_dim):
         return False
-    expected = [(bias, (E, out_dim))]
-    if hyper:
-        if delta is None or u is None or v is None or e1 is None or (delta_bias is None) != (e2 is None):
-            return False
-        expected += [(delta, weight.shape), (u, (E, in_dim)), (v, (E, out_dim)), (e1, (N, out_dim)),
-                     (delta_bias, (E, out_dim)), (e2, (N, out_dim))]
     dtype, device = x.dtype, x.device
     for t in (weight, r, s):
         if t.dtype != dtype or t.device != device:
             return False
+    expected = [*((t, (E, w)) for t, w in members), *((t, (N, w)) for t, w in rows), *fixed]
     for t, shape in expected:
         if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype
                               or t.device != device):
@@ -131,13 +129,24 @@ def _fast_ok(x, weight, r, s, bias, x_dim, in_dim, out_dim, hyper, delta, u, v, 
     return True
 
 
+def _fast_ok_rank1(x, weight, r, s, bias, x_dim, in_dim, out_dim, hyper, delta, u, v, e1, delta_bias, e2) -> bool:
+    """_fast_ok for the batch and hyper (e1 / e2) ops' arguments."""
+    if not hyper:
+        return _fast_ok(x, weight, r, s, x_dim, in_dim, out_dim, members=((bias, out_dim),))
+    if delta is None or u is None or v is None or e1 is None or (delta_bias is None) != (e2 is None):
+        return False
+    return _fast_ok(x, weight, r, s, x_dim, in_dim, out_dim,
+                    members=((bias, out_dim), (u, in_dim), (v, out_dim), (delta_bias, out_dim)),
+                    rows=((e1, out_dim), (e2, out_dim)), fixed=((delta, weight.shape),))
+
+
 def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, delta_bias=None, e2=None,
                     hyper: bool = False, check_embeddings: bool = True) -> int:
     """Validate the linear ops' arguments (docs/design.md contract) and return the ensemble size E."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and isinstance(x, torch.Tensor) and x.dim() == 2 \
             and x.shape[1] == weight.shape[1] \
-            and _fast_ok(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
-                         delta_bias, e2):
+            and _fast_ok_rank1(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
+                               delta_bias, e2):
         if hyper and check_embeddings:
             check_finite("e1", e1)
             check_finite("e2", e2)
@@ -159,6 +168,71 @@ def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias,
                          f"got {tuple(x.shape)}")
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
                                      delta, u, v, e1, delta_bias, e2, check_embeddings)
+    return E
+
+
+def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                       check_hparams: bool = True) -> int:
+    """Validate hyper_batch_ensemble_linear_hp's arguments and return the ensemble size E: those of the
+    hyper linear op, with hparams (E*B, m) and the embedding weight (out, m), or (2*out, m) with
+    delta_bias, in place of e1 / e2. check_hparams: refuse NaN / Inf in hparams and embedding (reads
+    the values: a device sync on CUDA)."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and isinstance(x, torch.Tensor) and x.dim() == 2 \
+            and x.shape[1] == weight.shape[1] and delta is not None and u is not None and v is not None \
+            and embedding is not None and isinstance(hparams, torch.Tensor) and hparams.dim() == 2:
+        out_f, in_f = weight.shape
+        m = hparams.shape[1]
+        rows = 2 * out_f if delta_bias is not None else out_f
+        if _fast_ok(x, weight, r, s, 2, in_f, out_f,
+                    members=((bias, out_f), (u, in_f), (v, out_f), (delta_bias, out_f)), rows=((hparams, m),),
+                    fixed=((delta, weight.shape), (embedding, (rows, m)))):
+            if check_hparams:
+                check_finite("hparams", hparams, "the hyperparameters")
+                check_finite("embedding", embedding, "the embedding weight")
+            return r.shape[0]
+    return _validate_linear_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                       check_hparams)
+
+
+def _validate_linear_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                check_hparams) -> int:
+    """Every check of validate_linear_hp one by one, each with its message."""
+    check_tensor("x", x, 2)
+    check_tensor("weight", weight, 2)
+    check_tensor("r", r, 2)
+    check_tensor("s", s, 2)
+    check_tensor("bias", bias, 2, optional=True)
+    out_f, in_f = weight.shape
+    E = ensemble_size(x, r)
+    if x.shape[1] != in_f:
+        raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    N = x.shape[0]
+    check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
+    check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
+    check_shape("bias", bias, (E, out_f), "(ensemble_size, out_features)")
+    for name, t in (("delta", delta), ("u", u), ("v", v), ("hparams", hparams), ("embedding", embedding)):
+        check_tensor(name, t, 2)
+    check_tensor("delta_bias", delta_bias, 2, optional=True)
+    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+    check_shape("u", u, (E, in_f), "(ensemble_size, in_features)")
+    check_shape("v", v, (E, out_f), "(ensemble_size, out_features)")
+    check_shape("delta_bias", delta_bias, (E, out_f), "(ensemble_size, out_features)")
+    m = hparams.shape[1]
+    if hparams.shape[0] != N:
+        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
+                         f"hyperparameters per row of x, got {tuple(hparams.shape)}")
+    rows = 2 * out_f if delta_bias is not None else out_f
+    what = ("(2*out_features, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
+            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
+            "(out_features, num_hparams): e1 = hparams @ embedding^T, as the layer's "
+            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
+    check_shape("embedding", embedding, (rows, m), what)
+    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
+                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
+    if check_hparams:
+        check_finite("hparams", hparams, "the hyperparameters")
+        check_finite("embedding", embedding, "the embedding weight")
     return E
 
 
@@ -190,7 +264,8 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
         if out_c % groups == 0 and x.shape[1] == cg * groups \
                 and x.shape[2] + 2 * padding[0] > dilation[0] * (kh - 1) \
                 and x.shape[3] + 2 * padding[1] > dilation[1] * (kw - 1) \
-                and _fast_ok(x, weight, r, s, bias, 4, cg * groups, out_c, hyper, delta, u, v, e1, delta_bias, e2):
+                and _fast_ok_rank1(x, weight, r, s, bias, 4, cg * groups, out_c, hyper, delta, u, v, e1,
+                                   delta_bias, e2):
             if hyper and check_embeddings:
                 check_finite("e1", e1)
                 check_finite("e2", e2)

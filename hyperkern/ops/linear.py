@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from hyperkern._backends import implementation
-from hyperkern.ops._validate import validate_linear
+from hyperkern.ops._validate import validate_linear, validate_linear_hp
 
-__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear"]
+__all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
 def _members(t: torch.Tensor, E: int) -> torch.Tensor:
     """(E*B, D) -> (E, B, D) view (or copy for non-viewable strides)."""
@@ -44,6 +44,15 @@ def _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, d
     if delta_bias is not None:
         y = y + delta_bias[:, None, :] * _members(e2, E)
     return y.reshape(N, fout)
+
+
+def _torch_hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias):
+    # The plain composition, exactly the layer's embed() then the e1 / e2 op: autograd keeps what the
+    # composition's ops keep (e1, e2 among them); the fused backends do not.
+    e = F.linear(hparams, embedding)
+    fout = weight.shape[0]
+    e1, e2 = (e, None) if delta_bias is None else (e[:, :fout], e[:, fout:])
+    return _torch_hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
 
 
 def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
@@ -92,3 +101,52 @@ def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_b
                     check_embeddings=check_embeddings)
     run = implementation("linear", "hyper_batch_ensemble_linear", backend, x.device, _torch_hyper_batch_ensemble_linear)
     return run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+
+
+def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                   s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, hparams: torch.Tensor,
+                                   embedding: torch.Tensor, bias: torch.Tensor | None = None,
+                                   delta_bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """hyper_batch_ensemble_linear with the hyperparameter embedding computed inside the op:
+
+        [e1 | e2] = hparams @ embedding^T
+        y = s_k * ((x * r_k) @ weight^T) + (v_k * e1) * ((x * u_k) @ delta^T) + bias_k + delta_bias_k * e2
+
+    The (E*B, out) embeddings e1, e2 are never saved for the backward (it recomputes them from
+    hparams, which is tiny); gradients flow to every tensor argument, hparams and embedding included.
+
+    Where e is computed, per backend:
+        cpp on CPU: fused in-kernel. e1, e2 are computed per row inside the forward's epilogue and
+            recomputed inside the backward's pass over the output gradient, which also reduces
+            d(embedding) and d(hparams) directly: no (E*B, out) tensor of e or of its gradient exists.
+        cpp on CUDA and triton: transient. The forward computes e = hparams @ embedding^T into a
+            temporary that is freed when it returns; the backward recomputes it, runs the e1 / e2 op's
+            backward kernels and reduces d(embedding) = de^T hparams, d(hparams) = de @ embedding. Saved
+            for the backward: the same tensors as on the CPU.
+        torch: the plain composition (F.linear for e, then the e1 / e2 composition); its autograd keeps
+            what those ops keep, e1 and e2 included.
+
+    Args:
+        x: (E*B, in) member-major rows.
+        weight, delta: (out, in) shared weights.
+        r, u: (E, in); s, v: (E, out) fast weights.
+        hparams: (E*B, m) per-row normalised hyperparameters (HyperParameterSpace.normalize).
+        embedding: the embedding weight, nn.Linear(m, out or 2*out, bias=False).weight: (out, m) without
+            delta_bias, (2*out, m) with it (rows [0, out) give e1, rows [out, 2*out) give e2).
+        bias, delta_bias: (E, out) or None.
+        backend: "auto" | "torch" | "cpp" | "triton".
+    Returns:
+        (E*B, out) member-major outputs.
+    """
+    return _hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                           backend, True)
+
+
+def _hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, backend: str,
+                                    check_hparams: bool) -> torch.Tensor:
+    """hyper_batch_ensemble_linear_hp; check_hparams=False skips the finiteness check of hparams and
+    embedding (a device sync on CUDA), for callers that checked them (the layers)."""
+    validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, check_hparams)
+    run = implementation("linear", "hyper_batch_ensemble_linear_hp", backend, x.device,
+                         _torch_hyper_batch_ensemble_linear_hp)
+    return run(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)

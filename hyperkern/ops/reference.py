@@ -45,6 +45,18 @@ def hyper_batch_ensemble_linear_reference(x, weight, delta, r, s, u, v, e1, bias
     return torch.stack(outs)
 
 
+def hyper_batch_ensemble_linear_hp_reference(x, weight, delta, r, s, u, v, hparams, embedding, bias=None,
+                                             delta_bias=None):
+    """hyper_batch_ensemble_linear_hp: row i's embedding [e1_i | e2_i] = embedding @ hparams_i (float64),
+    then the hyper member loop. embedding: (out, m), or (2*out, m) with delta_bias."""
+    hparams, embedding = _f64(hparams), _f64(embedding)
+    out = weight.shape[0]
+    e = torch.stack([embedding @ hparams[i] for i in range(hparams.shape[0])]) if hparams.shape[0] else \
+        hparams.new_zeros((0, embedding.shape[0]))
+    e1, e2 = e[:, :out], (e[:, out:] if delta_bias is not None else None)
+    return hyper_batch_ensemble_linear_reference(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+
+
 def batch_ensemble_conv2d_reference(x, weight, r, s, bias=None, stride=1, padding=0, dilation=1, groups=1):
     x, weight, r, s, bias = map(_f64, (x, weight, r, s, bias))
     E = r.shape[0]
