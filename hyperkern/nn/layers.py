@@ -116,7 +116,7 @@ def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True
     if check_range and not _is_compiling() and hparams.device.type != "meta" and hparams.numel() > 0:
         # one reduction and one read: a NaN makes the minimum NaN and every comparison with NaN is false;
         # an infinity is outside [0, 1]
-        lo, hi = torch.aminmax(hparams)
+        lo, hi = torch.aminmax(hparams.detach())  # no autograd node for a check
         if not (lo.item() >= 0 and hi.item() <= 1):
             raise ValueError("hparams must be normalised hyperparameters in [0, 1] (use "
                              "HyperParameterSpace.normalize on values in their original scale), got "

@@ -1,6 +1,8 @@
 """Input validation at the public op boundary. Kernels assume what is checked here."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -57,10 +59,11 @@ def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
     for meta tensors, which have no values (shape inference runs on them)."""
     if t is None or _is_compiling() or t.device.type == "meta":
         return
-    # One reduction instead of an elementwise mask: any NaN/Inf makes the sum non-finite. A finite
-    # tensor whose sum overflows is rare; the exact elementwise check settles that case.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else t.dtype))) \
-            and not bool(torch.isfinite(t).all()):
+    # One reduction read as a Python float instead of an elementwise mask (torch.isfinite is several
+    # ops): any NaN/Inf makes the sum non-finite. A finite tensor whose sum overflows is rare; the exact
+    # elementwise check settles that case.
+    total = t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
+    if not math.isfinite(total) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf; {what} must be finite")
 
 
@@ -118,11 +121,18 @@ def _fast_ok(x, weight, r, s, x_dim, in_dim, out_dim, members=(), rows=(), fixed
     if E < 1 or N % E or r.shape[1] != in_dim or s.shape != (E, out_dim):
         return False
     dtype, device = x.dtype, x.device
-    for t in (weight, r, s):
-        if t.dtype != dtype or t.device != device:
+    if weight.dtype != dtype or r.dtype != dtype or s.dtype != dtype or weight.device != device \
+            or r.device != device or s.device != device:
+        return False
+    for t, width in members:
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (E, width) or t.dtype != dtype
+                              or t.device != device):
             return False
-    expected = [*((t, (E, w)) for t, w in members), *((t, (N, w)) for t, w in rows), *fixed]
-    for t, shape in expected:
+    for t, width in rows:
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (N, width) or t.dtype != dtype
+                              or t.device != device):
+            return False
+    for t, shape in fixed:
         if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype
                               or t.device != device):
             return False
