@@ -314,8 +314,8 @@ def main(argv=None) -> int:
         threads = torch.get_num_threads()
         if args.device == "cpu":
             torch.set_num_threads(1)  # the host cost is one thread's work; the CPU clock is repeatable there
-        rows = host.run(args.device, repeats=args.repeats or (3 if args.quick or args.tiny else 15),
-                        inner=20 if args.tiny else 200)
+        rows = host.run(args.device, repeats=args.repeats or (3 if args.quick or args.tiny else 31),
+                        inner=20 if args.tiny else 50)
         torch.set_num_threads(threads)
         result["suites"]["host"] = {"rows": rows}
         print(f"\n## Host cost\n\nforward + backward at E={host.E} x B={host.B}, {host.FEATURES} -> {host.FEATURES} "

@@ -727,12 +727,63 @@ void sum_dr_partials(const std::vector<acc_t>& dr_partial, acc_t* dr, int64_t bl
   }
 }
 
+// Below this much G_k work (E * B * out * in multiply-adds) the weight gradients come from one loop
+// instead of the G_k GEMMs: at a tiny layer (E=4, B=2, 16 -> 16) the batched GEMM's call, its views and
+// the group bookkeeping cost more host time than the 2048 multiply-adds themselves.
+constexpr int64_t kTinyWeightGradWork = int64_t(1) << 14;
+
+// The tiny-layer weight gradients (float / double): for every member k and output o, the row
+// G_k[o, :] = sum_b g[kB+b, o] x[kB+b, :] is built in a buffer and applied at once:
+// dW[o, :] += s_k[o] r_k * G_k[o, :], ds_k[o] = sum_j W[o, j] G_k[o, j] r_k[j], dr_k += s_k[o] W[o, :] * G_k[o, :].
+template <typename T>
+void tiny_weight_grads(const T* g, const T* x, const T* W, const T* r, const T* s, T* dW, T* ds, T* dr,
+                       const Dims& d) {
+  const int64_t O = d.out, I = d.in;
+  std::vector<T> G(static_cast<size_t>(I));
+  std::fill(dW, dW + O * I, T(0));
+  std::fill(dr, dr + d.E * I, T(0));
+  for (int64_t k = 0; k < d.E; ++k) {
+    const T *rk = r + k * I, *sk = s + k * O;
+    T* drk = dr + k * I;
+    for (int64_t o = 0; o < O; ++o) {
+      std::fill(G.begin(), G.end(), T(0));
+      for (int64_t b = k * d.B; b < (k + 1) * d.B; ++b) {
+        const T gv = g[b * O + o];
+        const T* xb = x + b * I;
+        for (int64_t j = 0; j < I; ++j) G[j] += gv * xb[j];
+      }
+      const T so = sk[o];
+      const T* Wo = W + o * I;
+      T* dWo = dW + o * I;
+      T ds_o = 0;
+      for (int64_t j = 0; j < I; ++j) {
+        const T wg = Wo[j] * G[j];
+        dWo[j] += so * rk[j] * G[j];
+        ds_o += wg * rk[j];
+        drk[j] += so * wg;
+      }
+      ds[k * O + o] = ds_o;
+    }
+  }
+}
+
 // G_k = g_k^T x_k for every member, then the weight pass. Returns (dW, ds, dr) in the input dtype.
 // Reduced-precision inputs are widened to float first so nothing is rounded before the sums end.
 std::tuple<Tensor, Tensor, Tensor> rank1_weight_grads(const Tensor& g, const Tensor& x, const Tensor& weight,
                                                      const Tensor& r, const Tensor& s, const Dims& d) {
   const auto dtype = x.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
+  if (dtype == acc_dtype && d.E * d.B * d.out * d.in <= kTinyWeightGradWork) {  // float / double, tiny
+    Tensor dW = at::empty({d.out, d.in}, x.options()), ds = at::empty({d.E, d.out}, x.options()),
+           dr = at::empty({d.E, d.in}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "rank1_tiny_weight_grads", [&] {
+      tiny_weight_grads<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                  weight.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                  s.const_data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
+                                  dr.data_ptr<scalar_t>(), d);
+    });
+    return {dW, ds, dr};
+  }
   // The G_k GEMMs: float / double natively; bfloat16 natively too (MKL/oneDNN accumulate in float,
   // G_k is rounded once to bfloat16, like any bfloat16 at::mm); float16 on float copies (CPU float16
   // GEMMs are slow and round the same way).
