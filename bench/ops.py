@@ -17,6 +17,11 @@ torch.autograd.grad for every input) it times:
   cpp-kernel   the same C++ op called through hyperkern.ops._cpp_linear, without the public API's
                Python validation (shows what the validation itself costs)
   triton       hyperkern.ops.* with backend="triton" (CUDA tensors only)
+  embedding + e1 op  (hyper_batch_ensemble_linear_hp only) the hyper layer's path before that op: the
+               (E*B, 2*out) embedding materialised by F.linear, then the e1 / e2 op (cpp)
+The ops: batch_ensemble_linear, hyper_batch_ensemble_linear (e1 / e2 given) and
+hyper_batch_ensemble_linear_hp (per-row hyperparameters, m = 5, and the embedding weight given: what the
+HyperBatchEnsembleLinear layer calls).
 and prints the median time in ms and its ratio to the floor (plus the fastest sample and its ratio
 to the fastest floor sample: on a shared machine the minimum shows the unloaded speed). Rows are member-major (rows
 k*B .. (k+1)*B-1 belong to member k). Variants are interleaved round by round so load changes on
@@ -79,8 +84,23 @@ def _linear_inputs(op: str, E: int, B: int, fin: int, fout: int, dtype, device, 
     if op == "batch_ensemble_linear":
         return (x, w, r, s, b)
     d, u, v = t(fout, fin, scale=fin ** -0.5), t(E, fin), t(E, fout)
-    e1, db, e2 = t(E * B, fout), t(E, fout), t(E * B, fout)
+    db = t(E, fout)
+    if op == "hyper_batch_ensemble_linear_hp":  # m = 5 hyperparameters per row (the MLP's)
+        hp = torch.rand(E * B, NUM_HPARAMS, dtype=dtype, device=device).requires_grad_(requires_grad)
+        return (x, w, d, r, s, u, v, hp, t(2 * fout, NUM_HPARAMS), b, db)
+    e1, e2 = t(E * B, fout), t(E * B, fout)
     return (x, w, d, r, s, u, v, e1, b, db, e2)
+
+
+NUM_HPARAMS = 5
+LINEAR_OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp")
+
+
+def _embedding_then_e1_op(x, w, d, r, s, u, v, hp, emb, b, db):
+    """The hyper layer's path before the fused op: e = hp @ emb^T materialised, then the e1 / e2 op (cpp)."""
+    e = F.linear(hp, emb)
+    fout = w.shape[0]
+    return ops.hyper_batch_ensemble_linear(x, w, d, r, s, u, v, e[:, :fout], b, db, e[:, fout:], backend="cpp")
 
 
 def _floor_inputs(op: str, E: int, B: int, fin: int, fout: int, dtype, device, requires_grad: bool):
@@ -111,7 +131,8 @@ def _variants(op: str, device: torch.device, compile_: bool) -> dict:
     out = {"floor": F.linear, "torch": functools.partial(public, backend="torch")}
     if compile_:
         out["torch.compile"] = torch.compile(functools.partial(public, backend="torch"), dynamic=False)
-    out["tabm"] = _tabm_batch_ensemble if op == "batch_ensemble_linear" else _tabm_hyper
+    if op != "hyper_batch_ensemble_linear_hp":
+        out["tabm"] = _tabm_batch_ensemble if op == "batch_ensemble_linear" else _tabm_hyper
     if op == "batch_ensemble_linear":  # torch-uncertainty style (bench/peers.py); it has no hyper layer
         out["torch_unc"] = peers.torch_uncertainty_batch_ensemble_linear
     status = _backend_status(device.type, op)
@@ -120,6 +141,8 @@ def _variants(op: str, device: torch.device, compile_: bool) -> dict:
 
         out["cpp"] = functools.partial(public, backend="cpp")
         out["cpp-kernel"] = getattr(_cpp_linear, op)
+        if op == "hyper_batch_ensemble_linear_hp":
+            out["embedding + e1 op"] = _embedding_then_e1_op
     if device.type == "cuda" and status.get("triton") is None:
         out["triton"] = functools.partial(public, backend="triton")
     return out
@@ -133,7 +156,7 @@ def _backend_status(device_type: str, op: str) -> dict:
 
 
 def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats: int = 15, inner: int = 3,
-               compile_: bool = True, ops_to_run=("batch_ensemble_linear", "hyper_batch_ensemble_linear"),
+               compile_: bool = True, ops_to_run=LINEAR_OPS,
                only=None, cpu_time: bool = False) -> list:
     """Time both linear ops; returns rows (op, shape, mode, variant, median ms and its ratio to the
     floor, min ms and its ratio to the floor's min). `only`: variant names to time besides the floor.
@@ -224,8 +247,7 @@ def main(argv=None):
                         help="with --threads 1: time the thread's CPU time, not wall time (robust on a busy machine)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="time only these variants (the floor is always timed), e.g. --variants cpp cpp-kernel")
-    parser.add_argument("--ops", nargs="+", default=["batch_ensemble_linear", "hyper_batch_ensemble_linear"],
-                        choices=["batch_ensemble_linear", "hyper_batch_ensemble_linear"])
+    parser.add_argument("--ops", nargs="+", default=list(LINEAR_OPS), choices=list(LINEAR_OPS))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
