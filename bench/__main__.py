@@ -307,6 +307,23 @@ def main(argv=None) -> int:
         op_targets = print_operator_counts(args.device, tiny=args.tiny)
         if not args.tiny:
             result["targets"] += op_targets
+        from bench import saved
+
+        saved_rows = saved.mlp_rows(args.ensemble_size, 16 if args.tiny else 256)
+        result["suites"]["saved"] = {"rows": saved_rows}
+        print("\nActivations kept for the backward (bench/saved.py; train mode, input included):\n")
+        print(saved.format_rows(saved_rows))
+        if not args.tiny:
+            result["targets"] += saved.check_targets(saved_rows)
+        from bench import penalty
+
+        pen = penalty.run(E=args.ensemble_size, **({"B": 4, "width": 16, "repeats": 1} if args.tiny else {}),
+                          clock=args.clock)
+        result["suites"]["penalty"] = pen
+        print(f"\nHyperBatchEnsembleLinear fwd+bwd (bench/penalty.py): {pen['layer_x_linear']:.2f}x nn.Linear, "
+              f"{pen['with_penalty_x_linear']:.2f}x with its L2 penalty (+{pen['penalty_share']:.3f}x)")
+        if not args.tiny:
+            result["targets"] += penalty.check_targets(pen)
 
     if args.suite in ("host", "all"):
         from bench import host

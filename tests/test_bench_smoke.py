@@ -79,6 +79,19 @@ def test_quick_tiny_run_writes_valid_json(tmp_path):
     assert host["BatchEnsembleConv2d [auto]"]["ratio"] == pytest.approx(
         host["BatchEnsembleConv2d [auto]"]["us"] / host["nn.Conv2d"]["us"])
     assert "## Host cost" in proc.stdout
+    pen = data["suites"]["penalty"]
+    assert set(pen["ms"]) == {"nn.Linear", "layer", "layer + penalty"} and all(v > 0 for v in pen["ms"].values())
+    saved = {r["variant"]: r for r in data["suites"]["saved"]["rows"]}
+    assert saved["batch"]["x_batch"] == 1.0 and saved["hyper_batch"]["saved_mib"] > saved["batch"]["saved_mib"] > 0
+
+
+def test_saved_bytes_counts_each_storage_once_and_no_parameters():
+    from bench.saved import saved_bytes
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    # Linear saves x (its input) and its weight (a parameter: not counted); relu saves its output
+    model = torch.nn.Sequential(lin, torch.nn.ReLU())
+    assert saved_bytes(model, x) == 4 * 8 * 4 + 4 * 8 * 4
 
 
 def test_host_targets_judge_only_the_auto_backend():
