@@ -397,10 +397,12 @@ class _HyperMixin:
     def embed(self, hparams: torch.Tensor):
         """(e1, e2) for normalised hparams (E*B, num_hparams): e1 (E*B, out), e2 (E*B, out) or None."""
         e = F.linear(hparams.to(self.embedding.weight.dtype), self.embedding.weight)
-        out = self._out_size
         if self.bias is None:
             return e, None
-        return e[:, :out], e[:, out:]
+        # one split (one autograd node whose backward is one cat) rather than two slices (two nodes,
+        # each filling a zero tensor shaped like e in the backward)
+        e1, e2 = e.split(self._out_size, dim=1)
+        return e1, e2
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
