@@ -20,6 +20,8 @@ requiring grad (AccumulateGrad included, as in training). Ratios are against:
 The hyper layers get their hyperparameters with check_range=False (the zoo models check them once at
 their input, not per layer); the range check's own cost is its own row.
 Targets (issue 15): batch-ensemble op / layer <= 1.5x, hyper-batch op / layer <= 2.5x.
+The CPU conv ops pick their scheme by size (the one-convolution scheme here); HYPERKERN_CPU_CONV=member
+or =one_conv forces one, to compare them at this shape.
 """
 from __future__ import annotations
 
