@@ -26,6 +26,7 @@
 //   stacked weight's convolution backward: one pass gives dx and both weight gradients.
 #include "../one_conv.h"
 #include "../rank1_conv.h"
+#include "cpu_util.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -48,39 +49,9 @@ namespace {
 
 // ---- the one-convolution scheme's primitive on the CPU (csrc/one_conv.h: P::scale_channels) ----------
 
-#define HYPERKERN_INLINE inline __attribute__((always_inline))
-// Function multiversioning (GCC/Clang on x86-64 with ifunc): the pass gets AVX-512 and AVX2 code paths
-// although the extension is compiled for baseline x86-64 (as csrc/cpu/rank1_linear.cpp's row kernels).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define HYPERKERN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HYPERKERN_CPU_CLONES
-#endif
+using cpu::narrow_to;
+using cpu::widen;
 
-// Loads widen to the op-math type and stores narrow from it; bfloat16 with integer ops (round to nearest
-// even, NaN kept quiet: c10::BFloat16(float)'s result) so that the loops vectorise.
-template <typename T>
-HYPERKERN_INLINE at::opmath_type<T> widen(T v) {
-  return static_cast<at::opmath_type<T>>(v);
-}
-template <>
-HYPERKERN_INLINE float widen<c10::BFloat16>(c10::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-template <typename T>
-HYPERKERN_INLINE T narrow_to(at::opmath_type<T> v) {
-  return static_cast<T>(v);
-}
-template <>
-HYPERKERN_INLINE c10::BFloat16 narrow_to<c10::BFloat16>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-}
 
 template <typename T>
 struct ScaleArgs {

@@ -164,8 +164,9 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
     return _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings)
 
 
-def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings) -> int:
-    """Every check of validate_linear one by one, each with its message (the path of invalid arguments)."""
+def _check_linear_core(x, weight, r, s, bias) -> tuple[int, int, int]:
+    """The linear ops' shared full checks of x, weight, r, s and bias (their ranks and dtypes, the
+    ensemble size, x's width); returns (E, out_features, in_features)."""
     check_tensor("x", x, 2)
     check_tensor("weight", weight, 2)
     check_tensor("r", r, 2)
@@ -176,8 +177,14 @@ def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias,
     if x.shape[1] != in_f:
         raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
-    named = _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
-                                     delta, u, v, e1, delta_bias, e2, check_embeddings)
+    return E, out_f, in_f
+
+
+def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings) -> int:
+    """Every check of validate_linear one by one, each with its message (the path of invalid arguments)."""
+    E, out_f, in_f = _check_linear_core(x, weight, r, s, bias)
+    _check_members_and_hyper(x, weight, r, s, bias, E, in_f, out_f, "features", "input row", hyper,
+                             delta, u, v, e1, delta_bias, e2, check_embeddings)
     return E
 
 
@@ -207,16 +214,7 @@ def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, d
 def _validate_linear_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
                                 check_hparams) -> int:
     """Every check of validate_linear_hp one by one, each with its message."""
-    check_tensor("x", x, 2)
-    check_tensor("weight", weight, 2)
-    check_tensor("r", r, 2)
-    check_tensor("s", s, 2)
-    check_tensor("bias", bias, 2, optional=True)
-    out_f, in_f = weight.shape
-    E = ensemble_size(x, r)
-    if x.shape[1] != in_f:
-        raise ValueError(f"x must have shape (E*B, in_features={in_f}) to match weight (out, in) = {tuple(weight.shape)}, "
-                         f"got {tuple(x.shape)}")
+    E, out_f, in_f = _check_linear_core(x, weight, r, s, bias)
     N = x.shape[0]
     check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
     check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
