@@ -97,6 +97,19 @@ def test_hyper_batch_ensemble_linear_matches_member_loop(E, B, fin, fout, bias, 
                               **FP32_TOL)
 
 
+@pytest.mark.parametrize("E,B,fin,fout,m,bias,delta_bias", [(1, 1, 3, 5, 2, True, True), (3, 19, 21, 35, 5, True, True),
+                                                         (2, 5, 16, 7, 3, False, False)])
+def test_hyper_batch_ensemble_linear_hp_matches_member_loop(E, B, fin, fout, m, bias, delta_bias):
+    """The op with e(lambda) inside (hparams and the embedding weight given): every gradient, hparams and
+    embedding included. Runs on the GPU in bench/gpu_suite.sh."""
+    x, w, d, r, s, u, v, _, b, db, _ = _hyper_args(E, B, fin, fout, bias, delta_bias)
+    hparams, embedding = torch.rand(E * B, m, device=DEVICE), _randn(2 * fout if delta_bias else fout, m)
+    args = [x, w, d, r, s, u, v, hparams, embedding, b, db]
+    names = ["x", "weight", "delta", "r", "s", "u", "v", "hparams", "embedding", "bias", "delta_bias"]
+    _assert_matches_reference(lambda *a: hyperkern.ops.hyper_batch_ensemble_linear_hp(*a, backend="triton"),
+                              ref.hyper_batch_ensemble_linear_hp_reference, args, names, **FP32_TOL)
+
+
 def _strided(t):
     """Same values, non-contiguous layout (a transposed copy viewed back, or a column slice)."""
     return t.t().contiguous().t() if t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 else \
