@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from hyperkern.nn.hparams import HyperParameter, HyperParameterSpace
 from hyperkern.nn.layers import (BatchEnsembleConv2d, BatchEnsembleLinear, HyperBatchEnsembleConv2d,
-                                 HyperBatchEnsembleLinear, _he_normal_, check_hparams)
+                                 HyperBatchEnsembleLinear, _he_normal_, check_hparams, penalty_stats)
 from hyperkern.nn.functional import relu_rowwise_dropout, rowwise_dropout
 from hyperkern.nn.norm import EnsembleBatchNorm2d
 
@@ -253,10 +253,11 @@ class EnsembleModel(nn.Module):
                                  f"ensemble_size={self.ensemble_size}, columns {list(self.hparam_names)}; "
                                  f"got {tuple(lam.shape)}")
             z = self.hparam_space.normalize(lam)
+            dtype = self._l2_layers[0][0].weight.dtype
+            stats = penalty_stats(lam.to(dtype), z, self.ensemble_size)  # the rows' statistics, once for all layers
             total = None
             for layer, kg, bg in self._l2_layers:
-                j, jb = self.hparam_space.index(kg), self.hparam_space.index(bg)
-                term = layer.l2_penalty(lam[:, j], z, lam_bias=lam[:, jb])
+                term = layer._penalty_from_stats(stats, self.hparam_space.index(kg), self.hparam_space.index(bg))
                 total = term if total is None else total + term
             return total
         values = self._lam_vector(lam)
