@@ -131,7 +131,8 @@ class _PeerLayer(nn.Module):
             lead = x.shape[:-1]
             y = type(self)._linear(x.reshape(-1, m.in_features), m.weight, m.r, m.s, m.bias)
             return y.reshape(*lead, m.out_features)
-        return type(self)._conv(x, m.weight, m.r, m.s, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        x, padding = m._pad(x)  # padding="same" resolved for x's size, as the layer itself does
+        return type(self)._conv(x, m.weight, m.r, m.s, m.bias, m.stride, padding, m.dilation, m.groups)
 
 
 class TabMStyleLayer(_PeerLayer):

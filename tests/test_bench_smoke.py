@@ -148,6 +148,15 @@ def test_swapped_model_computes_the_same_function(style):
         peers.swap_batch_ensemble_layers(zoo.resnet20(variant="plain", depth=8, width=4), style)
 
 
+@pytest.mark.parametrize("style", ["tabm", "torch_uncertainty"])
+def test_peer_layer_resolves_same_padding_as_the_layer(style):
+    """padding="same" at stride 2 on an even size pads (0, 1): the peer layer must pad as the layer does."""
+    torch.manual_seed(0)
+    layer = BatchEnsembleConv2d(3, 4, 3, stride=2, padding="same", ensemble_size=2, dtype=torch.float64)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(peers.PEER_STYLES[style](layer)(x), layer(x))
+
+
 def test_peak_memory_sees_a_known_allocation():
     n = 1 << 18  # 1 MiB of float32
 
