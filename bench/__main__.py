@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from bench.common import describe_environment
+from bench.common import describe_environment, format_target
 
 _OP_MODULES = ("bench.ops", "bench.ops_conv")
 
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     if result["targets"]:
         print("\n## Targets\n")
         for t in result["targets"]:
-            print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+            print(format_target(t))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -215,3 +215,8 @@ def format_markdown_table(header: list[str], rows: list[list], align: list[str] 
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def format_target(t: dict) -> str:
+    """One target line as every suite prints it: '- PASS  <target>: <value>' (or MISS)."""
+    return f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}"

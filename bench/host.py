@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import describe_environment, format_markdown_table, time_interleaved
+from bench.common import describe_environment, format_markdown_table, format_target, time_interleaved
 
 E, B = 4, 2
 FEATURES = 16
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     rows = run(args.device, tuple(args.backends), args.repeats, args.inner)
     print(format_table(rows))
     for t in check_targets(rows):
-        print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+        print(format_target(t))
     return 0
 
 

@@ -54,8 +54,8 @@ import hyperkern.models as zoo
 from hyperkern._backends import available_backends, resolve_backend
 from hyperkern.nn import EnsembleLogUniform, tile
 
-from bench.common import (MIB, describe_environment, format_markdown_table, params_bytes, peak_memory_bytes,
-                          time_interleaved)
+from bench.common import (MIB, describe_environment, format_markdown_table, format_target, params_bytes,
+                          peak_memory_bytes, time_interleaved)
 from bench.peers import swap_batch_ensemble_layers
 
 __all__ = ["model_configs", "build_candidates", "run_models", "format_models_table", "check_model_targets",
@@ -490,7 +490,7 @@ def print_operator_counts(device="cpu", *, tiny: bool = False, E: int = 4, B: in
     log(format_operator_counts(counts))
     targets = check_operator_targets(counts, cfg["name"])
     for t in targets:
-        log(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+        log(format_target(t))
     return targets
 
 
@@ -527,7 +527,7 @@ def main(argv=None):
     print(format_models_table(rows))
     targets = [] if args.tiny else check_model_targets(rows, args.device)
     for t in targets:
-        print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+        print(format_target(t))
     if not args.cuda_graphs:
         operator_targets = print_operator_counts(args.device, tiny=args.tiny)
         targets += [] if args.tiny else operator_targets

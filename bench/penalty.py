@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from bench.common import time_interleaved
+from bench.common import format_target, time_interleaved
 
 TARGET = 0.25
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for name, ms in result["ms"].items():
         print(f"| {name} | {ms:.2f} | {ms / result['ms']['nn.Linear']:.2f} |")
     for t in check_targets(result):
-        print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+        print(format_target(t))
     return 0
 
 

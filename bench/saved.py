@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-MIB = 2 ** 20
+from bench.common import MIB, format_target
+
 TARGET = 1.6
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     rows = mlp_rows(args.ensemble_size, args.per_member)
     print(format_rows(rows))
     for t in check_targets(rows):
-        print(f"- {'PASS' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+        print(format_target(t))
     return 0
 
 

@@ -134,6 +134,22 @@ Grads5 batch_ensemble_linear_backward_autograd(const Tensor& g, const Tensor& x,
           or_empty(d[kBias], has_bias, s)};
 }
 
+
+// The hyper linear ops' differentiable composition (rows as 1x1 images): every gradient composite_grads
+// gives, x's only when compute_grad_x, the biases' only when present.
+std::array<Tensor, kNumGrads> hyper_linear_composite(const Tensor& g, const Tensor& x, const Tensor& w,
+                                                     const Tensor& delta, const Tensor& r, const Tensor& s,
+                                                     const Tensor& u, const Tensor& v, const Tensor& e1,
+                                                     const OptTensor& delta_bias, const OptTensor& e2, bool has_bias,
+                                                     bool compute_grad_x) {
+  std::array<bool, kNumGrads> need;
+  need.fill(true);
+  need[kX] = compute_grad_x;
+  need[kBias] = has_bias;
+  need[kDeltaBias] = need[kE2] = present(delta_bias);
+  return composite_grads(as_image(g), as_image(x), as_image(w), r, s, {as_image(delta), u, v, e1, delta_bias, e2}, {},
+                         need);
+}
 // ---- hyper_batch_ensemble_linear_backward ---------------------------------------------------------
 
 Grads11 hyper_batch_ensemble_linear_backward_autograd(const Tensor& g, const Tensor& x, const Tensor& w,
@@ -150,13 +166,7 @@ Grads11 hyper_batch_ensemble_linear_backward_autograd(const Tensor& g, const Ten
     return op.call(g, x, w, delta, r, s, u, v, e1, delta_bias, e2, delta_out, has_bias, compute_grad_x);
   }
   const bool has_delta_bias = present(delta_bias);
-  std::array<bool, kNumGrads> need;
-  need.fill(true);
-  need[kX] = compute_grad_x;
-  need[kBias] = has_bias;
-  need[kDeltaBias] = need[kE2] = has_delta_bias;
-  const auto d = composite_grads(as_image(g), as_image(x), as_image(w), r, s,
-                                 {as_image(delta), u, v, e1, delta_bias, e2}, {}, need);
+  const auto d = hyper_linear_composite(g, x, w, delta, r, s, u, v, e1, delta_bias, e2, has_bias, compute_grad_x);
   return {compute_grad_x ? as_rows(d[kX]) : empty_like_flag(x),
           as_rows(d[kW]),
           as_rows(d[kDelta]),
@@ -199,13 +209,7 @@ Grads11 hyper_batch_ensemble_linear_hp_backward_autograd(const Tensor& g, const 
   const Tensor e1 = e.narrow(1, 0, out);
   OptTensor e2;
   if (has_delta_bias) e2 = e.narrow(1, out, out);
-  std::array<bool, kNumGrads> need;
-  need.fill(true);
-  need[kX] = compute_grad_x;
-  need[kBias] = has_bias;
-  need[kDeltaBias] = need[kE2] = has_delta_bias;
-  const auto d = composite_grads(as_image(g), as_image(x), as_image(w), r, s,
-                                 {as_image(delta), u, v, e1, delta_bias, e2}, {}, need);
+  const auto d = hyper_linear_composite(g, x, w, delta, r, s, u, v, e1, delta_bias, e2, has_bias, compute_grad_x);
   const Tensor de = has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];  // (E*B, out or 2*out)
   return {compute_grad_x ? as_rows(d[kX]) : empty_like_flag(x),
           as_rows(d[kW]),

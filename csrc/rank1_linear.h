@@ -64,22 +64,28 @@ inline void check_optional(const std::optional<at::Tensor>& t, const at::Tensor&
   }
 }
 
-inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& u,
-                        const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& delta_bias,
-                        const std::optional<at::Tensor>& e2) {
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The Delta-branch weights both hyper ops take: delta (out, in), u (E, in), v (E, out).
+inline void check_delta_branch(const Dims& d, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& u,
+                               const at::Tensor& v) {
   check_shape(delta, d.out, d.in, "delta");
   check_shape(u, d.E, d.in, "u");
   check_shape(v, d.E, d.out, "v");
-  check_shape(e1, d.N, d.out, "e1");
   check_same_kind(x, delta, "delta");
   check_same_kind(x, u, "u");
   check_same_kind(x, v, "v");
+}
+
+inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& u,
+                        const at::Tensor& v, const at::Tensor& e1, const std::optional<at::Tensor>& delta_bias,
+                        const std::optional<at::Tensor>& e2) {
+  check_delta_branch(d, x, delta, u, v);
+  check_shape(e1, d.N, d.out, "e1");
   check_same_kind(x, e1, "e1");
   check_optional(delta_bias, x, d.E, d.out, "delta_bias");
   check_optional(e2, x, d.N, d.out, "e2");
-  const bool has_db = delta_bias.has_value() && delta_bias->defined();
-  const bool has_e2 = e2.has_value() && e2->defined();
-  TORCH_CHECK(has_db == has_e2, "hyperkern rank-1 linear: delta_bias and e2 must be given together");
+  TORCH_CHECK(present(delta_bias) == present(e2), "hyperkern rank-1 linear: delta_bias and e2 must be given together");
 }
 
 // The embedding op's inputs (hyper_batch_ensemble_linear_hp): delta, u, v as check_hyper; hparams
@@ -88,16 +94,11 @@ inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& de
 inline int64_t check_hyper_embedding(const Dims& d, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& u,
                                      const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
                                      const std::optional<at::Tensor>& delta_bias) {
-  check_shape(delta, d.out, d.in, "delta");
-  check_shape(u, d.E, d.in, "u");
-  check_shape(v, d.E, d.out, "v");
-  check_same_kind(x, delta, "delta");
-  check_same_kind(x, u, "u");
-  check_same_kind(x, v, "v");
+  check_delta_branch(d, x, delta, u, v);
   TORCH_CHECK(hparams.dim() == 2 && hparams.size(0) == d.N, "hyperkern rank-1 linear: hparams must have shape (", d.N,
               ", num_hparams), one row per row of x, got ", hparams.sizes());
   const int64_t m = hparams.size(1);
-  const bool has_db = delta_bias.has_value() && delta_bias->defined();
+  const bool has_db = present(delta_bias);
   check_shape(embedding, has_db ? 2 * d.out : d.out, m, has_db ? "embedding (2*out rows with delta_bias)" : "embedding");
   check_same_kind(x, hparams, "hparams");
   check_same_kind(x, embedding, "embedding");
@@ -105,7 +106,16 @@ inline int64_t check_hyper_embedding(const Dims& d, const at::Tensor& x, const a
   return m;
 }
 
-inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+// A backward's per-row inputs: the output gradient and, for the hyper ops, the kept delta_out, both (E*B, out).
+inline void check_backward_rows(const Dims& d, const at::Tensor& x, const at::Tensor& grad_out,
+                                const at::Tensor* delta_out = nullptr) {
+  check_shape(grad_out, d.N, d.out, "grad_out");
+  check_same_kind(x, grad_out, "grad_out");
+  if (delta_out != nullptr) {
+    check_shape(*delta_out, d.N, d.out, "delta_out");
+    check_same_kind(x, *delta_out, "delta_out");
+  }
+}
 
 }  // namespace rank1_linear
 }  // namespace hyperkern

@@ -143,6 +143,14 @@ def resolve_backend(backend: str, device: torch.device, op: str,
     return backend
 
 
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the caller (False on a torch without torch.compiler)."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
 _IMPLS: dict[tuple[str, str, str], object] = {}
 
 
@@ -161,11 +169,7 @@ def implementation(family: str, op: str, backend: str, device: torch.device, tor
     if fn is None:
         name = resolve_backend(backend, device, op)
         fn = torch_impl if name == "torch" else getattr(backend_module(family, name), op)
-        try:
-            compiling = torch.compiler.is_compiling()
-        except AttributeError:  # pragma: no cover - old torch
-            compiling = False
-        if not compiling:
+        if not is_compiling():
             _IMPLS[key] = fn
     return fn
 

@@ -889,8 +889,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
     const Tensor& grad_in, const Tensor& x_in, const Tensor& weight_in, const Tensor& r_in, const Tensor& s_in,
     bool has_bias, bool compute_grad_x) {
   const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
-  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
-  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
+  rank1_linear::check_backward_rows(d, x_in, grad_in);
   const Tensor g = grad_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const Tensor r = r_in.contiguous(), s = s_in.contiguous();
   const auto opts = x.options();
@@ -1139,10 +1138,7 @@ hyper_batch_ensemble_linear_backward_cpu(const Tensor& grad_in, const Tensor& x_
                                          bool has_bias, bool compute_grad_x) {
   const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
   rank1_linear::check_hyper(d, x_in, delta_in, u_in, v_in, e1_in, delta_bias_in, e2_in);
-  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
-  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
-  rank1_linear::check_shape(delta_out_in, d.N, d.out, "delta_out");
-  rank1_linear::check_same_kind(x_in, delta_out_in, "delta_out");
+  rank1_linear::check_backward_rows(d, x_in, grad_in, &delta_out_in);
   const Tensor e1 = e1_in.contiguous(), e2 = contiguous_or_empty(e2_in);
   const Tensor delta_bias = contiguous_or_empty(delta_bias_in);
   const bool has_delta_bias = delta_bias.defined();
@@ -1176,10 +1172,7 @@ hyper_batch_ensemble_linear_hp_backward_cpu(const Tensor& grad_in, const Tensor&
   const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
   const int64_t m =
       rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
-  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
-  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
-  rank1_linear::check_shape(delta_out_in, d.N, d.out, "delta_out");
-  rank1_linear::check_same_kind(x_in, delta_out_in, "delta_out");
+  rank1_linear::check_backward_rows(d, x_in, grad_in, &delta_out_in);
   const Tensor hparams = hparams_in.contiguous(), delta_bias = contiguous_or_empty(delta_bias_in);
   const bool has_e2 = delta_bias.defined();
   const Tensor embT = transposed_embedding(embedding_in);

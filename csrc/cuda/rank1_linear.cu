@@ -500,8 +500,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
     const Tensor& grad_in, const Tensor& x_in, const Tensor& weight_in, const Tensor& r_in, const Tensor& s_in,
     bool has_bias, bool compute_grad_x) {
   const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
-  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
-  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
+  rank1_linear::check_backward_rows(d, x_in, grad_in);
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const Tensor g = grad_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const Tensor r = r_in.contiguous(), s = s_in.contiguous();
@@ -617,10 +616,7 @@ hyper_batch_ensemble_linear_backward_cuda(const Tensor& grad_in, const Tensor& x
                                           bool has_bias, bool compute_grad_x) {
   const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
   rank1_linear::check_hyper(d, x_in, delta_in, u_in, v_in, e1_in, delta_bias_in, e2_in);
-  rank1_linear::check_shape(grad_in, d.N, d.out, "grad_out");
-  rank1_linear::check_same_kind(x_in, grad_in, "grad_out");
-  rank1_linear::check_shape(delta_out_in, d.N, d.out, "delta_out");
-  rank1_linear::check_same_kind(x_in, delta_out_in, "delta_out");
+  rank1_linear::check_backward_rows(d, x_in, grad_in, &delta_out_in);
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const Tensor g = grad_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const Tensor delta = delta_in.contiguous(), r = r_in.contiguous(), s = s_in.contiguous();

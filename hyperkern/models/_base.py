@@ -118,16 +118,18 @@ class EnsembleModel(nn.Module):
         """Dropout for models with a "dropout" hyperparameter (self._dropout_column; self.dropout is the
         fixed rate of the plain and batch variants): hyper_batch rows each use their own rate."""
         if hparams is not None:
-            rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
-            return rowwise_dropout(h, rate, self.training)
+            return rowwise_dropout(h, self._row_dropout_rates(hparams), self.training)
         return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
+
+    def _row_dropout_rates(self, hparams: torch.Tensor) -> torch.Tensor:
+        """Each hyper_batch row's dropout rate: its 'dropout' column, denormalised."""
+        return self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
 
     def _relu_drop(self, h: torch.Tensor, hparams: torch.Tensor | None) -> torch.Tensor:
         """self._drop(F.relu(h), hparams), with hyper_batch rows' ReLU and dropout in one autograd node
         that keeps only its output for the backward (relu_rowwise_dropout)."""
         if hparams is not None:
-            rate = self.hparam_space.denormalize_column(hparams[:, self._dropout_column], "dropout")
-            return relu_rowwise_dropout(h, rate, self.training)
+            return relu_rowwise_dropout(h, self._row_dropout_rates(hparams), self.training)
         return self._drop(F.relu(h), None)
 
     def _register_l2(self, layer: nn.Module, kernel_group: str, bias_group: str | None = None):

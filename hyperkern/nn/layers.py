@@ -22,6 +22,7 @@ from torch.nn.modules.utils import _pair
 
 import hyperkern.ops as ops
 from hyperkern._backends import BACKENDS
+from hyperkern._backends import is_compiling as _is_compiling
 from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
 from hyperkern.ops.linear import _hyper_batch_ensemble_linear_hp as _hyper_linear_hp
 
@@ -29,13 +30,6 @@ __all__ = ["BatchEnsembleLinear", "BatchEnsembleConv2d", "HyperBatchEnsembleLine
            "FAST_INITS", "check_hparams"]
 
 FAST_INITS = ("normal", "random_sign", "ones")
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
 
 
 def _check_positive_int(name: str, value) -> int:

@@ -5,14 +5,9 @@ import math
 
 import torch
 
+from hyperkern._backends import is_compiling as _is_compiling
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
 
 
 def check_tensor(name: str, t, ndim: int | None = None, optional: bool = False):
