@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU timing clock: wall (perf_counter) or cpu (process_time: with --threads 1 it ignores "
                         "time other processes take from this one, for a loaded machine)")
     p.add_argument("--json", metavar="PATH", default=None, help="write environment, rows and targets as JSON")
+    p.add_argument("--auto-table", metavar="PATH", default=None,
+                   help="ops suite: write the measured cpp / triton / torch times as a table for backend=\"auto\" "
+                        "(hyperkern/_auto_table.py; use it with HYPERKERN_AUTO_TABLE=PATH)")
     return p
 
 
@@ -167,6 +170,49 @@ def run_op_suite(args, log=print) -> dict:
     if missing:
         log(f"[ops] not in this tree (skipped): {', '.join(missing)}")
     return {"rows": rows, "modules": used, "missing": missing}
+
+
+def auto_table_entries(rows: list[dict], device: str) -> list[dict]:
+    """The op rows as entries of hyperkern/_auto_table.py: per (op, dtype, mode, size) the ms of the
+    backends cpp, triton and torch (as the rows report them: linear the median, conv the best of rounds). Linear sizes (E*B, in, out); conv sizes (images, in, out, H, W)
+    of the NCHW rows (the table has no memory format)."""
+    from hyperkern._auto_table import check_entries
+
+    grouped: dict[tuple, dict] = {}
+    for r in rows:
+        if r["variant"] not in ("cpp", "triton", "torch") or r.get("format", "NCHW") != "NCHW":
+            continue
+        if "size" in r:
+            size = list(r["size"])
+        elif isinstance(r["shape"], list) and len(r["shape"]) == 4:
+            E, B, fin, fout = r["shape"]
+            size = [E * B, fin, fout]
+        else:
+            continue
+        mode = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r["mode"], r["mode"])
+        key = (r["op"], r["dtype"], mode, tuple(size))
+        entry = grouped.setdefault(key, {"device": device, "op": r["op"], "dtype": r["dtype"], "mode": mode,
+                                         "size": size, "ms": {}})
+        entry["ms"][r["variant"]] = round(float(r["ms"]), 5)
+    return check_entries(list(grouped.values()), "measured rows")
+
+
+def write_auto_table(path: str, rows: list[dict], env: dict, argv) -> list[dict]:
+    """Writes auto_table_entries of the op rows to path as JSON and prints where each backend wins."""
+    from hyperkern._auto_table import FUSED, winner
+
+    entries = auto_table_entries(rows, env["device_name"])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"measured": f"{env['date']}, torch {env['torch']}: python -m bench "
+                               + " ".join(sys.argv[1:] if argv is None else argv),
+                   "entries": entries}, f, indent=1)
+    print(f"\nbackend=\"auto\" table ({len(entries)} entries) written to {path}; use HYPERKERN_AUTO_TABLE={path}")
+    for e in entries:
+        best = winner(e, lambda n: n in FUSED)
+        print(f"- {e['op']} {e['dtype']} {e['mode']} size {e['size']}: " + ", ".join(
+            f"{n} {ms:.3f} ms" for n, ms in sorted(e["ms"].items())) + f" -> {best}")
+    return entries
 
 
 _ROW_KEYS = ("shape", "format", "op", "mode", "dtype", "variant", "ms", "ratio")
@@ -283,6 +329,8 @@ def main(argv=None) -> int:
               "the best of interleaved rounds")
         print(format_op_table(ops_result["rows"]) if ops_result["rows"] else "(no op benchmark module in this tree)")
         result["targets"] += check_op_targets(ops_result["rows"], args.device)
+        if args.auto_table:
+            write_auto_table(args.auto_table, ops_result["rows"], env, argv)
 
     if args.suite in ("models", "all"):
         from bench.models import check_model_targets, format_models_table, model_configs, run_models

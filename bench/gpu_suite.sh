@@ -142,7 +142,8 @@ step "extension has CUDA + Triton ops" backends.txt check_extension
 want tests && step "CUDA + Triton kernel tests on GPU" tests.log gpu_tests
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 want ops && step "bench ops (cuda)" bench-ops.md \
-  "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" $BENCH_ARGS
+  "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" --auto-table "$OUT/auto-table.json" \
+  $BENCH_ARGS
 # shellcheck disable=SC2086
 want models && step "bench models (cuda)" bench-models.md \
   "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS

@@ -37,6 +37,7 @@ except ImportError:  # run as a script: python bench/ops_conv.py puts bench/ its
 SHAPES = {"16x32": ("ResNet-20 stage 1", 16, 32), "32x16": ("ResNet-20 stage 2", 32, 16),
           "64x8": ("ResNet-20 stage 3", 64, 8),
           "160x32": ("WRN-28-10 stage 1", 160, 32)}
+_LABELS = ("shape", "size", "format", "op", "mode", "floor")  # a row's keys that are not variants' times
 GEO = ((1, 1), (1, 1), (1, 1), 1)  # stride, padding, dilation, groups
 
 
@@ -139,7 +140,8 @@ def run(shapes=("16x32", "32x16", "64x8", "160x32"), channels_last=(False, True)
                 for mode, idx in (("forward", 0), ("forward+backward", 1)):
                     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
                     times = _best_of({name: fns[idx] for name, fns in variants.items()}, n, clock=timer, sync=sync)
-                    rows.append(dict(shape=f"{label}: {C}->{C} {H}x{H}", format="channels-last" if cl else "NCHW",
+                    rows.append(dict(shape=f"{label}: {C}->{C} {H}x{H}", size=[E * B, C, C, H, H],
+                                     format="channels-last" if cl else "NCHW",
                                      op="hyper_batch_ensemble_conv2d" if is_hyper else "batch_ensemble_conv2d",
                                      mode=mode, **times))
                     print(_row_line(rows[-1]), flush=True)
@@ -149,15 +151,15 @@ def run(shapes=("16x32", "32x16", "64x8", "160x32"), channels_last=(False, True)
 def _row_line(row):
     floor = row["floor"]
     cells = [f"{name} {ms:.2f} ms ({ms / floor:.2f}x)" for name, ms in row.items()
-             if name not in ("shape", "format", "op", "mode", "floor")]
+             if name not in _LABELS]
     return f"{row['op']} | {row['shape']} | {row['format']} | {row['mode']} | floor {floor:.2f} ms | " + " | ".join(cells)
 
 
 def table(rows) -> str:
     """Markdown table; every variant as 'ms (ratio to the floor)'."""
-    names = [n for n in rows[0] if n not in ("shape", "format", "op", "mode", "floor")]
+    names = [n for n in rows[0] if n not in _LABELS]
     for row in rows:
-        names += [n for n in row if n not in names and n not in ("shape", "format", "op", "mode", "floor")]
+        names += [n for n in row if n not in names and n not in _LABELS]
     head = "| op | shape | format | mode | floor ms | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (5 + len(names))]
     for row in rows:

@@ -116,10 +116,12 @@ def available_backends(device_type: str | None = None) -> list[str]:
     return [name for name in ("torch", "cpp", "triton") if all(st[name] is None for st in statuses)]
 
 
-# On CUDA tensors, "auto" takes the first available of these. Measured on an H200 (docs/benchmark-history.md, GPU
-# run 2): the cpp ops beat the Triton ones at every op-suite shape, linear (4 x 256 rows, 512 and 1024
-# features, fwd+bwd: cpp 1.11-1.58x cuBLAS, Triton 3.3-3.8x, Triton's Python launches dominate at these
-# sizes) and conv (WRN-28-10 stage 1, fwd+bwd: cpp 1.17x cuDNN, Triton 2.53x).
+# On CUDA tensors, "auto" takes the first available of these, unless the measured table
+# (hyperkern._auto_table; implementation() below) names another backend for this GPU model and size.
+# Measured on an H200 (docs/benchmark-history.md, GPU run 2): the cpp ops beat the Triton ones at every
+# op-suite shape, linear (4 x 256 rows, 512 and 1024 features, fwd+bwd: cpp 1.11-1.58x cuBLAS, Triton
+# 3.3-3.8x; Triton's Python launches dominate at these sizes) and conv (WRN-28-10 stage 1, fwd+bwd: cpp
+# 1.17x cuDNN, Triton 2.53x).
 CUDA_PREFERENCE = ("cpp", "triton")
 
 
@@ -151,27 +153,87 @@ def is_compiling() -> bool:
         return False
 
 
-_IMPLS: dict[tuple[str, str, str], object] = {}
+_IMPLS: dict[tuple, object] = {}
 
 
 def implementation(family: str, op: str, backend: str, device: torch.device, torch_impl):
     """The function that runs hyperkern op `op` (of family "linear" | "conv") for a user's backend argument
     on device: torch_impl for the "torch" backend, else the fused backend module's function of that name.
-    Resolved once per (op, backend, device type) and then read from a dict: the ops run on every layer
+    backend="auto" on CUDA follows the measured table (hyperkern._auto_table): one backend when it wins at
+    every measured size of this GPU model (or nothing was measured), else a function that picks per call
+    size. Resolved once per (op, backend, device) and then read from a dict: the ops run on every layer
     call, and resolving each time cost about a microsecond of a small layer's host time. Unavailable
     backends raise ValueError (resolve_backend) every time, and nothing is cached while torch.compile
     traces (it traces the resolution itself)."""
-    key = (op, backend, device.type)
+    key = (op, backend, device.type, device.index)
     try:
         fn = _IMPLS.get(key)
     except TypeError:  # an unhashable backend argument: resolve_backend below names it
         fn = None
     if fn is None:
         name = resolve_backend(backend, device, op)
-        fn = torch_impl if name == "torch" else getattr(backend_module(family, name), op)
+
+        def impl(n):
+            return torch_impl if n == "torch" else getattr(backend_module(family, n), op)
+
+        fn = impl(name)
+        if backend == "auto" and device.type == "cuda":
+            fn = _measured_choice(family, op, device, name, impl) or fn
         if not is_compiling():
             _IMPLS[key] = fn
     return fn
+
+
+_AUTO_TABLE: list[dict] | None = None
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def auto_table() -> list[dict]:
+    """The entries behind backend="auto" on CUDA (hyperkern._auto_table.load(), read once)."""
+    global _AUTO_TABLE
+    if _AUTO_TABLE is None:
+        from hyperkern import _auto_table
+
+        _AUTO_TABLE = _auto_table.load()
+    return _AUTO_TABLE
+
+
+def _device_name(device: torch.device) -> str:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+def _measured_choice(family: str, op: str, device: torch.device, default: str, impl):
+    """None when the table keeps `default` for op on this GPU model; else the implementation to run: one
+    backend's when it wins at every measured size, or a per-call chooser."""
+    from hyperkern import _auto_table
+
+    status = _STATUS.get((device.type, op)) or backend_status(device.type, op)
+    entries = [e for e in auto_table() if e["op"] == op and e["device"] == _device_name(device)]
+    runnable = (lambda n: status[n] is None)
+    winners = {_auto_table.winner(e, runnable) for e in entries} - {None}
+    if not winners or winners == {default}:
+        return None
+    if len(winners) == 1:
+        return impl(winners.pop())
+    chosen: dict[tuple, object] = {}
+
+    def per_size(*args):
+        x, weight = args[0], args[1]
+        recorded = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        size = _auto_table.call_size(family, x, weight)
+        key = (size, x.dtype, recorded)
+        fn = chosen.get(key)
+        if fn is None:
+            entry = _auto_table.nearest(entries, size, str(x.dtype).removeprefix("torch."),
+                                        "fwd+bwd" if recorded else "fwd")
+            fn = chosen[key] = impl(_auto_table.winner(entry, runnable) or default)
+        return fn(*args)
+
+    per_size.winners = sorted(winners)
+    return per_size
 
 
 def backend_module(family: str, backend: str):
