@@ -9,7 +9,15 @@
 // composition when the backward is itself recorded (create_graph=True), so double backward works.
 // The conv train ops, which return what a backward keeps, get Autograd kernels here too: their
 // outputs' y is differentiable as the plain op's, the kept activations are not.
+//
+// The conv ops' Autograd kernels take the dispatch key set of their call and reach the kernel below
+// autograd (the train op's or the plain op's) with Dispatcher::redispatch on it, as ATen's own autograd
+// kernels do: no second dispatch from scratch and no second profiler event (RecordFunction runs on a
+// call, not on a redispatch) per layer, so a conv layer's forward is one hyperkern:: event like
+// conv2d's one aten:: event. The key set keeps what was above the kernel (Python modes, fake tensors,
+// functionalization), so torch.compile and the fake kernels see the same calls as before.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -120,6 +128,10 @@ SavedGeometry load_geometry(AutogradContext* ctx) {
   return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
           ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
 }
+
+// The key set an Autograd kernel's redispatch uses to reach the kernel below autograd (with
+// at::AutoDispatchBelowADInplaceOrView held, for what that kernel calls).
+c10::DispatchKeySet below_autograd(c10::DispatchKeySet ks) { return ks & c10::after_ADInplaceOrView_keyset; }
 
 template <size_t N>
 std::array<bool, N> as_array(const std::vector<bool>& mask) {
@@ -238,9 +250,11 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
   // train: a gradient will be taken (grad mode on and an input requires grad), so the forward runs the
   // train op, which also returns what the device's backward reads (pre); otherwise the plain op.
   // Returns {y, pre}: pre (non-differentiable) is the train op's, an empty tensor from the plain op.
+  // below: the key set to redispatch on (below_autograd of the public op's call).
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& r,
                                const Tensor& s, const OptTensor& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool train) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool train,
+                               c10::DispatchKeySet below) {
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t)>("hyperkern::batch_ensemble_conv2d");
@@ -256,9 +270,9 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
       ctx->save_for_backward({x, weight, r, s, Tensor()});
       const Tensor none = at::empty({0}, x.options());
       ctx->mark_non_differentiable({none});
-      return {op.call(x, weight, r, s, bias, stride, padding, dilation, groups), none};
+      return {op.redispatch(below, x, weight, r, s, bias, stride, padding, dilation, groups), none};
     }
-    auto [y, pre] = train_op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+    auto [y, pre] = train_op.redispatch(below, x, weight, r, s, bias, stride, padding, dilation, groups);
     ctx->save_for_backward({x, weight, r, s, pre});
     ctx->mark_non_differentiable({pre});
     return {y, pre};
@@ -269,13 +283,13 @@ class BatchEnsembleConv2d : public torch::autograd::Function<BatchEnsembleConv2d
         find_op<Grads5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
                        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>, const OptTensor&)>(
             "hyperkern::batch_ensemble_conv2d_backward");
-    if (!grads[0].defined()) return variable_list(10);  // y unused: no gradient flows anywhere
+    if (!grads[0].defined()) return variable_list(11);  // y unused: no gradient flows anywhere
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<bool> mask = needs(ctx, {true, true, true, true, ctx->saved_data["has_bias"].toBool()});
     const SavedGeometry g = load_geometry(ctx);
     const Grads5 out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], g.stride, g.padding, g.dilation,
                                g.groups, as_array<5>(mask), kept_activation(saved, 4));
-    return to_list(out, mask, 10);
+    return to_list(out, mask, 11);  // 10 arguments and the key set
   }
 };
 
@@ -290,7 +304,7 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
                                const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& e1,
                                const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, bool save_hd, bool train) {
+                               int64_t groups, bool save_hd, bool train, c10::DispatchKeySet below) {
     static const auto op = find_op<std::tuple<Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
         const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
@@ -302,13 +316,13 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
     at::AutoDispatchBelowADInplaceOrView guard;
     save_geometry(ctx, stride, padding, dilation, groups);
     if (!train) {
-      auto [y, hd] =
-          op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
+      auto [y, hd] = op.redispatch(below, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                   dilation, groups, save_hd);
       save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd);
       return {y, hd};
     }
-    auto [y, hd, h, hr] =
-        train_op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups, save_hd);
+    auto [y, hd, h, hr] = train_op.redispatch(below, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                                              padding, dilation, groups, save_hd);
     save_hyper(ctx, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, hd, {h, hr});
     return {y, hd, h, hr};
   }
@@ -319,14 +333,14 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
         const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
         at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
         "hyperkern::hyper_batch_ensemble_conv2d_backward");
-    if (!grads[0].defined()) return variable_list(17);  // y unused: no gradient flows anywhere
+    if (!grads[0].defined()) return variable_list(18);  // y unused: no gradient flows anywhere
     const HyperSaved h = load_hyper(ctx);
     const variable_list& t = h.t;
     const SavedGeometry g = load_geometry(ctx);
     const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], h.delta_bias, h.e2, t[10],
                                 g.stride, g.padding, g.dilation, g.groups, as_array<11>(h.mask), kept_activation(t, 11),
                                 kept_activation(t, 12));
-    return to_list(out, h.mask, 17);
+    return to_list(out, h.mask, 18);  // 17 arguments and the key set
   }
 };
 
@@ -351,16 +365,18 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_autograd(
   return {out[0], out[1]};
 }
 
-Tensor batch_ensemble_conv2d_autograd(const Tensor& x, const Tensor& weight, const Tensor& r, const Tensor& s,
-                                      const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups) {
+Tensor batch_ensemble_conv2d_autograd(c10::DispatchKeySet ks, const Tensor& x, const Tensor& weight, const Tensor& r,
+                                      const Tensor& s, const OptTensor& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const bool train = taking_grad({x, weight, r, s}, {bias});
-  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train)[0];
+  return BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, train,
+                                    below_autograd(ks))[0];
 }
 
 // The train op as an op of its own (e.g. under opcheck): with a gradient to take, the autograd function above
 // runs it and returns its y differentiable and its pre non-differentiable; otherwise the kernel below autograd.
-std::tuple<Tensor, Tensor> batch_ensemble_conv2d_train_autograd(const Tensor& x, const Tensor& weight, const Tensor& r,
+std::tuple<Tensor, Tensor> batch_ensemble_conv2d_train_autograd(c10::DispatchKeySet ks, const Tensor& x,
+                                                                const Tensor& weight, const Tensor& r,
                                                                 const Tensor& s, const OptTensor& bias,
                                                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                                                 at::IntArrayRef dilation, int64_t groups) {
@@ -370,25 +386,27 @@ std::tuple<Tensor, Tensor> batch_ensemble_conv2d_train_autograd(const Tensor& x,
                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>(
             "hyperkern::batch_ensemble_conv2d_train");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return train_op.call(x, weight, r, s, bias, stride, padding, dilation, groups);
+    return train_op.redispatch(below_autograd(ks), x, weight, r, s, bias, stride, padding, dilation, groups);
   }
-  const variable_list out = BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, true);
+  const variable_list out =
+      BatchEnsembleConv2d::apply(x, weight, r, s, bias, stride, padding, dilation, groups, true, below_autograd(ks));
   return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_autograd(
-    const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
+    c10::DispatchKeySet ks, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
     const Tensor& v, const Tensor& e1, const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
   const bool train = taking_grad({x, weight, delta, r, s, u, v, e1}, {bias, delta_bias, e2});
   const variable_list out = HyperBatchEnsembleConv2d::apply(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
-                                                            stride, padding, dilation, groups, save_hd, train);
+                                                            stride, padding, dilation, groups, save_hd, train,
+                                                            below_autograd(ks));
   return {out[0], out[1]};
 }
 
 // The hyper train op as an op of its own: (y, hd, h, hr), y differentiable, the kept tensors not.
 std::tuple<Tensor, Tensor, Tensor, Tensor> hyper_batch_ensemble_conv2d_train_autograd(
-    const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
+    c10::DispatchKeySet ks, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
     const Tensor& v, const Tensor& e1, const OptTensor& bias, const OptTensor& delta_bias, const OptTensor& e2,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
   if (!taking_grad({x, weight, delta, r, s, u, v, e1}, {bias, delta_bias, e2})) {
@@ -397,11 +415,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hyper_batch_ensemble_conv2d_train_aut
         const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
         at::IntArrayRef, int64_t, bool)>("hyperkern::hyper_batch_ensemble_conv2d_train");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return train_op.call(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups,
-                         save_hd);
+    return train_op.redispatch(below_autograd(ks), x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                               padding, dilation, groups, save_hd);
   }
   const variable_list out = HyperBatchEnsembleConv2d::apply(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2,
-                                                            stride, padding, dilation, groups, save_hd, true);
+                                                            stride, padding, dilation, groups, save_hd, true,
+                                                            below_autograd(ks));
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -1,21 +1,40 @@
 // The one-convolution scheme of the rank-1 ensemble conv2d ops: every convolution runs once over all
-// E*B images with the shared weight, and the members' fast weights become per-(member, channel) or
-// per-(image, channel) scaling passes around it. Host code only, over a primitive set P:
+// E*B images with the shared weight, and the members' fast weights (and the hyper op's per-image
+// factors) become scaling passes around it. Host code only, over a primitive set P:
 //
-//   P::scale_channels(in, f, add, aux, out, sum_in, sum_aux, B, channels_last)
-//     out[n, c, p] = in[n, c, p] * f[n / B, c] + add[n / B, c]  (f, add: (N / B, C); either may be undefined)
-//     sum_in[n, c] = sum_p in[n, c, p],  sum_aux[n, c] = sum_p in[n, c, p] * aux[n, c, p]  (opmath dtype)
-//   Every tensor but `in` may be undefined (not computed); out may be `in` itself (the sums read `in`
-//   before it is overwritten). Activations are contiguous in x's memory format. With B = 1, f and add
-//   are per image: that is how the hyper op's per-row factors v_k * e1[n] go through the same pass.
+//   P::empty(sizes, like, dtype, memory_format)
+//     an uninitialised tensor on like's device, allocated without a dispatcher call (as ATen's structured
+//     kernels allocate their outputs): every scratch buffer and output below comes from it, so the host
+//     cost of a layer is its convolutions plus these passes.
 //
-// csrc/cuda/rank1_conv.cu instantiates it with its fused CUDA kernel (the ops' CUDA kernels);
-// tests/one_conv_harness.cpp with ATen's elementwise ops on the CPU, so the host logic below (which
-// tensors, which masks, which sums) is tested against the float64 reference without a GPU.
+//   P::scale_channels(pass)   (Pass below: one pass over the activation pass.in, N images of C channels)
+//     out[n, c, p] = in[n, c, p] * scale[n, c] + shift[n, c]  (+ out[n, c, p] itself when accumulate)
+//     with the coefficients scale, shift (Coef) the product of a per-member factor member[n / B, c] and a
+//     per-image factor rows[n, c], either optional; and, for each requested Sum, one reduction of the
+//     per-image sums S[n, c] = sum_p in[n, c, p] (or sum_p in[n, c, p] * aux[n, c, p]):
+//       sum.out[j, c] = sum over the images n of group j of weight[n, c] * S[n, c]
+//     (group = B: per member; 1: per image; weight a Coef, optional), accumulated in in's opmath type and
+//     written once in sum.out's dtype (in's, or its opmath type). The caller gets every gradient in its
+//     final shape and dtype from the pass: no view / sum / cast afterwards.
+//   out may be undefined (sums only) or `in` itself (the sums read `in` before it is overwritten; not with
+//   accumulate). Activations are contiguous in x's memory format, sums contiguous; a coefficient's
+//   factors have unit stride along channels and any row stride (P reads stride(0)).
+//   The hyper op's uses: per-member factors (r_k, s_k, ...) and per-image ones (v_k * e1[n], the scale of
+//   its delta branch; delta_bias_k * e2[n]); sums per member (ds, dr, db, dv = sum e1 * S, ...) and per
+//   image (de1 = v_k * S, de2 = delta_bias_k * S).
+//
+// csrc/cuda/rank1_conv.cu instantiates it with its fused CUDA kernels (the ops' CUDA kernels: the pass
+// writes (N, C) opmath per-image sums into a scratch buffer from P::empty and one small reduction kernel
+// per Sum makes it, deterministically: one thread per output, images in order); csrc/cpu/rank1_conv.cpp
+// with its CPU pass (the CPU ops where they run this scheme; the same scratch and reduction, on the
+// host); tests/harness/one_conv_harness.cpp with ATen's ops on the CPU, the specification of both, so
+// the host logic below (which tensors, which masks, which sums) is tested against the float64 reference
+// without a GPU.
 #pragma once
 #include "rank1_conv.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/util/SmallVector.h>
 
 #include <array>
 #include <optional>
@@ -26,9 +45,40 @@ namespace hyperkern {
 namespace rank1_conv {
 namespace one_conv {
 
+// A per-(image, channel) coefficient c[n, ch] = member[n / B, ch] * rows[n, ch]. Either factor may be
+// undefined (1); with both undefined the coefficient is absent (scale: 1, shift: 0, weight: 1).
+struct Coef {
+  at::Tensor member;  // (N / B, C), unit stride along C (unit_inner)
+  at::Tensor rows;    // (N, C), unit stride along C (e1, e2 may be column slices of one embedding)
+  bool defined() const { return member.defined() || rows.defined(); }
+};
+
+// One reduction of a pass's per-image sums (see P::scale_channels above).
+struct Sum {
+  at::Tensor out;  // (N / group, C), contiguous, in's dtype or its opmath type
+  bool of_aux;     // S = sum_p in * aux (else sum_p in)
+  int64_t group;   // images per row of out: B (per member) or 1 (per image)
+  Coef weight;
+};
+
+struct Pass {
+  at::Tensor in;   // (N, C, H, W)
+  at::Tensor aux;  // like in; needed by the sums of_aux
+  at::Tensor out;  // like in, or in itself, or undefined
+  Coef scale, shift;
+  bool accumulate = false;  // out += in * scale + shift
+  c10::SmallVector<Sum, 4> sums;
+  int64_t B;  // images per member (the Coefs' member factors)
+  bool channels_last;
+};
+
 using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Host work counts on small layers (each ATen call is a dispatch, and on CUDA often a launch): outside the
+// convolutions no ATen call at all on the usual paths; the buffers come from P::empty, the gradients of the
+// fast weights, biases and per-image factors from the passes' sums.
 
 // conv(in, weight) over all images at once (cuDNN / oneDNN through ATen), in `fmt`.
 inline at::Tensor conv_all(const at::Tensor& in, const at::Tensor& weight, const Geometry& geo, at::MemoryFormat fmt) {
@@ -37,60 +87,73 @@ inline at::Tensor conv_all(const at::Tensor& in, const at::Tensor& weight, const
       .contiguous(fmt);
 }
 
-// Host work counts on small layers (each ATen call is a dispatch, and on CUDA often a launch): no cast
-// that would not change the dtype, no per-image copies of per-member rows (a broadcast over each
-// member's B rows instead), one empty tensor for all the gradients a backward is not asked for.
-
-// (N, C) opmath per-image sums -> (E, C) per-member sums in dtype.
-inline at::Tensor member_sums(const at::Tensor& per_image, const Dims& d, at::ScalarType dtype) {
-  const at::Tensor sums = per_image.view({d.E, d.B, per_image.size(1)}).sum(1);
-  return sums.scalar_type() == dtype ? sums : sums.to(dtype);
-}
-
-// (N, C) per-image rows times (E, C) per-member values, row n by member n / B's (one broadcasting
-// multiply; the result has the promoted dtype of the two, contiguous).
-inline at::Tensor rows_times_members(const at::Tensor& rows, const at::Tensor& per_member, const Dims& d) {
-  return (rows.view({d.E, d.B, rows.size(1)}) * per_member.unsqueeze(1)).view({d.N, rows.size(1)});
-}
-
-inline at::Tensor opmath_rows(const Dims& d, int64_t C, const at::Tensor& x) {
-  return at::empty({d.N, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
-// The output-scale pass of a conv backward, one pass over g: gs = g * s_k (when need_gs), the (N, O)
-// opmath per-image sums sum_p g (when need_sum; bias gradients) and ds_k = sum g * act (when need_s,
-// act the unscaled output: kept by the forward or recomputed).
+// An activation-sized buffer like x (dtype, device) in `fmt`.
 template <class P>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> output_scale_backward(const at::Tensor& g, const at::Tensor& s,
-                                                                     const at::Tensor& act, const Dims& d, bool need_gs,
-                                                                     bool need_sum, bool need_s, bool channels_last) {
-  const at::Tensor g_sum = need_sum ? opmath_rows(d, d.O, g) : at::Tensor();
-  const at::Tensor g_act = need_s ? opmath_rows(d, d.O, g) : at::Tensor();
-  const at::Tensor gs = need_gs ? at::empty_like(g) : at::Tensor();
-  if (need_gs || need_sum || need_s) {
-    P::scale_channels(g, s.contiguous(), std::nullopt, act, gs, g_sum, g_act, d.B, channels_last);
-  }
-  return {gs, g_sum, need_s ? member_sums(g_act, d, g.scalar_type()) : at::Tensor()};  // ds: only when need_s
+at::Tensor activation(at::IntArrayRef sizes, const at::Tensor& x, at::MemoryFormat fmt) {
+  return P::empty(sizes, x, x.scalar_type(), fmt);
 }
 
-// in * f_k, one pass (B rows per member).
+// A (rows, C) buffer in x's dtype: a Sum's output.
 template <class P>
-at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, int64_t B, at::MemoryFormat fmt) {
-  at::Tensor out = empty_like_format(in.sizes(), in, fmt);
-  P::scale_channels(in, f.contiguous(), std::nullopt, at::Tensor(), out, at::Tensor(), at::Tensor(), B,
-                    fmt == at::MemoryFormat::ChannelsLast);
-  return out;
+at::Tensor rows_of(int64_t rows, int64_t C, const at::Tensor& x) {
+  return P::empty({rows, C}, x, x.scalar_type(), at::MemoryFormat::Contiguous);
+}
+
+// fill_unused (rank1_conv.h) with P::empty: the (0,)-shaped outputs an op is not asked for.
+template <class P, class... T>
+void fill_unused_p(const at::Tensor& x, T&... outputs) {
+  ((outputs = outputs.defined() ? outputs : P::empty({0}, x, x.scalar_type(), at::MemoryFormat::Contiguous)), ...);
+}
+
+// t itself when its channels (dim 1) have unit stride, else a contiguous copy: what a Coef factor takes.
+inline at::Tensor unit_inner(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+inline at::Tensor unit_inner_or_undefined(const std::optional<at::Tensor>& t) {
+  return defined(t) ? unit_inner(*t) : at::Tensor();
+}
+
+// A Sum per member ((E, C), group B) or per image ((N, C), group 1) in x's dtype.
+template <class P>
+Sum per_member(const at::Tensor& x, const Dims& d, int64_t C, bool of_aux, Coef weight = {}) {
+  return {rows_of<P>(d.E, C, x), of_aux, d.B, std::move(weight)};
+}
+template <class P>
+Sum per_image(const at::Tensor& x, const Dims& d, int64_t C, bool of_aux, Coef weight = {}) {
+  return {rows_of<P>(d.N, C, x), of_aux, 1, std::move(weight)};
+}
+
+// Adds a sum to the pass and returns its output.
+inline at::Tensor add_sum(Pass& pass, Sum sum) {
+  pass.sums.push_back(std::move(sum));
+  return pass.sums.back().out;
+}
+
+// Runs the pass unless it has nothing to write.
+template <class P>
+void run(const Pass& pass) {
+  if (pass.out.defined() || !pass.sums.empty()) P::scale_channels(pass);
+}
+
+// in * f_k, one pass, into a new buffer in `fmt`.
+template <class P>
+at::Tensor scaled(const at::Tensor& in, const at::Tensor& f, const Dims& d, at::MemoryFormat fmt) {
+  const Pass pass{.in = in, .out = activation<P>(in.sizes(), in, fmt), .scale = {unit_inner(f)}, .B = d.B,
+                  .channels_last = fmt == at::MemoryFormat::ChannelsLast};
+  P::scale_channels(pass);
+  return pass.out;
 }
 
 // The input side of one branch y_branch = conv(x * f_k, weight): from gout = dL/dy_branch, one
 // convolution backward at input xf = x * f_k (needed only for dW; xc stands in for its shape otherwise)
-// gives dW and dxf; one pass turns dxf into dx_branch = dxf * f_k in place and sums dxf * x for df_k.
+// gives dW and dxf; one pass turns dxf into dx_branch = dxf * f_k (in place, or added into `into` when
+// that is defined: the hyper op's second branch) and sums dxf * x for df_k.
 // Returns (dx_branch, dW, df): each undefined where not needed.
 template <class P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_backward(const at::Tensor& gout, const at::Tensor& xc,
                                                                const at::Tensor& xf, const at::Tensor& weight,
                                                                const at::Tensor& f, const Geometry& geo,
-                                                               const Dims& d, bool need_x, bool need_w, bool need_f) {
+                                                               const Dims& d, bool need_x, bool need_w, bool need_f,
+                                                               const at::Tensor& into) {
   const at::MemoryFormat fmt = activation_format(xc);
   at::Tensor dx_branch, dw, df;
   if (!(need_x || need_w || need_f)) return {dx_branch, dw, df};
@@ -100,12 +163,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_backward(const at::Tensor&
   if (need_w) dw = gw.contiguous();
   if (need_x || need_f) {
     const at::Tensor dxf = gi.contiguous(fmt);
-    const at::Tensor sums = need_f ? opmath_rows(d, d.C, xc) : at::Tensor();
-    // in place, with the sums read before each element is overwritten
-    P::scale_channels(dxf, f.contiguous(), std::nullopt, need_f ? xc : at::Tensor(), need_x ? dxf : at::Tensor(),
-                      at::Tensor(), sums, d.B, fmt == at::MemoryFormat::ChannelsLast);
-    if (need_x) dx_branch = dxf;
-    if (need_f) df = member_sums(sums, d, xc.scalar_type());
+    const bool accumulate = need_x && into.defined();
+    Pass pass{.in = dxf,
+              .aux = need_f ? xc : at::Tensor(),
+              .out = need_x ? (accumulate ? into : dxf) : at::Tensor(),  // in place: the sums read dxf first
+              .scale = {unit_inner(f)},
+              .accumulate = accumulate,
+              .B = d.B,
+              .channels_last = fmt == at::MemoryFormat::ChannelsLast};
+    if (need_f) df = add_sum(pass, per_member<P>(xc, d, d.C, true));
+    P::scale_channels(pass);
+    if (need_x) dx_branch = pass.out;
   }
   return {dx_branch, dw, df};
 }
@@ -122,16 +190,23 @@ std::tuple<at::Tensor, at::Tensor> batch_forward(const at::Tensor& x, const at::
     return {empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt),
             keep_pre ? empty_like_format({d.N, d.O, d.Ho, d.Wo}, x, fmt) : at::empty({0}, x.options())};
   }
-  const at::Tensor pre = conv_all(scaled<P>(x.contiguous(fmt), r, d.B, fmt), weight, geo, fmt);
-  at::Tensor y = keep_pre ? at::empty_like(pre) : pre;
-  P::scale_channels(pre, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
-                    fmt == at::MemoryFormat::ChannelsLast);
-  if (keep_pre) return {y, pre};
-  return {y, at::empty({0}, x.options())};
+  const at::Tensor pre = conv_all(scaled<P>(x.contiguous(fmt), r, d, fmt), weight, geo, fmt);
+  const Pass pass{.in = pre,
+                  .out = keep_pre ? activation<P>(pre.sizes(), x, fmt) : pre,
+                  .scale = {unit_inner(s)},
+                  .shift = {unit_inner_or_undefined(bias)},
+                  .B = d.B,
+                  .channels_last = fmt == at::MemoryFormat::ChannelsLast};
+  P::scale_channels(pass);
+  if (keep_pre) return {pass.out, pre};
+  at::Tensor none;
+  fill_unused_p<P>(x, none);
+  return {pass.out, none};
 }
 
-// With gc = g * s_k: db_k = sum g, ds_k = sum g * pre, (dxr, dW) = conv backward of gc at input xr (one
-// call over all images), dx = dxr * r_k, dr_k = sum dxr * x (sums over member k's images and positions).
+// With gc = g * s_k: db_k = sum g, ds_k = sum g * pre (one pass over g), (dxr, dW) = conv backward of gc at
+// input xr (one call over all images), dx = dxr * r_k, dr_k = sum dxr * x (one pass over dxr; the sums run
+// over member k's images and positions).
 // pre absent (undefined or not 4-D): recomputed (one more convolution) when ds is needed.
 template <class P>
 Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
@@ -141,9 +216,8 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
              need_b = output_mask[4];
   const bool need_conv = need_x || need_w || need_r;
   const at::MemoryFormat fmt = activation_format(x);
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto opts = x.options();
-  at::Tensor dx, dw, dr, ds, db;  // undefined until computed; fill_unused makes the others empty
+  at::Tensor dx, dw, dr, ds, db;  // undefined until computed; fill_unused_p makes the others empty
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
@@ -156,14 +230,21 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const bool have_pre = is_kept(pre);
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
   at::Tensor xr;
-  if (need_w || (need_s && !have_pre)) xr = scaled<P>(xc, r, d.B, fmt);
-  at::Tensor pre_used;
-  if (need_s) pre_used = have_pre ? pre->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
-  const auto [gc, g_sum, ds_k] = output_scale_backward<P>(g, s, pre_used, d, need_conv, need_b, need_s, channels_last);
-  if (need_s) ds = ds_k;
-  if (need_b) db = member_sums(g_sum, d, x.scalar_type());
-  std::tie(dx, dw, dr) = branch_backward<P>(gc, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
-  fill_unused(opts, dx, dw, dr, ds, db);
+  if (need_w || (need_s && !have_pre)) xr = scaled<P>(xc, r, d, fmt);
+  // the output-scale pass over g: gc = g * s_k (the convolution backward's input), ds_k, db_k
+  Pass pass{.in = g,
+            .out = need_conv ? activation<P>(g.sizes(), x, fmt) : at::Tensor(),
+            .scale = {unit_inner(s)},
+            .B = d.B,
+            .channels_last = fmt == at::MemoryFormat::ChannelsLast};
+  if (need_s) {
+    pass.aux = have_pre ? pre->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
+    ds = add_sum(pass, per_member<P>(x, d, d.O, true));
+  }
+  if (need_b) db = add_sum(pass, per_member<P>(x, d, d.O, false));
+  run<P>(pass);
+  std::tie(dx, dw, dr) = branch_backward<P>(pass.out, xc, xr, weight, r, geo, d, need_x, need_w, need_r, at::Tensor());
+  fill_unused_p<P>(x, dx, dw, dr, ds, db);
   return {dx, dw, dr, ds, db};
 }
 
@@ -172,8 +253,8 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 // documented hd = v_k * hr).
 
 // (y, hd, h, hr): hd = v_k * hr when save_hd (the op's documented output), else empty; h and hr when
-// keep_branches (what the backward reads), else empty. y = h * s_k + bias_k in one pass (per member),
-// then y += hr * (e1 * v_k) (per image) and, with delta_bias, y += delta_bias_k * e2.
+// keep_branches (what the backward reads), else empty. Two passes: y = h * s_k + bias_k (per member), then
+// y += hr * (v_k * e1) + delta_bias_k * e2 (per image).
 template <class P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
@@ -191,25 +272,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_forward(
     return {y, hd, h, hr};
   }
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor h = conv_all(scaled<P>(xc, r, d.B, fmt), weight, geo, fmt);
-  const at::Tensor hr = conv_all(scaled<P>(xc, u, d.B, fmt), delta, geo, fmt);
-  at::Tensor y = at::empty_like(h);
-  P::scale_channels(h, s.contiguous(), contiguous_opt(bias), at::Tensor(), y, at::Tensor(), at::Tensor(), d.B,
-                    channels_last);
-  y.addcmul_(hr, rows_times_members(e1, v, d).view({d.N, d.O, 1, 1}));
-  if (defined(delta_bias)) y.add_(rows_times_members(*e2, *delta_bias, d).view({d.N, d.O, 1, 1}));
+  const at::Tensor h = conv_all(scaled<P>(xc, r, d, fmt), weight, geo, fmt);
+  const at::Tensor hr = conv_all(scaled<P>(xc, u, d, fmt), delta, geo, fmt);
+  const Pass shared{.in = h,
+                    .out = activation<P>(h.sizes(), x, fmt),
+                    .scale = {unit_inner(s)},
+                    .shift = {unit_inner_or_undefined(bias)},
+                    .B = d.B,
+                    .channels_last = channels_last};
+  P::scale_channels(shared);
+  const Pass per_image_terms{.in = hr,
+                             .out = shared.out,
+                             .scale = {unit_inner(v), unit_inner(e1)},
+                             .shift = {unit_inner_or_undefined(delta_bias), unit_inner_or_undefined(e2)},
+                             .accumulate = true,
+                             .B = d.B,
+                             .channels_last = channels_last};
+  P::scale_channels(per_image_terms);
   at::Tensor hd, h_kept, hr_kept;
-  if (save_hd) hd = scaled<P>(hr, v, d.B, fmt);
+  if (save_hd) hd = scaled<P>(hr, v, d, fmt);
   if (keep_branches) h_kept = h, hr_kept = hr;
-  fill_unused(x.options(), hd, h_kept, hr_kept);
-  return {y, hd, h_kept, hr_kept};
+  fill_unused_p<P>(x, hd, h_kept, hr_kept);
+  return {shared.out, hd, h_kept, hr_kept};
 }
 
 // Gradients for (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2) where output_mask says so, from
-// the forward's h and hr (absent: recomputed where needed, one convolution each). With gh = g * s_k and
-// gd = g * e1 * v_k: ds_k = sum g * h, de1 = v_k * sum_p g * hr, dv_k = sum e1 * (sum_p g * hr), the bias
-// gradients from sum_p g, then one convolution backward per branch and dx = dxr * r_k + dxu * u_k with
-// dr_k = sum dxr * x and du_k = sum dxu * x.
+// the forward's h and hr (absent: recomputed where needed, one convolution each). One pass over g for each
+// branch: gh = g * s_k with ds_k = sum g * h and the bias gradients (db_k = sum g, ddelta_bias_k = sum e2 * g,
+// de2 = delta_bias_k * sum_p g); gd = g * (v_k * e1) with de1 = v_k * sum_p g * hr and
+// dv_k = sum e1 * (sum_p g * hr). Then one convolution backward per branch and dx = dxr * r_k + dxu * u_k
+// (the second branch's pass adds into the first's) with dr_k = sum dxr * x and du_k = sum dxu * x.
 template <class P>
 Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s, const at::Tensor& u,
@@ -223,12 +315,11 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
   const bool has_db = defined(delta_bias);
   const bool need_db = output_mask[9] && has_db, need_e2 = output_mask[10] && has_db;
   const bool need_h_conv = need_x || need_w || need_r, need_d_conv = need_x || need_delta || need_u;
-  const bool need_g_sum = need_b || need_db || need_e2, need_g_hr = need_e1 || need_v;
+  const bool need_g_hr = need_e1 || need_v;
   const at::MemoryFormat fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto opts = x.options();
-  const at::ScalarType dtype = x.scalar_type();
-  at::Tensor dx, dw, ddelta, dr, ds, du, dv, de1;  // undefined until computed; fill_unused makes the others empty
+  at::Tensor dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2;  // undefined until computed (fill_unused_p)
   if (d.N == 0) {  // no images: every gradient is zero
     if (need_x) dx = empty_like_format(x.sizes(), x, fmt);
     if (need_w) dw = at::zeros(weight.sizes(), opts);
@@ -238,43 +329,50 @@ Grads11 hyper_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::
     if (need_u) du = at::zeros({d.E, d.C}, opts);
     if (need_v) dv = at::zeros({d.E, d.O}, opts);
     if (need_e1) de1 = at::zeros({d.N, d.O}, opts);
-    auto [db, ddb, de2] = hyper_bias_grads(at::zeros({0, d.O}, opts), delta_bias, e2, d, need_b, need_db, need_e2,
-                                           dtype);
+    std::tie(db, ddb, de2) = hyper_bias_grads(at::zeros({0, d.O}, opts), delta_bias, e2, d, need_b, need_db, need_e2,
+                                              x.scalar_type());
     fill_unused(opts, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
     return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
   }
   const at::Tensor xc = x.contiguous(fmt), g = grad_y.contiguous(fmt);
   const bool have_h = is_kept(h_saved), have_hr = is_kept(hr_saved);
   at::Tensor xr, xu;
-  if (need_w || (need_s && !have_h)) xr = scaled<P>(xc, r, d.B, fmt);
-  if (need_delta || (need_g_hr && !have_hr)) xu = scaled<P>(xc, u, d.B, fmt);
-  at::Tensor h, hr;
-  if (need_s) h = have_h ? h_saved->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
-  if (need_g_hr) hr = have_hr ? hr_saved->contiguous(fmt) : conv_all(xu, delta, geo, fmt);
+  if (need_w || (need_s && !have_h)) xr = scaled<P>(xc, r, d, fmt);
+  if (need_delta || (need_g_hr && !have_hr)) xu = scaled<P>(xc, u, d, fmt);
 
-  // the s branch: gh = g * s_k, sum_p g (bias gradients), sum_p g * h (ds)
-  const auto [gh, g_sum, ds_k] = output_scale_backward<P>(g, s, h, d, need_h_conv, need_g_sum, need_s, channels_last);
-  if (need_s) ds = ds_k;
-  // the delta branch, per image: gd = g * (e1 * v_k), sum_p g * hr (de1, dv)
-  const at::Tensor g_hr = need_g_hr ? opmath_rows(d, d.O, x) : at::Tensor();
-  const at::Tensor gd = need_d_conv ? at::empty_like(g) : at::Tensor();
-  if (need_d_conv || need_g_hr) {
-    P::scale_channels(g, rows_times_members(e1, v, d), std::nullopt, hr, gd, at::Tensor(), g_hr, 1, channels_last);
+  // the s branch: gh = g * s_k; ds from sum_p g * h, the bias gradients from sum_p g
+  Pass s_pass{.in = g,
+              .out = need_h_conv ? activation<P>(g.sizes(), x, fmt) : at::Tensor(),
+              .scale = {unit_inner(s)},
+              .B = d.B,
+              .channels_last = channels_last};
+  if (need_s) {
+    s_pass.aux = have_h ? h_saved->contiguous(fmt) : conv_all(xr, weight, geo, fmt);
+    ds = add_sum(s_pass, per_member<P>(x, d, d.O, true));
   }
-  if (need_e1) {  // g_hr (op-math) * v_k promotes to op-math
-    const at::Tensor rows = rows_times_members(g_hr, v, d);
-    de1 = rows.scalar_type() == dtype ? rows : rows.to(dtype);
+  if (need_b) db = add_sum(s_pass, per_member<P>(x, d, d.O, false));
+  if (need_db) ddb = add_sum(s_pass, per_member<P>(x, d, d.O, false, {at::Tensor(), unit_inner(*e2)}));
+  if (need_e2) de2 = add_sum(s_pass, per_image<P>(x, d, d.O, false, {unit_inner(*delta_bias)}));
+  run<P>(s_pass);
+  // the delta branch, per image: gd = g * (v_k * e1); de1 and dv from sum_p g * hr
+  Pass d_pass{.in = g,
+              .out = need_d_conv ? activation<P>(g.sizes(), x, fmt) : at::Tensor(),
+              .scale = {unit_inner(v), unit_inner(e1)},
+              .B = d.B,
+              .channels_last = channels_last};
+  if (need_g_hr) {
+    d_pass.aux = have_hr ? hr_saved->contiguous(fmt) : conv_all(xu, delta, geo, fmt);
+    if (need_e1) de1 = add_sum(d_pass, per_image<P>(x, d, d.O, true, {unit_inner(v)}));
+    if (need_v) dv = add_sum(d_pass, per_member<P>(x, d, d.O, true, {at::Tensor(), unit_inner(e1)}));
   }
-  if (need_v) dv = member_sums(g_hr * e1, d, dtype);
-  at::Tensor db, ddb, de2;
-  if (need_g_sum) std::tie(db, ddb, de2) = hyper_bias_grads(g_sum, delta_bias, e2, d, need_b, need_db, need_e2, dtype);
+  run<P>(d_pass);
 
-  // one convolution backward per branch; dx is the sum of the branches' input sides
-  at::Tensor dxr, dxu;
-  std::tie(dxr, dw, dr) = branch_backward<P>(gh, xc, xr, weight, r, geo, d, need_x, need_w, need_r);
-  std::tie(dxu, ddelta, du) = branch_backward<P>(gd, xc, xu, delta, u, geo, d, need_x, need_delta, need_u);
-  if (need_x) dx = dxr.add_(dxu);
-  fill_unused(opts, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
+  // one convolution backward per branch; the second branch's input side adds into the first's (dx)
+  at::Tensor dxr;
+  std::tie(dxr, dw, dr) = branch_backward<P>(s_pass.out, xc, xr, weight, r, geo, d, need_x, need_w, need_r,
+                                             at::Tensor());
+  std::tie(dx, ddelta, du) = branch_backward<P>(d_pass.out, xc, xu, delta, u, geo, d, need_x, need_delta, need_u, dxr);
+  fill_unused_p<P>(x, dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2);
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }
 

@@ -274,6 +274,12 @@ def test_operator_counts_of_a_train_step():
     assert set(counts) == {"plain", "batch", "hyper_batch"}
     plain = counts["plain"]
     assert plain["total"] > plain["top"] > 0 and plain["allocations"] > 0 and plain["x_plain"] == 1.0
+    # real allocations (the profiler's memory events), whether an operator or a kernel made them
+    assert all(c["allocator_calls"] > 0 for c in counts.values())
+    table = models.format_operator_counts(counts).splitlines()
+    assert "allocator calls" in table[0]
+    batch_row = next(line for line in table if line.startswith("| batch |"))
+    assert f"| {counts['batch']['allocator_calls']} |" in batch_row
     n_conv = plain["convolutions"]
     assert n_conv == plain["convolution_backward"] > 0  # ResNet-8: 7 convolutions + 2 shortcuts... all 3x3/1x1
     for name in ("batch", "hyper_batch"):

@@ -140,3 +140,47 @@ def test_zero_images(harness):
     got = harness.hyper_backward(torch.zeros(0, 4, 5, 5), *args[:8], args[9], args[10], None, None, *raw, [True] * 11)
     for i, t in enumerate(got):
         assert torch.count_nonzero(t) == 0, i
+
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.bfloat16, False)], ids=["f32-nchw", "f32-cl", "bf16-nchw"])
+def test_cpu_pass_matches_its_specification(harness, monkeypatch, dtype, channels_last):
+    """The CPU ops' primitives (csrc/cpu/rank1_conv.cpp: the pass, its per-member and per-image sums
+    written in the input's dtype, the accumulating pass) against their specification (the harness's
+    ATen ops), through the same host code, and both against the float64 reference: the hyper op with
+    e1 and e2 column slices of one embedding output (coefficients with a row stride), bias, every
+    gradient; and the batch op. (bfloat16 channels-last is left out: the CPU convolution's own bug,
+    which hyperkern.ops guards; test_ops_edge_cases.py.)"""
+    monkeypatch.setenv("HYPERKERN_CPU_CONV", "one_conv")
+    E, B, C, O = 3, 2, 4, 6
+    hw, raw = (5, 6), ([1, 1], [1, 1], [1, 1], 1)
+    args, geo, _, g, y_ref, want = _case(E, B, C, O, 1, (1, 1), (1, 1), (1, 1), hw, dtype, channels_last, hyper=True)
+    embedding = torch.cat([args[7], args[10]], 1)  # (N, 2 O) in dtype: e1, e2 its column slices
+    args[7], args[10] = embedding[:, :O], embedding[:, O:]
+    assert not args[7].is_contiguous()
+    tol = TOLERANCE[dtype]
+    g = g.to(dtype)
+    y, _, h, hr = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_train(*args, *raw, False)
+    y_spec, _, h_spec, hr_spec = harness.hyper_forward(*args, *raw, False, True)
+    for got, spec, what in ((y, y_spec, "y"), (h, h_spec, "h"), (hr, hr_spec, "hr")):
+        _close(got, spec.double(), dtype, f"{what} vs the harness")
+    _close(y, y_ref, dtype, "y")
+    mask = [True] * 11
+    got = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_backward(g, *args[:8], args[9], args[10],
+                                                                   torch.empty(0, dtype=dtype), *raw, mask, h, hr)
+    spec = harness.hyper_backward(g, *args[:8], args[9], args[10], h, hr, *raw, mask)
+    for i, (a, b, w) in enumerate(zip(got, spec, want)):
+        assert a.dtype == dtype and a.shape == b.shape, i
+        assert_scaled_close(a, b, tol, f"grad {i} vs the harness")
+        assert_scaled_close(a, w, tol, f"grad {i} vs the reference")
+
+    args, geo, _, g, y_ref, want = _case(E, B, C, O, 1, (1, 1), (1, 1), (1, 1), hw, dtype, channels_last, hyper=False)
+    g = g.to(dtype)
+    y, pre = torch.ops.hyperkern.batch_ensemble_conv2d_train(*args, *raw)
+    _close(y, y_ref, dtype, "batch y")
+    got = torch.ops.hyperkern.batch_ensemble_conv2d_backward(g, *args[:4], *raw, [True] * 5, pre)
+    spec = harness.batch_backward(g, *args[:4], pre, *raw, [True] * 5)
+    for i, (a, b, w) in enumerate(zip(got, spec, want)):
+        assert a.dtype == dtype, i
+        assert_scaled_close(a, b, tol, f"batch grad {i} vs the harness")
+        assert_scaled_close(a, w, tol, f"batch grad {i} vs the reference")

@@ -28,6 +28,7 @@
 #include "../rank1_conv.h"
 #include "cpu_util.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -53,29 +54,51 @@ using cpu::narrow_to;
 using cpu::widen;
 
 
+// A coefficient of the pass (one_conv::Coef): c[n, ch] = member[(n / B) * member_stride + ch] *
+// rows[n * rows_stride + ch], either factor optional; `none` when both are absent.
+template <typename T>
+struct CoefPtr {
+  const T* member = nullptr;
+  const T* rows = nullptr;
+  int64_t member_stride = 0, rows_stride = 0;
+
+  explicit CoefPtr(const one_conv::Coef& c) {
+    if (c.member.defined()) member = c.member.const_data_ptr<T>(), member_stride = c.member.stride(0);
+    if (c.rows.defined()) rows = c.rows.const_data_ptr<T>(), rows_stride = c.rows.stride(0);
+  }
+
+  HYPERKERN_INLINE at::opmath_type<T> at(int64_t n, int64_t c, int64_t B, at::opmath_type<T> none) const {
+    if (member != nullptr && rows != nullptr) {
+      return widen(member[(n / B) * member_stride + c]) * widen(rows[n * rows_stride + c]);
+    }
+    if (member != nullptr) return widen(member[(n / B) * member_stride + c]);
+    if (rows != nullptr) return widen(rows[n * rows_stride + c]);
+    return none;
+  }
+};
+
 template <typename T>
 struct ScaleArgs {
   const T* in;
-  const T* f;    // (N / B, C) or null (1)
-  const T* add;  // (N / B, C) or null (0)
   const T* aux;  // like in, or null (no sum_aux)
   T* out;        // like in (may be in itself), or null
-  at::opmath_type<T>* sum_in;
-  at::opmath_type<T>* sum_aux;
+  CoefPtr<T> scale, shift;
+  at::opmath_type<T>* sum_in;   // (N, C) per-image sums, or null
+  at::opmath_type<T>* sum_aux;  // (N, C) per-image sums of in * aux, or null
   int64_t C, P, B;
   bool channels_last;
 };
 
 // NCHW: rows [r0, r1) of (n, c), each P contiguous positions; kLanes independent partial sums per row
 // so that the reduction vectorises. Every element is loaded before it is stored (out may be in).
-template <typename T, bool kOut, bool kAux>
+template <typename T, bool kOut, bool kAcc, bool kAux>
 HYPERKERN_INLINE void scale_rows_nchw(const ScaleArgs<T>& a, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<T>;
   constexpr int kLanes = 16;
   for (int64_t row = r0; row < r1; ++row) {
-    const int64_t kc = (row / a.C / a.B) * a.C + row % a.C;
-    const acc_t scale = a.f != nullptr ? widen(a.f[kc]) : acc_t(1);
-    const acc_t shift = a.add != nullptr ? widen(a.add[kc]) : acc_t(0);
+    const int64_t n = row / a.C, c = row % a.C;
+    const acc_t scale = a.scale.at(n, c, a.B, acc_t(1));
+    const acc_t shift = a.shift.at(n, c, a.B, acc_t(0));
     const T* in = a.in + row * a.P;
     const T* aux = kAux ? a.aux + row * a.P : nullptr;
     T* out = kOut ? a.out + row * a.P : nullptr;
@@ -89,14 +112,20 @@ HYPERKERN_INLINE void scale_rows_nchw(const ScaleArgs<T>& a, int64_t r0, int64_t
         for (int j = 0; j < kLanes; ++j) sa[j] += v[j] * widen(aux[p + j]);
       }
       if constexpr (kOut) {
-        for (int j = 0; j < kLanes; ++j) out[p + j] = narrow_to<T>(v[j] * scale + shift);
+        for (int j = 0; j < kLanes; ++j) {
+          const acc_t o = v[j] * scale + shift;
+          out[p + j] = narrow_to<T>(kAcc ? o + widen(out[p + j]) : o);
+        }
       }
     }
     for (int j = 0; p < a.P; ++p, ++j) {
       const acc_t v = widen(in[p]);
       s[j] += v;
       if constexpr (kAux) sa[j] += v * widen(aux[p]);
-      if constexpr (kOut) out[p] = narrow_to<T>(v * scale + shift);
+      if constexpr (kOut) {
+        const acc_t o = v * scale + shift;
+        out[p] = narrow_to<T>(kAcc ? o + widen(out[p]) : o);
+      }
     }
     acc_t total = 0, total_aux = 0;
     for (int j = 0; j < kLanes; ++j) {
@@ -110,7 +139,7 @@ HYPERKERN_INLINE void scale_rows_nchw(const ScaleArgs<T>& a, int64_t r0, int64_t
 
 // Channels-last: images [n0, n1), each P positions of C contiguous channels; the per-channel sums
 // accumulate across positions (vectorised over channels).
-template <typename T, bool kOut, bool kAux>
+template <typename T, bool kOut, bool kAcc, bool kAux>
 HYPERKERN_INLINE void scale_images_nhwc(const ScaleArgs<T>& a, int64_t n0, int64_t n1) {
   using acc_t = at::opmath_type<T>;
   const int64_t C = a.C;
@@ -120,10 +149,9 @@ HYPERKERN_INLINE void scale_images_nhwc(const ScaleArgs<T>& a, int64_t n0, int64
   acc_t* s = shift + C;
   acc_t* sa = s + C;
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t k0 = (n / a.B) * C;
     for (int64_t c = 0; c < C; ++c) {
-      scale[c] = a.f != nullptr ? widen(a.f[k0 + c]) : acc_t(1);
-      shift[c] = a.add != nullptr ? widen(a.add[k0 + c]) : acc_t(0);
+      scale[c] = a.scale.at(n, c, a.B, acc_t(1));
+      shift[c] = a.shift.at(n, c, a.B, acc_t(0));
       s[c] = 0;
       sa[c] = 0;
     }
@@ -136,7 +164,10 @@ HYPERKERN_INLINE void scale_images_nhwc(const ScaleArgs<T>& a, int64_t n0, int64
         const acc_t v = widen(in[c]);
         s[c] += v;
         if constexpr (kAux) sa[c] += v * widen(aux[c]);
-        if constexpr (kOut) out[c] = narrow_to<T>(v * scale[c] + shift[c]);
+        if constexpr (kOut) {
+          const acc_t o = v * scale[c] + shift[c];
+          out[c] = narrow_to<T>(kAcc ? o + widen(out[c]) : o);
+        }
       }
     }
     if (a.sum_in != nullptr) std::copy(s, s + C, a.sum_in + n * C);
@@ -145,66 +176,113 @@ HYPERKERN_INLINE void scale_images_nhwc(const ScaleArgs<T>& a, int64_t n0, int64
 }
 
 // Units [i0, i1): (n, c) rows for NCHW, images for channels-last.
-template <typename T>
-HYPERKERN_INLINE void scale_channels_body(const ScaleArgs<T>& a, int64_t i0, int64_t i1) {
-  const bool out = a.out != nullptr, aux = a.aux != nullptr;
+template <typename T, bool kOut, bool kAcc, bool kAux>
+HYPERKERN_INLINE void scale_units(const ScaleArgs<T>& a, int64_t i0, int64_t i1) {
   if (a.channels_last) {
-    if (out && aux) scale_images_nhwc<T, true, true>(a, i0, i1);
-    else if (out) scale_images_nhwc<T, true, false>(a, i0, i1);
-    else if (aux) scale_images_nhwc<T, false, true>(a, i0, i1);
-    else scale_images_nhwc<T, false, false>(a, i0, i1);
+    scale_images_nhwc<T, kOut, kAcc, kAux>(a, i0, i1);
   } else {
-    if (out && aux) scale_rows_nchw<T, true, true>(a, i0, i1);
-    else if (out) scale_rows_nchw<T, true, false>(a, i0, i1);
-    else if (aux) scale_rows_nchw<T, false, true>(a, i0, i1);
-    else scale_rows_nchw<T, false, false>(a, i0, i1);
+    scale_rows_nchw<T, kOut, kAcc, kAux>(a, i0, i1);
   }
 }
-HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<float>& a, int64_t i0, int64_t i1) {
-  scale_channels_body(a, i0, i1);
+
+template <typename T>
+HYPERKERN_INLINE void scale_channels_body(const ScaleArgs<T>& a, bool accumulate, int64_t i0, int64_t i1) {
+  const bool out = a.out != nullptr, aux = a.aux != nullptr;
+  if (out && accumulate) {
+    if (aux) scale_units<T, true, true, true>(a, i0, i1);
+    else scale_units<T, true, true, false>(a, i0, i1);
+  } else if (out) {
+    if (aux) scale_units<T, true, false, true>(a, i0, i1);
+    else scale_units<T, true, false, false>(a, i0, i1);
+  } else {
+    if (aux) scale_units<T, false, false, true>(a, i0, i1);
+    else scale_units<T, false, false, false>(a, i0, i1);
+  }
 }
-HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<double>& a, int64_t i0, int64_t i1) {
-  scale_channels_body(a, i0, i1);
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<float>& a, bool acc, int64_t i0, int64_t i1) {
+  scale_channels_body(a, acc, i0, i1);
 }
-HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<c10::BFloat16>& a, int64_t i0, int64_t i1) {
-  scale_channels_body(a, i0, i1);
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<double>& a, bool acc, int64_t i0, int64_t i1) {
+  scale_channels_body(a, acc, i0, i1);
+}
+HYPERKERN_CPU_CLONES void scale_channels_units(const ScaleArgs<c10::BFloat16>& a, bool acc, int64_t i0, int64_t i1) {
+  scale_channels_body(a, acc, i0, i1);
 }
 template <typename T>  // float16: computed in float, baseline ISA
-void scale_channels_units(const ScaleArgs<T>& a, int64_t i0, int64_t i1) {
-  scale_channels_body(a, i0, i1);
+void scale_channels_units(const ScaleArgs<T>& a, bool acc, int64_t i0, int64_t i1) {
+  scale_channels_body(a, acc, i0, i1);
+}
+
+// One Sum of the pass from the (N, C) per-image sums: out[j, c] = sum over group j's images of
+// weight[n, c] * per_image[n, c], accumulated in opmath in image order, written once in out's dtype.
+template <typename T>
+void reduce_sum(const one_conv::Sum& sum, const at::opmath_type<T>* per_image, int64_t N, int64_t C, int64_t B) {
+  using acc_t = at::opmath_type<T>;
+  const CoefPtr<T> weight(sum.weight);
+  const bool narrow = sum.out.scalar_type() != c10::CppTypeToScalarType<acc_t>::value;
+  TORCH_CHECK(!narrow || sum.out.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "hyperkern rank-1 conv2d: a sum's dtype must be the input's or its opmath type");
+  acc_t* wide_out = narrow ? nullptr : sum.out.mutable_data_ptr<acc_t>();
+  T* narrow_out = narrow ? sum.out.mutable_data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < N / sum.group; ++j) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t total = 0;
+      for (int64_t n = j * sum.group; n < (j + 1) * sum.group; ++n) {
+        total += weight.at(n, c, B, acc_t(1)) * per_image[n * C + c];
+      }
+      if (narrow) narrow_out[j * C + c] = narrow_to<T>(total);
+      else wide_out[j * C + c] = total;
+    }
+  }
 }
 
 // Elements per parallel chunk below which the pass stays on one thread.
 constexpr int64_t kElementGrain = 1 << 14;
 
-// CpuPrims::scale_channels: the contract of csrc/one_conv.h (AtenPrims in tests/harness/one_conv_harness.cpp
-// is its specification in ATen ops): one pass over `in` (contiguous in its memory format) writing
-// out = in * f_k + add_k (when out is defined; out may be in) and the (N, C) opmath sums of in and of
-// in * aux (when defined), with k = n / B.
+// CpuPrims: the primitive set of csrc/one_conv.h (AtenPrims in tests/harness/one_conv_harness.cpp is its
+// specification in ATen ops). scale_channels: one parallel pass over `in` (contiguous in its memory
+// format) writing out and the (N, C) opmath per-image sums into a scratch buffer, then each Sum reduced
+// from them on this thread (they are (E, C) or (N, C): small).
 struct CpuPrims {
-  static void scale_channels(const at::Tensor& in, const at::Tensor& f, const std::optional<at::Tensor>& add,
-                             const at::Tensor& aux, const at::Tensor& out, const at::Tensor& sum_in,
-                             const at::Tensor& sum_aux, int64_t B, bool channels_last) {
+  static at::Tensor empty(at::IntArrayRef sizes, const at::Tensor& /*like*/, at::ScalarType dtype,
+                          at::MemoryFormat fmt) {
+    return at::Tensor(at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, fmt));
+  }
+
+  static void scale_channels(const one_conv::Pass& pass) {
+    const at::Tensor& in = pass.in;
     const int64_t N = in.size(0), C = in.size(1), P = in.size(2) * in.size(3);
     if (N == 0 || C == 0) return;
-    if (P == 0) {  // empty images: every sum is zero
-      if (sum_in.defined()) sum_in.zero_();
-      if (sum_aux.defined()) sum_aux.zero_();
-      return;
-    }
+    bool need_in = false, need_aux = false;
+    for (const one_conv::Sum& s : pass.sums) (s.of_aux ? need_aux : need_in) = true;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rank1_conv_scale_channels_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const ScaleArgs<scalar_t> a{in.const_data_ptr<scalar_t>(),
-                                  f.defined() ? f.const_data_ptr<scalar_t>() : nullptr,
-                                  defined(add) ? add->const_data_ptr<scalar_t>() : nullptr,
-                                  sum_aux.defined() ? aux.const_data_ptr<scalar_t>() : nullptr,
-                                  out.defined() ? out.data_ptr<scalar_t>() : nullptr,
-                                  sum_in.defined() ? sum_in.mutable_data_ptr<acc_t>() : nullptr,
-                                  sum_aux.defined() ? sum_aux.mutable_data_ptr<acc_t>() : nullptr,
-                                  C, P, B, channels_last};
-      const int64_t units = channels_last ? N : N * C, per_unit = channels_last ? C * P : P;
-      at::parallel_for(0, units, std::max<int64_t>(1, kElementGrain / per_unit),
-                       [&](int64_t i0, int64_t i1) { scale_channels_units(a, i0, i1); });
+      const at::Tensor scratch =
+          need_in || need_aux
+              ? empty({(need_in ? 1 : 0) + (need_aux ? 1 : 0), N, C}, in, c10::CppTypeToScalarType<acc_t>::value,
+                      at::MemoryFormat::Contiguous)
+              : at::Tensor();
+      acc_t* sum_in = need_in ? scratch.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* sum_aux = need_aux ? scratch.mutable_data_ptr<acc_t>() + (need_in ? N * C : 0) : nullptr;
+      if (P == 0) {  // empty images: every per-image sum is zero, nothing to write
+        if (scratch.defined()) std::fill_n(scratch.mutable_data_ptr<acc_t>(), scratch.numel(), acc_t(0));
+      } else {
+        const ScaleArgs<scalar_t> a{in.const_data_ptr<scalar_t>(),
+                                    need_aux ? pass.aux.const_data_ptr<scalar_t>() : nullptr,
+                                    pass.out.defined() ? pass.out.data_ptr<scalar_t>() : nullptr,
+                                    CoefPtr<scalar_t>(pass.scale),
+                                    CoefPtr<scalar_t>(pass.shift),
+                                    sum_in,
+                                    sum_aux,
+                                    C,
+                                    P,
+                                    pass.B,
+                                    pass.channels_last};
+        const int64_t units = pass.channels_last ? N : N * C, per_unit = pass.channels_last ? C * P : P;
+        at::parallel_for(0, units, std::max<int64_t>(1, kElementGrain / per_unit),
+                         [&](int64_t i0, int64_t i1) { scale_channels_units(a, pass.accumulate, i0, i1); });
+      }
+      for (const one_conv::Sum& s : pass.sums) reduce_sum<scalar_t>(s, s.of_aux ? sum_aux : sum_in, N, C, pass.B);
     });
   }
 };

@@ -3,8 +3,10 @@
 //
 // Both ops run the one-convolution scheme of csrc/one_conv.h: every convolution covers all E*B images
 // with the shared weight (cuDNN through ATen), and the fast weights and per-row hyperparameter factors
-// are scaling passes around it, done by this file's fused kernel (scale_channels: one pass that scales,
-// shifts and sums per (image, channel)). Batch op: x*r_k -> conv -> *s_k + bias_k; its backward reads the
+// are scaling passes around it, done by this file's fused kernels (scale_channels: one pass that scales,
+// shifts and sums per (image, channel), then a small deterministic reduction per requested sum, which
+// hands the host each gradient in its final shape and dtype; buffers from at::detail::empty_cuda, no
+// dispatcher call). Batch op: x*r_k -> conv -> *s_k + bias_k; its backward reads the
 // unscaled output kept by the train op. Hyper op: two convolutions (W on x*r_k, delta on x*u_k) combined
 // with s_k and the per-image v_k*e1 rows; its backward reads both branches kept by its train op.
 // On an H200 the batch op's scheme beat one cuDNN convolution per member with folded weights
@@ -17,6 +19,7 @@
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -57,18 +60,46 @@ int vector_width(int64_t inner, std::initializer_list<const void*> ptrs) {
   return vec;
 }
 
-// ---- the scaling kernel of the one-convolution scheme (csrc/one_conv.h: P::scale_channels) -------
+// ---- the scaling kernels of the one-convolution scheme (csrc/one_conv.h: P::scale_channels) ------
 
-// out[n, c, p] = in[n, c, p] * f[n / B, c] + add[n / B, c] (f, add optional; out may alias in or be absent)
-// and the per-(image, channel) sums over positions sum_in[n, c] = sum_p in, sum_aux[n, c] = sum_p in * aux
-// (each optional). NCHW: `lanes` threads (a power of two <= 32, about P / VEC) per (n, c) row of P
-// positions, 32 / lanes rows per warp; each lane loads kUnroll vectors before using them (memory-level
-// parallelism: the loads cannot be reordered past the stores otherwise, as out may alias in).
+// A coefficient of the pass (one_conv::Coef): c[n, ch] = member[(n / B) * member_stride + ch] *
+// rows[n * rows_stride + ch], either factor optional; `none` when both are absent.
+template <typename T>
+struct CoefPtr {
+  const T* member;
+  const T* rows;
+  int64_t member_stride, rows_stride;
+
+  __device__ __forceinline__ at::opmath_type<T> at(int64_t n, int64_t c, int64_t B,
+                                                   at::opmath_type<T> none) const {
+    using acc_t = at::opmath_type<T>;
+    if (member != nullptr && rows != nullptr) {
+      return static_cast<acc_t>(member[(n / B) * member_stride + c]) * static_cast<acc_t>(rows[n * rows_stride + c]);
+    }
+    if (member != nullptr) return static_cast<acc_t>(member[(n / B) * member_stride + c]);
+    if (rows != nullptr) return static_cast<acc_t>(rows[n * rows_stride + c]);
+    return none;
+  }
+};
+
+template <typename T>
+CoefPtr<T> coef_ptr(const one_conv::Coef& c) {
+  return {c.member.defined() ? c.member.const_data_ptr<T>() : nullptr,
+          c.rows.defined() ? c.rows.const_data_ptr<T>() : nullptr, c.member.defined() ? c.member.stride(0) : 0,
+          c.rows.defined() ? c.rows.stride(0) : 0};
+}
+
+// out[n, c, p] = in[n, c, p] * scale[n, c] + shift[n, c] (+ out[n, c, p] when accumulate; out optional, may
+// alias in when not accumulating) and the per-(image, channel) sums over positions sum_in[n, c] = sum_p in,
+// sum_aux[n, c] = sum_p in * aux (each optional; opmath). NCHW: `lanes` threads (a power of two <= 32, about
+// P / VEC) per (n, c) row of P positions, 32 / lanes rows per warp; each lane loads kUnroll vectors before
+// using them (memory-level parallelism: the loads cannot be reordered past the stores otherwise, as out may
+// alias in).
 constexpr int kUnroll = 4;
 
 template <typename T, int VEC>
-__global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f, const T* __restrict__ add,
-                                           const T* aux, T* out, at::opmath_type<T>* __restrict__ sum_in,
+__global__ void scale_channels_nchw_kernel(const T* in, CoefPtr<T> scale_c, CoefPtr<T> shift_c, const T* aux, T* out,
+                                           bool accumulate, at::opmath_type<T>* __restrict__ sum_in,
                                            at::opmath_type<T>* __restrict__ sum_aux, int64_t rows, int64_t C,
                                            int64_t P, int64_t B, int lanes) {
   using acc_t = at::opmath_type<T>;
@@ -81,9 +112,9 @@ __global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f,
     const int64_t row = base + lane / lanes;
     acc_t total = 0, total_aux = 0;
     if (row < rows) {  // no early exit: every lane takes part in the shuffles below
-      const int64_t kc = (row / C / B) * C + row % C;
-      const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
-      const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+      const int64_t n = row / C, c = row % C;
+      const acc_t scale = scale_c.at(n, c, B, acc_t(1));
+      const acc_t shift = shift_c.at(n, c, B, acc_t(0));
       const T* in_row = in + row * P;
       for (int64_t p0 = static_cast<int64_t>(sub) * VEC; p0 < P; p0 += kUnroll * step) {
         Vec<T, VEC> v[kUnroll], a[kUnroll];
@@ -100,10 +131,15 @@ __global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f,
           const int64_t p = p0 + u * step;
           if (p >= P) break;
           if (out != nullptr) {
+            Vec<T, VEC>* dst = reinterpret_cast<Vec<T, VEC>*>(out + row * P + p);
             Vec<T, VEC> o;
+            if (accumulate) o = *dst;  // out does not alias in here
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<T>(static_cast<acc_t>(v[u].v[j]) * scale + shift);
-            *reinterpret_cast<Vec<T, VEC>*>(out + row * P + p) = o;
+            for (int j = 0; j < VEC; ++j) {
+              const acc_t value = static_cast<acc_t>(v[u].v[j]) * scale + shift;
+              o.v[j] = static_cast<T>(accumulate ? value + static_cast<acc_t>(o.v[j]) : value);
+            }
+            *dst = o;
           }
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
@@ -129,22 +165,25 @@ __global__ void scale_channels_nchw_kernel(const T* in, const T* __restrict__ f,
 // Channels-last: block (32, 8) per (image n, 32 channels); threadIdx.x walks channels (coalesced),
 // threadIdx.y strides over positions; the per-channel sums are reduced across y.
 template <typename T>
-__global__ void scale_channels_nhwc_kernel(const T* in, const T* __restrict__ f, const T* __restrict__ add,
-                                           const T* aux, T* out, at::opmath_type<T>* __restrict__ sum_in,
-                                           at::opmath_type<T>* __restrict__ sum_aux, int64_t C, int64_t P, int64_t B) {
+__global__ void scale_channels_nhwc_kernel(const T* in, CoefPtr<T> scale_c, CoefPtr<T> shift_c, const T* aux, T* out,
+                                           bool accumulate, at::opmath_type<T>* __restrict__ sum_in,
+                                           at::opmath_type<T>* __restrict__ sum_aux, int64_t C, int64_t P,
+                                           int64_t B) {
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t shared_in[8][33], shared_aux[8][33];
   const int64_t n = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
   acc_t total = 0, total_aux = 0;
   if (c < C) {
-    const int64_t kc = (n / B) * C + c;
-    const acc_t scale = f != nullptr ? static_cast<acc_t>(f[kc]) : acc_t(1);
-    const acc_t shift = add != nullptr ? static_cast<acc_t>(add[kc]) : acc_t(0);
+    const acc_t scale = scale_c.at(n, c, B, acc_t(1));
+    const acc_t shift = shift_c.at(n, c, B, acc_t(0));
     for (int64_t p = threadIdx.y; p < P; p += blockDim.y) {
       const int64_t at = (n * P + p) * C + c;
       const acc_t v = static_cast<acc_t>(in[at]);
-      if (out != nullptr) out[at] = static_cast<T>(v * scale + shift);
+      if (out != nullptr) {
+        const acc_t value = v * scale + shift;
+        out[at] = static_cast<T>(accumulate ? value + static_cast<acc_t>(out[at]) : value);
+      }
       total += v;
       if (sum_aux != nullptr) total_aux += v * static_cast<acc_t>(aux[at]);
     }
@@ -164,57 +203,98 @@ __global__ void scale_channels_nhwc_kernel(const T* in, const T* __restrict__ f,
   }
 }
 
-// One pass over the activation `in` (N, C, P positions) in its memory format: writes out (when defined;
-// may be `in` itself) = in * f_k + add_k and the (N, C) opmath sums sum_in, sum_aux (when defined).
-void launch_scale_channels(const at::Tensor& in, const at::Tensor& f, const std::optional<at::Tensor>& add,
-                    const at::Tensor& aux, const at::Tensor& out, const at::Tensor& sum_in, const at::Tensor& sum_aux,
-                    int64_t B, bool channels_last) {
-  const int64_t N = in.size(0), C = in.size(1), P = in.size(2) * in.size(3);
-  if (N == 0 || C == 0) return;
-  if (P == 0) {  // empty images: every sum is zero
-    if (sum_in.defined()) sum_in.zero_();
-    if (sum_aux.defined()) sum_aux.zero_();
-    return;
+// One Sum of a pass from its (N, C) opmath per-image sums: out[j, c] = sum over the images n of group j
+// (j * group .. (j + 1) * group - 1, in order) of weight[n, c] * per_image[n, c], accumulated in opmath and
+// written in Out (the input's dtype or its opmath type). One thread per output element: deterministic.
+template <typename T, typename Out>
+__global__ void reduce_sum_kernel(const at::opmath_type<T>* __restrict__ per_image, CoefPtr<T> weight,
+                                  Out* __restrict__ out, int64_t outputs, int64_t C, int64_t group, int64_t B) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < outputs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i / C, c = i % C;
+    acc_t total = 0;
+    for (int64_t n = j * group; n < (j + 1) * group; ++n) total += weight.at(n, c, B, acc_t(1)) * per_image[n * C + c];
+    out[i] = static_cast<Out>(total);
   }
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rank1_conv_scale_channels_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* ip = in.const_data_ptr<scalar_t>();
-    const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ap = defined(add) ? add->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* xp = aux.defined() ? aux.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
-    acc_t* s1 = sum_in.defined() ? sum_in.mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* s2 = sum_aux.defined() ? sum_aux.mutable_data_ptr<acc_t>() : nullptr;
-    if (channels_last) {
-      const dim3 block(32, 8);
-      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(C, 32)));
-      scale_channels_nhwc_kernel<scalar_t><<<grid, block, 0, stream>>>(ip, fp, ap, xp, op, s1, s2, C, P, B);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const int vec = vector_width<scalar_t>(P, {ip, xp, op});
-    const int64_t rows = N * C;
-    int lanes = 32;  // the largest power of two <= 32 that still gives each lane a vector of every row
-    while (lanes > 1 && lanes * vec > P) lanes /= 2;
-    auto launch = [&](auto vec_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      scale_channels_nchw_kernel<scalar_t, V><<<blocks_for(ceil_div(rows, 32 / lanes) * 32), kThreads, 0, stream>>>(
-          ip, fp, ap, xp, op, s1, s2, rows, C, P, B, lanes);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec == 8) launch(std::integral_constant<int, 8>{});
-    else if (vec == 4) launch(std::integral_constant<int, 4>{});
-    else if (vec == 2) launch(std::integral_constant<int, 2>{});
-    else launch(std::integral_constant<int, 1>{});
-  });
 }
 
+// The primitive set of csrc/one_conv.h on CUDA (AtenPrims in tests/harness/one_conv_harness.cpp is its
+// specification in ATen ops). scale_channels: one pass over the activation `in` (N, C, P positions) in its
+// memory format writing out and the (N, C) opmath per-image sums into a scratch buffer, then one small
+// reduction kernel per Sum.
 struct CudaPrims {
-  static void scale_channels(const at::Tensor& in, const at::Tensor& f, const std::optional<at::Tensor>& add,
-                             const at::Tensor& aux, const at::Tensor& out, const at::Tensor& sum_in,
-                             const at::Tensor& sum_aux, int64_t B, bool channels_last) {
-    launch_scale_channels(in, f, add, aux, out, sum_in, sum_aux, B, channels_last);
+  static at::Tensor empty(at::IntArrayRef sizes, const at::Tensor& like, at::ScalarType dtype, at::MemoryFormat fmt) {
+    return at::Tensor(at::detail::empty_cuda(sizes, dtype, like.device(), fmt));
+  }
+
+  static void scale_channels(const one_conv::Pass& pass) {
+    const at::Tensor& in = pass.in;
+    const int64_t N = in.size(0), C = in.size(1), P = in.size(2) * in.size(3);
+    if (N == 0 || C == 0) return;
+    bool need_in = false, need_aux = false;
+    for (const one_conv::Sum& s : pass.sums) (s.of_aux ? need_aux : need_in) = true;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rank1_conv_scale_channels_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor scratch =
+          need_in || need_aux
+              ? empty({(need_in ? 1 : 0) + (need_aux ? 1 : 0), N, C}, in, c10::CppTypeToScalarType<acc_t>::value,
+                      at::MemoryFormat::Contiguous)
+              : at::Tensor();
+      acc_t* s1 = need_in ? scratch.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* s2 = need_aux ? scratch.mutable_data_ptr<acc_t>() + (need_in ? N * C : 0) : nullptr;
+      if (P == 0) {  // empty images: every per-image sum is zero, nothing to write
+        if (scratch.defined()) {
+          C10_CUDA_CHECK(cudaMemsetAsync(scratch.mutable_data_ptr<acc_t>(), 0, scratch.numel() * sizeof(acc_t),
+                                         stream));
+        }
+      } else {
+        const scalar_t* ip = in.const_data_ptr<scalar_t>();
+        const CoefPtr<scalar_t> scale = coef_ptr<scalar_t>(pass.scale), shift = coef_ptr<scalar_t>(pass.shift);
+        const scalar_t* xp = need_aux ? pass.aux.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* op = pass.out.defined() ? pass.out.data_ptr<scalar_t>() : nullptr;
+        const bool acc = pass.accumulate;
+        if (pass.channels_last) {
+          const dim3 block(32, 8);
+          const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(C, 32)));
+          scale_channels_nhwc_kernel<scalar_t><<<grid, block, 0, stream>>>(ip, scale, shift, xp, op, acc, s1, s2, C, P,
+                                                                          pass.B);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          const int vec = vector_width<scalar_t>(P, {ip, xp, op});
+          const int64_t rows = N * C;
+          int lanes = 32;  // the largest power of two <= 32 that still gives each lane a vector of every row
+          while (lanes > 1 && lanes * vec > P) lanes /= 2;
+          auto launch = [&](auto vec_tag) {
+            constexpr int V = decltype(vec_tag)::value;
+            scale_channels_nchw_kernel<scalar_t, V><<<blocks_for(ceil_div(rows, 32 / lanes) * 32), kThreads, 0,
+                                                      stream>>>(ip, scale, shift, xp, op, acc, s1, s2, rows, C, P,
+                                                                pass.B, lanes);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          if (vec == 8) launch(std::integral_constant<int, 8>{});
+          else if (vec == 4) launch(std::integral_constant<int, 4>{});
+          else if (vec == 2) launch(std::integral_constant<int, 2>{});
+          else launch(std::integral_constant<int, 1>{});
+        }
+      }
+      for (const one_conv::Sum& s : pass.sums) {
+        const int64_t outputs = (N / s.group) * C;
+        const acc_t* src = s.of_aux ? s2 : s1;
+        const CoefPtr<scalar_t> weight = coef_ptr<scalar_t>(s.weight);
+        if (s.out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+          reduce_sum_kernel<scalar_t, acc_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
+              src, weight, s.out.mutable_data_ptr<acc_t>(), outputs, C, s.group, pass.B);
+        } else {
+          TORCH_CHECK(s.out.scalar_type() == in.scalar_type(),
+                      "hyperkern rank-1 conv2d: a sum's dtype must be the input's or its opmath type");
+          reduce_sum_kernel<scalar_t, scalar_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
+              src, weight, s.out.mutable_data_ptr<scalar_t>(), outputs, C, s.group, pass.B);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   }
 };
 

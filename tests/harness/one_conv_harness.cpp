@@ -1,7 +1,8 @@
 // Test harness: csrc/one_conv.h (the host logic of the CUDA conv kernels) instantiated with ATen's
-// elementwise ops on the CPU, so tests/test_one_conv_host.py can check it against the float64
-// reference without a GPU. AtenPrims::scale_channels is the specification of the CUDA kernel
-// scale_channels (csrc/cuda/rank1_conv.cu): same arguments, same results.
+// ops on the CPU, so tests/test_one_conv_host.py can check it against the float64 reference without a
+// GPU. AtenPrims is the specification of the primitive set (one_conv.h's header comment): the CUDA
+// kernels of csrc/cuda/rank1_conv.cu and the CPU pass of csrc/cpu/rank1_conv.cpp take the same
+// arguments and give the same results.
 #include <torch/extension.h>
 
 #include <vector>
@@ -14,19 +15,39 @@ using namespace hyperkern::rank1_conv;
 using OptTensor = std::optional<at::Tensor>;
 
 struct AtenPrims {
-  static void scale_channels(const at::Tensor& in, const at::Tensor& f, const OptTensor& add, const at::Tensor& aux,
-                             const at::Tensor& out, const at::Tensor& sum_in, const at::Tensor& sum_aux, int64_t B,
-                             bool /*channels_last*/) {
-    const int64_t N = in.size(0), C = in.size(1);
-    const at::ScalarType acc = at::toOpMathType(in.scalar_type());
-    const at::Tensor v = in.to(acc);
-    if (sum_in.defined()) sum_in.copy_(v.sum({2, 3}));
-    if (sum_aux.defined()) sum_aux.copy_((v * aux.to(acc)).sum({2, 3}));
-    if (out.defined()) {
+  static at::Tensor empty(at::IntArrayRef sizes, const at::Tensor& like, at::ScalarType dtype, at::MemoryFormat fmt) {
+    return at::empty(sizes, like.options().dtype(dtype).memory_format(fmt));
+  }
+
+  // The coefficient c[n, ch] = member[n / B, ch] * rows[n, ch] as an (N, C) tensor in `acc`, or undefined.
+  static at::Tensor coef(const one_conv::Coef& c, int64_t B, at::ScalarType acc) {
+    at::Tensor out;
+    if (c.member.defined()) out = c.member.to(acc).repeat_interleave(B, 0);
+    if (c.rows.defined()) out = out.defined() ? out * c.rows.to(acc) : c.rows.to(acc);
+    return out;
+  }
+
+  static void scale_channels(const one_conv::Pass& p) {
+    const int64_t N = p.in.size(0), C = p.in.size(1);
+    const at::ScalarType acc = at::toOpMathType(p.in.scalar_type());
+    const at::Tensor v = p.in.to(acc);
+    // every sum reads `in` (and aux) before out, which may be `in`, is written
+    const at::Tensor sum_in = v.sum({2, 3});
+    const at::Tensor sum_aux = p.aux.defined() ? (v * p.aux.to(acc)).sum({2, 3}) : at::Tensor();
+    for (const one_conv::Sum& s : p.sums) {
+      TORCH_CHECK(s.out.size(0) * s.group == N && s.out.size(1) == C, "harness: sum shape");
+      at::Tensor per_image = s.of_aux ? sum_aux : sum_in;
+      const at::Tensor w = coef(s.weight, p.B, acc);
+      if (w.defined()) per_image = per_image * w;
+      s.out.copy_(per_image.view({N / s.group, s.group, C}).sum(1));
+    }
+    if (p.out.defined()) {
       at::Tensor o = v;
-      if (f.defined()) o = o * f.to(acc).repeat_interleave(B, 0).view({N, C, 1, 1});
-      if (add.has_value() && add->defined()) o = o + add->to(acc).repeat_interleave(B, 0).view({N, C, 1, 1});
-      out.copy_(o);
+      const at::Tensor scale = coef(p.scale, p.B, acc), shift = coef(p.shift, p.B, acc);
+      if (scale.defined()) o = o * scale.view({N, C, 1, 1});
+      if (shift.defined()) o = o + shift.view({N, C, 1, 1});
+      if (p.accumulate) o = o + p.out.to(acc);
+      p.out.copy_(o);
     }
   }
 };
