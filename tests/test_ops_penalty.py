@@ -228,6 +228,22 @@ def test_torch_compile_fullgraph():
 
 
 @needs_cpp
+def test_a_models_penalty_compiles_fullgraph():
+    from hyperkern.models import resnet20
+
+    torch._dynamo.reset()
+    model = resnet20(10, variant="hyper_batch", ensemble_size=2, dtype=F64, depth=8, width=2)
+    lam = model.hparam_space.denormalize(torch.rand(4, model.num_hparams, dtype=F64))
+    compiled = torch.compile(model.l2_penalty, fullgraph=True, backend="aot_eager")
+    params = [t for layer, _, _ in model._l2_layers for t in layer._penalty_args() if t is not None]
+    got, want = compiled(lam), model.l2_penalty(lam)
+    torch.testing.assert_close(got, want)
+    for x, y in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(x, y)
+    torch._dynamo.reset()
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_matches_float64(dtype):
     w, d, a, b, db, kc, bc = _layers(dtype=dtype)
