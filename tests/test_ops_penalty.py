@@ -16,7 +16,7 @@ import torch
 import hyperkern.nn as hnn
 from hyperkern import ops
 from hyperkern._backends import backend_status
-from hyperkern.ops.penalty import PenaltyStats, _torch_layer_penalty, penalty_stats
+from hyperkern.ops.penalty import PenaltyStats, _fast_ok, _torch_layer_penalty, penalty_stats
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -370,7 +370,12 @@ def test_empty_and_bad_inputs_name_the_argument():
     w, d, a, b, db, kc, bc = _layers()
     lam, z = _rows()
     stats = penalty_stats(lam, z, E)
-    call = ops.hyper_l2_penalty
+    assert _fast_ok(w, d, a, b, db, stats, kc, bc)
+
+    def call(*args):  # the fast path refuses each bad call, which the full checks then name
+        assert not _fast_ok(*args)
+        return ops.hyper_l2_penalty(*args)
+
     with pytest.raises(ValueError, match="^weights must list at least one layer"):
         call([], [], [], [], [], stats, [], [])
     with pytest.raises(TypeError, match="^weights must be a list"):
@@ -397,8 +402,10 @@ def test_empty_and_bad_inputs_name_the_argument():
         call(w, d, a, b, db, penalty_stats(lam.float(), z, E), kc, bc)
     with pytest.raises(TypeError, match=r"^weights\[2\] is torch.float32"):
         call(w[:2] + [w[2].float()] + w[3:], d, a, b, db, stats, kc, bc)
+    with pytest.raises(TypeError, match=r"^delta_biases\[2\] is torch.float64 on meta but weights\[0\] is "):
+        call(w, d, a, b, db[:2] + [db[2].to("meta")] + db[3:], stats, kc, bc)
     with pytest.raises(ValueError, match="^backend must be one of"):
-        call(w, d, a, b, db, stats, kc, bc, backend="gpu")
+        ops.hyper_l2_penalty(w, d, a, b, db, stats, kc, bc, backend="gpu")
 
 
 @needs_cpp
