@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace hyperkern {
@@ -65,14 +66,16 @@ inline Problem make_problem(const char* op, at::TensorList weights, at::TensorLi
   Problem p;
   p.dtype = weights[0].scalar_type();
   p.device = weights[0].device();
-  auto same = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-    TORCH_CHECK(t.scalar_type() == p.dtype && t.device() == p.device, op, ": ", name, " must have weights[0]'s dtype ",
+  // name[index] (or name when index < 0) shares weights[0]'s dtype and device
+  auto same = [&](const Tensor& t, const char* name, int64_t index = -1) {
+    const std::string what = index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+    TORCH_CHECK(t.defined(), op, ": ", what, " is undefined");
+    TORCH_CHECK(t.scalar_type() == p.dtype && t.device() == p.device, op, ": ", what, " must have weights[0]'s dtype ",
                 p.dtype, " and device ", p.device, ", got ", t.scalar_type(), " on ", t.device());
   };
   same(stats, "stats");
   same(member_stats, "member_stats");
-  same(embeddings[0], "embeddings[0]");
+  same(embeddings[0], "embeddings", 0);
   TORCH_CHECK(embeddings[0].dim() == 2, op, ": embeddings[0] must be 2-D, got ", embeddings[0].sizes());
   p.m = embeddings[0].size(1);
   p.K = 1 + p.m + p.m * p.m;
@@ -88,9 +91,9 @@ inline Problem make_problem(const char* op, at::TensorList weights, at::TensorLi
   p.layers.resize(L);
   for (size_t l = 0; l < L; ++l) {
     Layer& y = p.layers[l];
-    same(weights[l], "weights[i]");
-    same(deltas[l], "deltas[i]");
-    same(embeddings[l], "embeddings[i]");
+    same(weights[l], "weights", l);
+    same(deltas[l], "deltas", l);
+    same(embeddings[l], "embeddings", l);
     TORCH_CHECK(weights[l].dim() >= 1 && deltas[l].sizes() == weights[l].sizes(), op, ": deltas[", l,
                 "] must have weights[", l, "]'s shape ", weights[l].sizes(), ", got ", deltas[l].sizes());
     y.out = weights[l].size(0);
@@ -111,8 +114,8 @@ inline Problem make_problem(const char* op, at::TensorList weights, at::TensorLi
     if (y.has_bias) {
       const Tensor& b = *biases[l];
       const Tensor& db = *delta_biases[l];
-      same(b, "biases[i]");
-      same(db, "delta_biases[i]");
+      same(b, "biases", l);
+      same(db, "delta_biases", l);
       TORCH_CHECK(b.sizes() == at::IntArrayRef({E, y.out}) && db.sizes() == b.sizes(), op, ": biases[", l,
                   "] and delta_biases[", l, "] must be (E, out) = (", E, ", ", y.out, "), got ", b.sizes(), " and ",
                   db.sizes());

@@ -425,6 +425,8 @@ def test_raw_op_refuses_what_would_be_memory_unsafe():
         op(det[0], det[1], [det[2][0], det[2][0]] + det[2][2:], det[3], det[4], *stats, kc, bc)
     with pytest.raises(RuntimeError, match="member_stats"):
         op(*det, stats.overall, stats.member[:, :2], kc, bc)
+    with pytest.raises(RuntimeError, match=r"deltas\[2\] must have weights\[0\]'s dtype"):
+        op(det[0], det[1][:2] + [det[1][2].float()] + det[1][3:], *det[2:], *stats, kc, bc)
 
 
 def test_penalty_stats_type_is_exported():
