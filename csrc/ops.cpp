@@ -1,4 +1,4 @@
-// hyperkern._C: the one place where every hyperkern op schema is defined.
+// hyperkern._C: where the hyperkern op schemas are defined (the L2 penalty's two: csrc/penalty.cpp).
 // Implementations register per dispatch key in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA);
 // fake (meta) kernels are registered from Python (hyperkern/ops/_cpp_*.py), autograd in csrc/autograd.cpp
 // (the forward and train ops) and csrc/composite.cpp (the backward ops: differentiable, for double backward).

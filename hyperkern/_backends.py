@@ -42,6 +42,9 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
        "hyper_batch_ensemble_conv2d")
+# Ops with "torch" and "cpp" backends only (no Triton kernel): the hyper layers' L2 penalty of a whole
+# model (hyperkern.ops.penalty). Not in OPS: available_backends() lists what runs every layer op.
+TORCH_CPP_OPS = ("hyper_l2_penalty",)
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:
@@ -50,7 +53,7 @@ def _registered_kernels() -> frozenset[tuple[str, str]]:
     if _CPP_ERROR is not None:
         return frozenset()
     found = set()
-    for op in OPS:
+    for op in OPS + TORCH_CPP_OPS:
         for key in ("CPU", "CUDA"):
             try:
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"hyperkern::{op}", key):
@@ -100,13 +103,15 @@ def backend_status(device_type: str | None = None, op: str = "batch_ensemble_lin
     cached = _STATUS.get((device_type, op))
     if cached is not None:
         return dict(cached)
-    return {"torch": None, "cpp": _cpp_reason(device_type, op), "triton": _triton_reason(device_type)}
+    triton = (f"hyperkern has no Triton kernel for {op} (it runs with the cpp or torch backend)"
+              if op in TORCH_CPP_OPS else _triton_reason(device_type))
+    return {"torch": None, "cpp": _cpp_reason(device_type, op), "triton": triton}
 
 
 # Every op's status on CPU and CUDA, computed once: resolve_backend runs on every op call (and inside
 # torch.compile traces), and none of its inputs change after import.
 _STATUS: dict[tuple[str, str], dict[str, str | None]] = {}
-_STATUS.update({(dev, op): backend_status(dev, op) for dev in ("cpu", "cuda") for op in OPS})
+_STATUS.update({(dev, op): backend_status(dev, op) for dev in ("cpu", "cuda") for op in OPS + TORCH_CPP_OPS})
 
 
 def available_backends(device_type: str | None = None) -> list[str]:

@@ -11,10 +11,11 @@ import torch
 import hyperkern  # noqa: F401  (registers the ops hyperkern.ops can run here)
 from hyperkern._backends import backend_status
 from hyperkern.ops import reference as ref
+from hyperkern.ops.penalty import penalty_stats
 
 _CPU = backend_status("cpu")
 if _CPU["cpp"] is None:  # the fake kernels of the C++ ops
-    from hyperkern.ops import _cpp_conv, _cpp_linear  # noqa: F401
+    from hyperkern.ops import _cpp_conv, _cpp_linear, _cpp_penalty  # noqa: F401
 if _CPU["triton"] is None:  # the Triton custom ops (TRITON_INTERPRET=1 on the CPU)
     from hyperkern.ops import _triton_conv, _triton_linear  # noqa: F401
 
@@ -67,6 +68,14 @@ def _args_by_name(conv: bool, channels_last: bool) -> dict:
     t.update(grad=grad, grad_out=grad, grad_y=grad, delta_out=delta_product, delta_product=delta_product, hd=hd,
              pre=None, h=None, hr=None)
     t.update(GEOMETRY)
+    # hyper_l2_penalty: two layers, a linear one with a bias and a conv one without, own strength columns
+    wc = _rand(3, IN, 2, 2)
+    t.update(weights=[_rand(OUT, IN), wc], deltas=[_rand(OUT, IN), torch.randn_like(wc)],
+             embeddings=[_rand(2 * OUT, M), _rand(3, M)], biases=[_rand(E, OUT), None],
+             delta_biases=[_rand(E, OUT), None], kernel_cols=[0, 1], bias_cols=[1, 0],
+             grad_penalty=torch.tensor(0.5, dtype=torch.float64))
+    stats = penalty_stats(torch.rand(E * B, 2, dtype=torch.float64) * 3, torch.rand(E * B, M, dtype=torch.float64), E)
+    t.update(stats=stats.overall, member_stats=stats.member)
     return t
 
 
@@ -89,6 +98,8 @@ def _build(op, conv: bool, channels_last: bool):
         value = values[a.name]
         if isinstance(value, torch.Tensor):
             value = value.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        elif isinstance(value, list):  # Tensor[] / Tensor?[] (the penalty's per-layer lists)
+            value = [v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v for v in value]
         args.append(value)
     return args
 

@@ -31,6 +31,7 @@ from hyperkern.nn.layers import (BatchEnsembleConv2d, BatchEnsembleLinear, Hyper
                                  HyperBatchEnsembleLinear, _he_normal_, check_hparams, penalty_stats)
 from hyperkern.nn.functional import relu_rowwise_dropout, rowwise_dropout
 from hyperkern.nn.norm import EnsembleBatchNorm2d
+from hyperkern.ops.penalty import hyper_l2_penalty, penalty_backend
 
 VARIANTS = ("plain", "batch", "hyper_batch")
 BN_MODES = ("shared", "per_member")
@@ -257,11 +258,14 @@ class EnsembleModel(nn.Module):
             z = self.hparam_space.normalize(lam)
             dtype = self._l2_layers[0][0].weight.dtype
             stats = penalty_stats(lam.to(dtype), z, self.ensemble_size)  # the rows' statistics, once for all layers
-            total = None
-            for layer, kg, bg in self._l2_layers:
-                term = layer._penalty_from_stats(stats, self.hparam_space.index(kg), self.hparam_space.index(bg))
-                total = term if total is None else total + term
-            return total
+            # every hyper layer's penalty in one op call (one backward op for all their gradients)
+            args = [layer._penalty_args() for layer, _, _ in self._l2_layers]
+            index = self.hparam_space.index
+            return hyper_l2_penalty([a[0] for a in args], [a[1] for a in args], [a[2] for a in args],
+                                    [a[3] for a in args], [a[4] for a in args], stats,
+                                    [index(kg) for _, kg, _ in self._l2_layers],
+                                    [index(bg) for _, _, bg in self._l2_layers],
+                                    backend=penalty_backend(self._l2_layers[0][0].backend))
         values = self._lam_vector(lam)
 
         def strength(g, like):

@@ -13,8 +13,6 @@ weight decay and (in the reference) half the learning rate.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from hyperkern._backends import BACKENDS
 from hyperkern._backends import is_compiling as _is_compiling
 from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
 from hyperkern.ops.linear import _hyper_batch_ensemble_linear_hp as _hyper_linear_hp
+from hyperkern.ops.penalty import PenaltyStats, hyper_l2_penalty, penalty_backend, penalty_stats  # noqa: F401
 
 __all__ = ["BatchEnsembleLinear", "BatchEnsembleConv2d", "HyperBatchEnsembleLinear", "HyperBatchEnsembleConv2d",
            "FAST_INITS", "check_hparams"]
@@ -435,59 +434,13 @@ class _HyperMixin:
         lam = _check_lam("lam", lam, rows)
         lam_bias = lam if lam_bias is None else _check_lam("lam_bias", lam_bias, rows)
         stats = penalty_stats(torch.stack((lam, lam_bias), 1).to(self.weight.dtype), hparams, E)
-        return self._penalty_from_stats(stats, 0, 1)
+        w, d, a, b, db = self._penalty_args()
+        return hyper_l2_penalty([w], [d], [a], [b], [db], stats, [0], [1], backend=penalty_backend(self.backend))
 
-    def _penalty_from_stats(self, stats: "PenaltyStats", kernel: int, bias: int) -> torch.Tensor:
-        """l2_penalty from the rows' statistics (penalty_stats), with the kernel's strengths in column
-        `kernel` of the strengths they were computed from and the bias's in column `bias`.
-
-        The row means of lam_i * e1_i and lam_i * e1_i^2 need no (rows, out) embeddings: with
-        e1_i = A1 z_i, mean_i lam_i e1_i = A1 c and mean_i lam_i e1_i^2 = diag(A1 M A1^T), where
-        c = Z^T lam / rows and M = Z^T diag(lam) Z / rows (m x m); the bias term uses the same identities
-        per member over its B rows."""
-        W = self.weight.reshape(self.weight.shape[0], -1)  # (out, fan_in)
-        D = self.delta.reshape(self.delta.shape[0], -1)
-        A = self.embedding.weight  # (out or 2*out, m): e_i = A @ z_i
-        out = self._out_size
-        A1 = A[:out]
-        mean_lam_e1 = A1 @ stats.c[kernel]  # (out,)
-        mean_lam_e1sq = ((A1 @ stats.M[kernel]) * A1).sum(1)
-        penalty = (stats.mean[kernel] * W.square().sum() + 2.0 * ((W * D).sum(1) * mean_lam_e1).sum()
-                   + (D.square().sum(1) * mean_lam_e1sq).sum())
-        if self.bias is not None:
-            A2 = A[out:]
-            b, db = self.bias, self.delta_bias  # (E, out)
-            mean_lb_e2 = stats.c_member[:, bias] @ A2.t()  # (E, out)
-            mean_lb_e2sq = torch.einsum("om,kmn,on->ko", A2, stats.M_member[:, bias], A2)
-            per_member = stats.mean_member[:, bias] * b.square().sum(1) + 2.0 * (b * db * mean_lb_e2).sum(1) \
-                + (db.square() * mean_lb_e2sq).sum(1)
-            penalty = penalty + per_member.mean()
-        return penalty
-
-
-class PenaltyStats(NamedTuple):
-    """The rows' statistics the hyper layers' L2 penalty needs, for G columns of strengths lam (rows, G)
-    and the rows' normalised hyperparameters Z (rows, m): over all rows, mean (G,), c = Z^T lam / rows
-    (G, m) and M = Z^T diag(lam) Z / rows (G, m, m); per member over its B rows, mean_member (E, G),
-    c_member (E, G, m) and M_member (E, G, m, m)."""
-    mean: torch.Tensor
-    c: torch.Tensor
-    M: torch.Tensor
-    mean_member: torch.Tensor
-    c_member: torch.Tensor
-    M_member: torch.Tensor
-
-
-def penalty_stats(lam: torch.Tensor, hparams: torch.Tensor, ensemble_size: int) -> PenaltyStats:
-    """PenaltyStats of per-row strengths lam (rows, G) and normalised hyperparameters (rows, m), rows
-    member-major: computed once for every layer of a model (they share the rows)."""
-    z = hparams.to(lam.dtype)
-    rows, E = z.shape[0], ensemble_size
-    B = rows // E
-    lam_m, z_m = lam.reshape(E, B, -1), z.reshape(E, B, -1)
-    return PenaltyStats(lam.mean(0), lam.t() @ z / rows, torch.einsum("ng,na,nb->gab", lam, z, z) / rows,
-                        lam_m.mean(1), torch.einsum("ebg,ebm->egm", lam_m, z_m) / B,
-                        torch.einsum("ebg,eba,ebc->egac", lam_m, z_m, z_m) / B)
+    def _penalty_args(self):
+        """(weight, delta, embedding weight, bias, delta_bias): this layer's entries in the lists
+        hyperkern.ops.hyper_l2_penalty takes (bias and delta_bias None without a bias)."""
+        return self.weight, self.delta, self.embedding.weight, self.bias, self.delta_bias
 
 
 def _check_lam(name: str, lam, rows: int) -> torch.Tensor:
