@@ -41,7 +41,7 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
-       "hyper_batch_ensemble_conv2d")
+       "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp")
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:

@@ -2,7 +2,7 @@
 import importlib as _importlib
 
 from hyperkern import _backends
-from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d
+from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d, hyper_batch_ensemble_conv2d_hp
 from hyperkern.ops.linear import batch_ensemble_linear, hyper_batch_ensemble_linear, hyper_batch_ensemble_linear_hp
 
 # The fused backends' op registrations (fake kernels, autograd) are imported now, so that dispatch
@@ -15,4 +15,4 @@ for _backend in _ready:
         _importlib.import_module(f"hyperkern.ops._{_backend}_{_family}")
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
-           "hyper_batch_ensemble_conv2d"]
+           "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
