@@ -203,8 +203,8 @@ def test_hp_host_code_and_cpu_primitives(harness, monkeypatch, dtype, channels_l
     gen = torch.Generator().manual_seed(3)
     hparams = torch.rand(m, E * B, generator=gen, dtype=torch.float64).to(dtype).t()  # strided view
     embedding = torch.randn(O * (2 if delta_bias else 1), m, generator=gen, dtype=torch.float64).to(dtype)
-    db = args[10] if delta_bias else None
-    hp_args = [*args[:7], hparams, embedding, args[9], db]
+    db = args[9] if delta_bias else None
+    hp_args = [*args[:7], hparams, embedding, args[8], db]
 
     def fn(x, w, d, r, s, u, v, hp, emb, b, dbias):
         e = hp @ emb.t()
