@@ -330,7 +330,14 @@ def validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, d
                 check_finite("hparams", hparams, "the hyperparameters")
                 check_finite("embedding", embedding, "the embedding weight")
             return r.shape[0], stride, padding, dilation, groups
-    # every check one by one, each with its message: the batch op's, then the hyper and hp ones
+    return _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                       padding, dilation, groups, check_hparams)
+
+
+def _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                                dilation, groups, check_hparams):
+    """Every check of validate_conv2d_hp one by one, each with its message: the batch op's, then the hyper
+    and hp ones."""
     E, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     in_c, out_c, N = x.shape[1], weight.shape[0], x.shape[0]
     for name, t in (("delta", delta), ("hparams", hparams), ("embedding", embedding)):
