@@ -23,7 +23,6 @@ from torch.nn.modules.utils import _pair
 import hyperkern.ops as ops
 from hyperkern._backends import BACKENDS
 from hyperkern._backends import is_compiling as _is_compiling
-from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
 from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d_hp as _hyper_conv2d_hp
 from hyperkern.ops.linear import _hyper_batch_ensemble_linear_hp as _hyper_linear_hp
 
