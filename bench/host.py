@@ -69,6 +69,7 @@ def candidates(device, backends=("auto",)) -> list[dict]:
     xc, wc, bc = leaf(N, C, SIZE, SIZE), leaf(C, C, KERNEL, KERNEL), leaf(C)
     rc, sc, biasc, dc, dbc = leaf(E, C), leaf(E, C), leaf(E, C), leaf(C, C, KERNEL, KERNEL), leaf(E, C)
     e1c, e2c = leaf(N, C), leaf(N, C)
+    hpc, embc = leaf(N, NUM_HPARAMS), leaf(2 * C, NUM_HPARAMS)  # the conv hp op's hparams and embedding weight
     gc = torch.randn(N, C, SIZE, SIZE, device=device)
     hp = torch.rand(N, NUM_HPARAMS, device=device)
     lin, conv = nn.Linear(Fe, Fe, device=device), nn.Conv2d(C, C, KERNEL, padding=1, device=device)
@@ -95,6 +96,9 @@ def candidates(device, backends=("auto",)) -> list[dict]:
             {"name": f"hyper_batch_ensemble_conv2d [{be}]", "kind": "op", "family": "hyper", "floor": "F.conv2d",
              "fn": _fwd_bwd(lambda be=be: ops.hyper_batch_ensemble_conv2d(xc, wc, dc, rc, sc, rc, sc, e1c, biasc,
                                                                           dbc, e2c, 1, 1, backend=be), gc)},
+            {"name": f"hyper_batch_ensemble_conv2d_hp [{be}]", "kind": "op", "family": "hyper", "floor": "F.conv2d",
+             "fn": _fwd_bwd(lambda be=be: ops.hyper_batch_ensemble_conv2d_hp(xc, wc, dc, rc, sc, rc, sc, hpc, embc,
+                                                                             biasc, dbc, 1, 1, backend=be), gc)},
         ]
         bel = BatchEnsembleLinear(Fe, Fe, ensemble_size=E, backend=be, device=device)
         hbel = HyperBatchEnsembleLinear(Fe, Fe, ensemble_size=E, num_hparams=NUM_HPARAMS, backend=be, device=device)

@@ -344,6 +344,72 @@ class HyperBatchEnsembleConv2d : public torch::autograd::Function<HyperBatchEnse
   }
 };
 
+// ---- hyper_batch_ensemble_conv2d_hp: the hyper conv op with e(lambda) inside the op ------------------
+// As HyperBatchEnsembleConv2d with (hparams, embedding) in place of (e1, e2): saves x, the parameters,
+// hparams and embedding (tiny) and what the train op kept; never e1 / e2 (the backward op recomputes them).
+
+class HyperBatchEnsembleConv2dHp : public torch::autograd::Function<HyperBatchEnsembleConv2dHp> {
+ public:
+  using Forward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef,
+                                             at::IntArrayRef, at::IntArrayRef, int64_t, bool);
+  using TrainForward = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+      const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+      at::IntArrayRef, int64_t, bool);
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& delta,
+                               const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v,
+                               const Tensor& hparams, const Tensor& embedding, const OptTensor& bias,
+                               const OptTensor& delta_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, bool save_hd, bool train,
+                               c10::DispatchKeySet below) {
+    static const auto op = find_op<Forward>("hyperkern::hyper_batch_ensemble_conv2d_hp");
+    static const auto train_op = find_op<TrainForward>("hyperkern::hyper_batch_ensemble_conv2d_hp_train");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_geometry(ctx, stride, padding, dilation, groups);
+    ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["has_delta_bias"] = present(delta_bias);
+    ctx->set_materialize_grads(false);  // see no_zero_gradients
+    variable_list saved{x, weight, delta, r, s, u, v, hparams, embedding, delta_bias.value_or(Tensor())};
+    if (!train) {
+      auto [y, hd] = op.redispatch(below, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                   padding, dilation, groups, save_hd);
+      saved.push_back(hd);
+      ctx->save_for_backward(saved);
+      ctx->mark_non_differentiable({hd});
+      return {y, hd};
+    }
+    auto [y, hd, h, hr] = train_op.redispatch(below, x, weight, delta, r, s, u, v, hparams, embedding, bias,
+                                              delta_bias, stride, padding, dilation, groups, save_hd);
+    saved.insert(saved.end(), {hd, h, hr});
+    ctx->save_for_backward(saved);
+    ctx->mark_non_differentiable({hd, h, hr});
+    return {y, hd, h, hr};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Grads11(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
+        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
+        "hyperkern::hyper_batch_ensemble_conv2d_hp_backward");
+    if (!grads[0].defined()) return variable_list(18);  // y unused: no gradient flows anywhere
+    const variable_list t = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_delta_bias = ctx->saved_data["has_delta_bias"].toBool();
+    const OptTensor delta_bias = has_delta_bias ? OptTensor(t[9]) : std::nullopt;
+    const std::vector<bool> mask =
+        needs(ctx, {true, true, true, true, true, true, true, true, true, has_bias, has_delta_bias});
+    const SavedGeometry g = load_geometry(ctx);
+    const Grads11 out = op.call(grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], delta_bias, t[10],
+                                g.stride, g.padding, g.dilation, g.groups, as_array<11>(mask),
+                                kept_activation(t, 11), kept_activation(t, 12));
+    return to_list(out, mask, 18);  // 17 arguments and the key set
+  }
+};
+
 Tensor batch_ensemble_linear_autograd(const Tensor& x, const Tensor& weight, const Tensor& r, const Tensor& s,
                                       const OptTensor& bias) {
   return BatchEnsembleLinear::apply(x, weight, r, s, bias);
@@ -424,6 +490,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hyper_batch_ensemble_conv2d_train_aut
   return {out[0], out[1], out[2], out[3]};
 }
 
+std::tuple<Tensor, Tensor> hyper_batch_ensemble_conv2d_hp_autograd(
+    c10::DispatchKeySet ks, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
+    const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& hparams, const Tensor& embedding,
+    const OptTensor& bias, const OptTensor& delta_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const bool train = taking_grad({x, weight, delta, r, s, u, v, hparams, embedding}, {bias, delta_bias});
+  const variable_list out = HyperBatchEnsembleConv2dHp::apply(x, weight, delta, r, s, u, v, hparams, embedding, bias,
+                                                              delta_bias, stride, padding, dilation, groups, save_hd,
+                                                              train, below_autograd(ks));
+  return {out[0], out[1]};
+}
+
+// The hp train op as an op of its own: (y, hd, h, hr), y differentiable, the kept tensors not.
+std::tuple<Tensor, Tensor, Tensor, Tensor> hyper_batch_ensemble_conv2d_hp_train_autograd(
+    c10::DispatchKeySet ks, const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r,
+    const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& hparams, const Tensor& embedding,
+    const OptTensor& bias, const OptTensor& delta_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  if (!taking_grad({x, weight, delta, r, s, u, v, hparams, embedding}, {bias, delta_bias})) {
+    static const auto train_op =
+        find_op<HyperBatchEnsembleConv2dHp::TrainForward>("hyperkern::hyper_batch_ensemble_conv2d_hp_train");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return train_op.redispatch(below_autograd(ks), x, weight, delta, r, s, u, v, hparams, embedding, bias,
+                               delta_bias, stride, padding, dilation, groups, save_hd);
+  }
+  const variable_list out = HyperBatchEnsembleConv2dHp::apply(x, weight, delta, r, s, u, v, hparams, embedding, bias,
+                                                              delta_bias, stride, padding, dilation, groups, save_hd,
+                                                              true, below_autograd(ks));
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
@@ -434,6 +531,8 @@ TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_autograd);
   m.impl("batch_ensemble_conv2d_train", &batch_ensemble_conv2d_train_autograd);
   m.impl("hyper_batch_ensemble_conv2d_train", &hyper_batch_ensemble_conv2d_train_autograd);
+  m.impl("hyper_batch_ensemble_conv2d_hp", &hyper_batch_ensemble_conv2d_hp_autograd);
+  m.impl("hyper_batch_ensemble_conv2d_hp_train", &hyper_batch_ensemble_conv2d_hp_train_autograd);
 }
 
 }  // namespace hyperkern

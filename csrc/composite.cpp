@@ -279,6 +279,58 @@ Grads11 hyper_batch_ensemble_conv2d_backward_autograd(
           or_empty(d[kE2], need[kE2], x)};
 }
 
+// ---- hyper_batch_ensemble_conv2d_hp_backward -----------------------------------------------------
+// As the linear hp op's: recomputes [e1 | e2] = hparams @ embedding^T differentiably, takes the hyper
+// composition's de1, de2 and chains them into d(hparams) = de @ embedding, d(embedding) = de^T hparams.
+
+Grads11 hyper_batch_ensemble_conv2d_hp_backward_autograd(
+    const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& delta, const Tensor& r, const Tensor& s,
+    const Tensor& u, const Tensor& v, const Tensor& hparams, const Tensor& embedding, const OptTensor& delta_bias,
+    const Tensor& hd, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 11> mask, const OptTensor& h, const OptTensor& hr) {
+  if (!taking_grad({g, x, w, delta, r, s, u, v, hparams, embedding}, {delta_bias})) {
+    static const auto op = find_op<Grads11(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, at::IntArrayRef,
+        at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 11>, const OptTensor&, const OptTensor&)>(
+        "hyperkern::hyper_batch_ensemble_conv2d_hp_backward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(g, x, w, delta, r, s, u, v, hparams, embedding, delta_bias, hd, stride, padding, dilation, groups,
+                   mask, h, hr);
+  }
+  const bool has_delta_bias = present(delta_bias);
+  TORCH_CHECK(w.dim() == 4 && hparams.dim() == 2 && embedding.dim() == 2 && hparams.size(0) == x.size(0) &&
+                  embedding.size(1) == hparams.size(1) && embedding.size(0) == (has_delta_bias ? 2 : 1) * w.size(0),
+              "hyperkern backward: hparams must be (E*B, m) and embedding (O, m), or (2*O, m) with delta_bias; got "
+              "hparams ", hparams.sizes(), ", embedding ", embedding.sizes(), " for weight ", w.sizes());
+  const int64_t out = w.size(0);
+  const Tensor e = at::mm(hparams, embedding.t());
+  const Tensor e1 = e.narrow(1, 0, out);
+  OptTensor e2;
+  if (has_delta_bias) e2 = e.narrow(1, out, out);
+  const bool need_e = mask[7] || mask[8];
+  std::array<bool, kNumGrads> need{};
+  for (int i = 0; i < kE1; ++i) need[i] = mask[i];
+  need[kE1] = need_e;
+  need[kBias] = mask[9];
+  need[kDeltaBias] = mask[10] && has_delta_bias;
+  need[kE2] = need_e && has_delta_bias;
+  const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
+  const auto d = composite_grads(g, x, w, r, s, {delta, u, v, e1, delta_bias, e2}, geo, need);
+  Tensor dhp, demb;
+  if (need_e) {
+    const Tensor de = has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];  // (E*B, O or 2*O)
+    if (mask[7]) dhp = at::mm(de, embedding);
+    if (mask[8]) demb = at::mm(de.t(), hparams);
+  }
+  return {or_empty(d[kX], need[kX], x),     or_empty(d[kW], need[kW], x),
+          or_empty(d[kDelta], need[kDelta], x), or_empty(d[kR], need[kR], x),
+          or_empty(d[kS], need[kS], x),     or_empty(d[kU], need[kU], x),
+          or_empty(d[kV], need[kV], x),     or_empty(dhp, mask[7], x),
+          or_empty(demb, mask[8], x),       or_empty(d[kBias], need[kBias], x),
+          or_empty(d[kDeltaBias], need[kDeltaBias], x)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
@@ -287,6 +339,7 @@ TORCH_LIBRARY_IMPL(hyperkern, Autograd, m) {
   m.impl("hyper_batch_ensemble_linear_hp_backward", &hyper_batch_ensemble_linear_hp_backward_autograd);
   m.impl("batch_ensemble_conv2d_backward", &batch_ensemble_conv2d_backward_autograd);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_autograd);
+  m.impl("hyper_batch_ensemble_conv2d_hp_backward", &hyper_batch_ensemble_conv2d_hp_backward_autograd);
 }
 
 }  // namespace hyperkern

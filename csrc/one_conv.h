@@ -19,6 +19,14 @@
 //   out may be undefined (sums only) or `in` itself (the sums read `in` before it is overwritten; not with
 //   accumulate). Activations are contiguous in x's memory format, sums contiguous; a coefficient's
 //   factors have unit stride along channels and any row stride (P reads stride(0)).
+//   P::embed(hparams, embedding, e1, e2)   (the hp ops: e(lambda) inside the op)
+//     e1[n, o] = sum_j hparams[n, j] * embedding[o, j] and, when e2 is defined, e2[n, o] = sum_j hparams[n, j] *
+//     embedding[O + o, j], accumulated in opmath; hparams and embedding with any strides, e1 and e2 (N, O)
+//     contiguous buffers from P::empty.
+//   P::embed_backward(de1, de2, hparams, embedding, dhparams, dembedding)
+//     with de = [de1 | de2] (de2 undefined: de = de1; any strides): dembedding = de^T hparams and dhparams =
+//     de @ embedding, each skipped when undefined, accumulated in opmath and written in their final shape
+//     and dtype (contiguous buffers from P::empty).
 //   The hyper op's uses: per-member factors (r_k, s_k, ...) and per-image ones (v_k * e1[n], the scale of
 //   its delta branch; delta_bias_k * e2[n]); sums per member (ds, dr, db, dv = sum e1 * S, ...) and per
 //   image (de1 = v_k * S, de2 = delta_bias_k * S).
@@ -246,6 +254,55 @@ Grads5 batch_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   std::tie(dx, dw, dr) = branch_backward<P>(pass.out, xc, xr, weight, r, geo, d, need_x, need_w, need_r, at::Tensor());
   fill_unused_p<P>(x, dx, dw, dr, ds, db);
   return {dx, dw, dr, ds, db};
+}
+
+// ---- the hp ops: [e1 | e2] = hparams @ embedding^T inside the op ------------------------------------
+
+// e1 (and e2 when two_parts) of the hp ops, transient (N, O) buffers from P::empty.
+template <class P>
+std::tuple<at::Tensor, std::optional<at::Tensor>> embed(const at::Tensor& hparams, const at::Tensor& embedding,
+                                                        const at::Tensor& x, const Dims& d, bool two_parts) {
+  const at::Tensor e1 = P::empty({d.N, d.O}, x, x.scalar_type(), at::MemoryFormat::Contiguous);
+  const at::Tensor e2 =
+      two_parts ? P::empty({d.N, d.O}, x, x.scalar_type(), at::MemoryFormat::Contiguous) : at::Tensor();
+  P::embed(hparams, embedding, e1, e2);
+  return {e1, two_parts ? std::optional<at::Tensor>(e2) : std::nullopt};
+}
+
+// (dhparams, dembedding) from de1, de2 (de2 undefined without delta_bias), each undefined where not needed.
+template <class P>
+std::tuple<at::Tensor, at::Tensor> embed_backward(const at::Tensor& de1, const at::Tensor& de2,
+                                                  const at::Tensor& hparams, const at::Tensor& embedding,
+                                                  const at::Tensor& x, bool need_hparams, bool need_embedding) {
+  at::Tensor dhp, demb;
+  if (!(need_hparams || need_embedding)) return {dhp, demb};
+  if (need_hparams) dhp = P::empty(hparams.sizes(), x, x.scalar_type(), at::MemoryFormat::Contiguous);
+  if (need_embedding) demb = P::empty(embedding.sizes(), x, x.scalar_type(), at::MemoryFormat::Contiguous);
+  P::embed_backward(de1, de2, hparams, embedding, dhp, demb);
+  return {dhp, demb};
+}
+
+// The hyper backward's output_mask for the hp backward's mask over (x, weight, delta, r, s, u, v, hparams,
+// embedding, bias, delta_bias): de1 (and de2) wherever hparams or embedding need a gradient.
+inline std::array<bool, 11> hyper_mask_of_hp(const std::array<bool, 11>& mask, bool has_delta_bias) {
+  std::array<bool, 11> m = mask;
+  const bool need_e = mask[7] || mask[8];
+  m[7] = need_e;
+  m[8] = mask[9];
+  m[9] = mask[10] && has_delta_bias;
+  m[10] = need_e && has_delta_bias;
+  return m;
+}
+
+// The hp backward's gradients from the hyper backward's (de1, de2 turned into dhparams, dembedding).
+template <class P>
+Grads11 hp_grads(const Grads11& g, const at::Tensor& hparams, const at::Tensor& embedding, const at::Tensor& x,
+                 const std::array<bool, 11>& mask, bool has_delta_bias) {
+  auto [dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2] = g;
+  auto [dhp, demb] = embed_backward<P>(de1, has_delta_bias ? de2 : at::Tensor(), hparams, embedding, x, mask[7],
+                                       mask[8]);
+  fill_unused_p<P>(x, dhp, demb);
+  return {dx, dw, ddelta, dr, ds, du, dv, dhp, demb, db, ddb};
 }
 
 // ---- hyper op: y = s_k * h + e1 * (v_k * hr) + bias_k + delta_bias_k * e2 ------------------------------

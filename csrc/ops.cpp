@@ -73,4 +73,21 @@ TORCH_LIBRARY(hyperkern, m) {
         "Tensor s, Tensor u, Tensor v, Tensor e1, Tensor? delta_bias, Tensor? e2, Tensor hd, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool[11] output_mask, Tensor? h=None, Tensor? hr=None) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // hyper_batch_ensemble_conv2d with e(lambda) inside the op, as hyper_batch_ensemble_linear_hp: hparams
+  // (E*B, m) per image, embedding (O, m), or (2*O, m) with delta_bias (rows O .. 2*O-1 give e2):
+  // [e1 | e2] = hparams @ embedding^T, a transient (E*B, O) buffer per part, never saved (the backward
+  // recomputes it). Outputs as hyper_batch_ensemble_conv2d's and its train op's.
+  m.def("hyper_batch_ensemble_conv2d_hp(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, Tensor u, "
+        "Tensor v, Tensor hparams, Tensor embedding, Tensor? bias, Tensor? delta_bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor)");
+  m.def("hyper_batch_ensemble_conv2d_hp_train(Tensor x, Tensor weight, Tensor delta, Tensor r, Tensor s, "
+        "Tensor u, Tensor v, Tensor hparams, Tensor embedding, Tensor? bias, Tensor? delta_bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool save_hd) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients for (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias) where output_mask is
+  // true (delta_bias's only when present), else empty tensors.
+  m.def("hyper_batch_ensemble_conv2d_hp_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor r, "
+        "Tensor s, Tensor u, Tensor v, Tensor hparams, Tensor embedding, Tensor? delta_bias, Tensor hd, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[11] output_mask, Tensor? h=None, "
+        "Tensor? hr=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
 }

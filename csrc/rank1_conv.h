@@ -133,6 +133,16 @@ inline void check_hyper(const Dims& d, const at::Tensor& x, const at::Tensor& we
               "hyperkern rank-1 conv2d: delta_bias and e2 must be given together");
 }
 
+// Checks the hp ops' hparams (N, m) and embedding (O, m), or (2*O, m) with delta_bias.
+inline void check_hp(const Dims& d, const at::Tensor& x, const at::Tensor& hparams, const at::Tensor& embedding,
+                     bool has_delta_bias) {
+  TORCH_CHECK(hparams.dim() == 2 && hparams.size(0) == d.N, "hyperkern rank-1 conv2d: hparams must be (", d.N,
+              ", m), got ", hparams.sizes());
+  check_shape(embedding, {(has_delta_bias ? 2 : 1) * d.O, hparams.size(1)}, "embedding");
+  check_same_kind(x, hparams, "hparams");
+  check_same_kind(x, embedding, "embedding");
+}
+
 // The memory format every output follows: x's (NCHW or channels-last).
 inline at::MemoryFormat activation_format(const at::Tensor& x) { return x.suggest_memory_format(); }
 

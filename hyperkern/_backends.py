@@ -41,7 +41,7 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
-       "hyper_batch_ensemble_conv2d")
+       "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp")
 # Ops with "torch" and "cpp" backends only (no Triton kernel): the hyper layers' L2 penalty of a whole
 # model (hyperkern.ops.penalty). Not in OPS: available_backends() lists what runs every layer op.
 TORCH_CPP_OPS = ("hyper_l2_penalty",)

@@ -184,3 +184,51 @@ def test_cpu_pass_matches_its_specification(harness, monkeypatch, dtype, channel
         assert a.dtype == dtype, i
         assert_scaled_close(a, b, tol, f"batch grad {i} vs the harness")
         assert_scaled_close(a, w, tol, f"batch grad {i} vs the reference")
+
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float64, False), (torch.float32, True),
+                                                 (torch.bfloat16, False)], ids=["f64-nchw", "f32-cl", "bf16-nchw"])
+@pytest.mark.parametrize("delta_bias", [True, False], ids=["db", "nodb"])
+def test_hp_host_code_and_cpu_primitives(harness, monkeypatch, dtype, channels_last, delta_bias):
+    """The hp ops' host code (one_conv.h: embed / embed_backward around the hyper op's) with the harness's
+    ATen primitives (P::embed = at::mm, P::embed_backward = at::mm) against the float64 reference with
+    e = hparams @ embedding^T, and the CPU op (CpuPrims::embed / embed_backward, raw loops) against both;
+    hparams given as a non-contiguous view (the primitives read strides)."""
+    monkeypatch.setenv("HYPERKERN_CPU_CONV", "one_conv")
+    E, B, C, O, m = 3, 2, 4, 6, 3
+    raw = ([1, 1], [1, 1], [1, 1], 1)
+    args = _args(E, B, C, O, 1, (5, 6), dtype, hyper=True)
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=CL)
+    gen = torch.Generator().manual_seed(3)
+    hparams = torch.rand(m, E * B, generator=gen, dtype=torch.float64).to(dtype).t()  # strided view
+    embedding = torch.randn(O * (2 if delta_bias else 1), m, generator=gen, dtype=torch.float64).to(dtype)
+    db = args[9] if delta_bias else None
+    hp_args = [*args[:7], hparams, embedding, args[8], db]
+
+    def fn(x, w, d, r, s, u, v, hp, emb, b, dbias):
+        e = hp @ emb.t()
+        return ref.hyper_batch_ensemble_conv2d_reference(x, w, d, r, s, u, v, e[:, :O], b, dbias,
+                                                         e[:, O:] if dbias is not None else None, padding=1)
+
+    g = torch.randn(E * B, O, 5, 6, dtype=torch.float64)
+    y_ref, want = output_and_grads(fn, [None if a is None else a.double() for a in hp_args], g)
+    g = g.to(dtype)
+    y, _, h, hr = harness.hp_forward(*hp_args, *raw, True)
+    _close(y, y_ref, dtype, "hp y (harness)")
+    y_op, _, h_op, hr_op = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_hp_train(*hp_args, *raw, False)
+    _close(y_op, y_ref, dtype, "hp y (cpu op)")
+    masks = ([True] * 11, [False] * 7 + [True, False, False, False], [False] * 8 + [True, False, False],
+             [True, False, True, False, True, False, True, False, False, True, True])
+    for mask in masks:
+        mask = [need and a is not None for need, a in zip(mask, hp_args)]
+        spec = harness.hp_backward(g, *hp_args[:9], db, h, hr, *raw, mask)
+        got = torch.ops.hyperkern.hyper_batch_ensemble_conv2d_hp_backward(
+            g, *hp_args[:9], db, torch.empty(0, dtype=dtype), *raw, mask, h_op, hr_op)
+        for i, (need, a, b, w) in enumerate(zip(mask, got, spec, want)):
+            if not need:
+                assert a.numel() == 0 and b.numel() == 0, i
+                continue
+            assert a.dtype == dtype and a.shape == b.shape == w.shape, i
+            _close(b, w, dtype, f"hp grad {i} (harness, mask {mask})")
+            _close(a, w, dtype, f"hp grad {i} (cpu op, mask {mask})")

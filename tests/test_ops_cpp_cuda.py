@@ -107,6 +107,28 @@ def test_linear_hp_matches_member_loop(E, B, fin, fout, m, dtype, bias):
            args[:7] + [hparams, embedding] + args[8:10], dtype)
 
 
+def _conv_hp_reference(x, weight, delta, r, s, u, v, hparams, embedding, bias=None, delta_bias=None, **geo):
+    e = hparams.double() @ embedding.double().t()
+    O = weight.shape[0]
+    return ref.hyper_batch_ensemble_conv2d_reference(x, weight, delta, r, s, u, v, e[:, :O], bias, delta_bias,
+                                                     e[:, O:] if delta_bias is not None else None, **geo)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,B,C,O,groups,stride,padding,dilation,hw", CONV_CASES[:4])
+def test_conv_hp_matches_member_loop(E, B, C, O, groups, stride, padding, dilation, hw, dtype, channels_last, bias):
+    """hyper_batch_ensemble_conv2d_hp on CUDA (e in transient buffers from CudaPrims::embed, d(hparams) and
+    d(embedding) from CudaPrims::embed_backward): output and every gradient, hparams and embedding included."""
+    args = conv_args(E, B, C, O, groups, hw, True, bias)
+    hparams = torch.rand(E * B, 3, dtype=torch.float64)
+    embedding = torch.randn(O * (2 if bias else 1), 3, dtype=torch.float64)
+    _check(hyperkern.ops.hyper_batch_ensemble_conv2d_hp, _conv_hp_reference,
+           args[:7] + [hparams, embedding] + args[8:10], dtype, channels_last, stride=stride, padding=padding,
+           dilation=dilation, groups=groups)
+
+
 def test_gradcheck_fp64():
     geo = ([2, 1], [1, 0], [1, 2], 2)
     cuda = lambda args: [t.cuda().requires_grad_() for t in args]  # noqa: E731

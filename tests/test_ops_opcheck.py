@@ -134,7 +134,8 @@ def test_the_namespace_is_enumerated():
     if _CPU["cpp"] is None:
         assert {"batch_ensemble_linear", "batch_ensemble_linear_backward", "batch_ensemble_conv2d_train",
                 "hyper_batch_ensemble_conv2d_backward", "hyper_batch_ensemble_linear_hp",
-                "hyper_batch_ensemble_linear_hp_backward"} <= names
+                "hyper_batch_ensemble_linear_hp_backward", "hyper_batch_ensemble_conv2d_hp",
+                "hyper_batch_ensemble_conv2d_hp_train", "hyper_batch_ensemble_conv2d_hp_backward"} <= names
     if _CPU["triton"] is None:
         assert {"batch_ensemble_linear_triton", "hyper_batch_ensemble_conv2d_triton_backward",
                 "hyper_batch_ensemble_linear_hp_triton", "hyper_batch_ensemble_linear_hp_triton_backward"} <= names

@@ -139,3 +139,24 @@ def test_hp_fast_path_matches_the_full_checks(bias):
                 except (TypeError, ValueError) as exc:
                     results.append(type(exc))
             assert results[0] == results[1], (name, bad.shape if isinstance(bad, torch.Tensor) else bad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_hp_fast_path_matches_the_full_checks(bias):
+    base = _conv_args(hyper=True, bias=bias)
+    del base["e1"], base["e2"]
+    base["hparams"] = torch.rand(6, 3)
+    base["embedding"] = torch.randn(12 if bias else 6, 3)
+    geo = dict(stride=1, padding=1, dilation=1, groups=2, check_hparams=False)
+    assert V.validate_conv2d_hp(**base, **geo)[0] == 3
+    for name in base:
+        for bad in _mutations(base[name]):
+            kwargs = dict(base, **{name: bad})
+            results = []
+            for check in (V.validate_conv2d_hp, V._validate_conv2d_hp_in_full):
+                try:
+                    check(**kwargs, **geo)
+                    results.append("ok")
+                except (TypeError, ValueError) as exc:
+                    results.append(type(exc))
+            assert results[0] == results[1], (name, bad.shape if isinstance(bad, torch.Tensor) else bad)

@@ -285,6 +285,71 @@ struct CpuPrims {
       for (const one_conv::Sum& s : pass.sums) reduce_sum<scalar_t>(s, s.of_aux ? sum_aux : sum_in, N, C, pass.B);
     });
   }
+
+  // [e1 | e2] = hparams @ embedding^T: raw loops on this thread ((N, O) with m <= a few: tiny).
+  static void embed(const at::Tensor& hparams, const at::Tensor& embedding, const at::Tensor& e1,
+                    const at::Tensor& e2) {
+    const int64_t N = hparams.size(0), m = hparams.size(1), O = e1.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hparams.scalar_type(), "rank1_conv_embed_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* hp = hparams.const_data_ptr<scalar_t>();
+      const scalar_t* em = embedding.const_data_ptr<scalar_t>();
+      const int64_t hs0 = hparams.stride(0), hs1 = hparams.stride(1), es0 = embedding.stride(0),
+                    es1 = embedding.stride(1);
+      for (int part = 0; part < 2; ++part) {
+        const at::Tensor& e = part == 0 ? e1 : e2;
+        if (!e.defined()) continue;
+        scalar_t* out = e.mutable_data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t o = 0; o < O; ++o) {
+            acc_t total = 0;
+            for (int64_t j = 0; j < m; ++j) total += widen(hp[n * hs0 + j * hs1]) * widen(em[(part * O + o) * es0 + j * es1]);
+            out[n * O + o] = narrow_to<scalar_t>(total);
+          }
+        }
+      }
+    });
+  }
+
+  // de = [de1 | de2]: dembedding = de^T hparams, dhparams = de @ embedding (each when defined).
+  static void embed_backward(const at::Tensor& de1, const at::Tensor& de2, const at::Tensor& hparams,
+                             const at::Tensor& embedding, const at::Tensor& dhparams, const at::Tensor& dembedding) {
+    const int64_t N = hparams.size(0), m = hparams.size(1), O = de1.size(1), R = embedding.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hparams.scalar_type(), "rank1_conv_embed_backward_cpu",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* hp = hparams.const_data_ptr<scalar_t>();
+      const scalar_t* em = embedding.const_data_ptr<scalar_t>();
+      const scalar_t* d1 = de1.const_data_ptr<scalar_t>();
+      const scalar_t* d2 = de2.defined() ? de2.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t hs0 = hparams.stride(0), hs1 = hparams.stride(1), es0 = embedding.stride(0),
+                    es1 = embedding.stride(1), d1s0 = de1.stride(0), d1s1 = de1.stride(1),
+                    d2s0 = d2 ? de2.stride(0) : 0, d2s1 = d2 ? de2.stride(1) : 0;
+      const auto de = [&](int64_t n, int64_t o) -> acc_t {
+        return o < O ? widen(d1[n * d1s0 + o * d1s1]) : widen(d2[n * d2s0 + (o - O) * d2s1]);
+      };
+      if (dembedding.defined()) {
+        scalar_t* out = dembedding.mutable_data_ptr<scalar_t>();
+        for (int64_t o = 0; o < R; ++o) {
+          for (int64_t j = 0; j < m; ++j) {
+            acc_t total = 0;
+            for (int64_t n = 0; n < N; ++n) total += de(n, o) * widen(hp[n * hs0 + j * hs1]);
+            out[o * m + j] = narrow_to<scalar_t>(total);
+          }
+        }
+      }
+      if (dhparams.defined()) {
+        scalar_t* out = dhparams.mutable_data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t j = 0; j < m; ++j) {
+            acc_t total = 0;
+            for (int64_t o = 0; o < R; ++o) total += de(n, o) * widen(em[o * es0 + j * es1]);
+            out[n * m + j] = narrow_to<scalar_t>(total);
+          }
+        }
+      }
+    });
+  }
 };
 
 // ---- which scheme a CPU conv op runs ----------------------------------------------------------------
@@ -884,6 +949,49 @@ hyper_batch_ensemble_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Ten
   return {dx, dw, ddelta, dr, ds, du, dv, de1, db, ddb, de2};
 }
 
+// ---- the hp ops: e = hparams @ embedding^T into transient buffers (CpuPrims::embed), then the hyper op's
+// kernels above; their de1 / de2 reduced into dhparams, dembedding (CpuPrims::embed_backward).
+
+std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_hp_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const Dims d = check_conv(x, weight, r, s, make_geometry(stride, padding, dilation, groups));
+  check_hp(d, x, hparams, embedding, defined(delta_bias));
+  const auto [e1, e2] = one_conv::embed<CpuPrims>(hparams, embedding, x, d, defined(delta_bias));
+  return hyper_batch_ensemble_conv2d_cpu(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                         dilation, groups, save_hd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_hp_train_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  const Dims d = check_conv(x, weight, r, s, make_geometry(stride, padding, dilation, groups));
+  check_hp(d, x, hparams, embedding, defined(delta_bias));
+  const auto [e1, e2] = one_conv::embed<CpuPrims>(hparams, embedding, x, d, defined(delta_bias));
+  return hyper_batch_ensemble_conv2d_train_cpu(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                                               padding, dilation, groups, save_hd);
+}
+
+one_conv::Grads11 hyper_batch_ensemble_conv2d_hp_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,
+    const at::Tensor& r, const at::Tensor& s, const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams,
+    const at::Tensor& embedding, const std::optional<at::Tensor>& delta_bias, const at::Tensor& hd,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 11> output_mask, const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& hr) {
+  const Dims d = check_conv(x, weight, r, s, make_geometry(stride, padding, dilation, groups));
+  const bool has_db = defined(delta_bias);
+  check_hp(d, x, hparams, embedding, has_db);
+  const auto [e1, e2] = one_conv::embed<CpuPrims>(hparams, embedding, x, d, has_db);
+  const one_conv::Grads11 grads = hyper_batch_ensemble_conv2d_backward_cpu(
+      grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd, stride, padding, dilation, groups,
+      one_conv::hyper_mask_of_hp(output_mask, has_db), h, hr);
+  return one_conv::hp_grads<CpuPrims>(grads, hparams, embedding, x, output_mask, has_db);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
@@ -893,6 +1001,9 @@ TORCH_LIBRARY_IMPL(hyperkern, CPU, m) {
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cpu);
   m.impl("hyper_batch_ensemble_conv2d_train", &hyper_batch_ensemble_conv2d_train_cpu);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cpu);
+  m.impl("hyper_batch_ensemble_conv2d_hp", &hyper_batch_ensemble_conv2d_hp_cpu);
+  m.impl("hyper_batch_ensemble_conv2d_hp_train", &hyper_batch_ensemble_conv2d_hp_train_cpu);
+  m.impl("hyper_batch_ensemble_conv2d_hp_backward", &hyper_batch_ensemble_conv2d_hp_backward_cpu);
 }
 
 }  // namespace rank1_conv

@@ -219,6 +219,58 @@ __global__ void reduce_sum_kernel(const at::opmath_type<T>* __restrict__ per_ima
   }
 }
 
+// The hp ops' embedding, one thread per output: e[n, o'] = sum_j hparams[n, j] * embedding[o', j] for the
+// R = O or 2*O rows of embedding (o' < O into e1, else into e2), accumulated in opmath.
+template <typename T>
+__global__ void embed_kernel(const T* __restrict__ hp, int64_t hs0, int64_t hs1, const T* __restrict__ em,
+                             int64_t es0, int64_t es1, T* __restrict__ e1, T* __restrict__ e2, int64_t N, int64_t O,
+                             int64_t R, int64_t m) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N * R;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / R, o = i % R;
+    acc_t total = 0;
+    for (int64_t j = 0; j < m; ++j) total += static_cast<acc_t>(hp[n * hs0 + j * hs1]) * static_cast<acc_t>(em[o * es0 + j * es1]);
+    if (o < O) e1[n * O + o] = static_cast<T>(total);
+    else e2[n * O + o - O] = static_cast<T>(total);
+  }
+}
+
+// Its backward, one thread per output: dembedding[o', j] = sum_n de[n, o'] * hparams[n, j] (the first R * m
+// threads) and dhparams[n, j] = sum_o' de[n, o'] * embedding[o', j] (the next N * m), de = [de1 | de2];
+// either output may be null.
+template <typename T>
+struct DePtr {
+  const T* d1;
+  const T* d2;
+  int64_t s10, s11, s20, s21, O;
+  __device__ __forceinline__ at::opmath_type<T> at(int64_t n, int64_t o) const {
+    return o < O ? static_cast<at::opmath_type<T>>(d1[n * s10 + o * s11])
+                 : static_cast<at::opmath_type<T>>(d2[n * s20 + (o - O) * s21]);
+  }
+};
+
+template <typename T>
+__global__ void embed_backward_kernel(DePtr<T> de, const T* __restrict__ hp, int64_t hs0, int64_t hs1,
+                                      const T* __restrict__ em, int64_t es0, int64_t es1, T* __restrict__ dhp,
+                                      T* __restrict__ dem, int64_t N, int64_t R, int64_t m) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t n_emb = dem != nullptr ? R * m : 0, total_outputs = n_emb + (dhp != nullptr ? N * m : 0);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total_outputs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t total = 0;
+    if (i < n_emb) {
+      const int64_t o = i / m, j = i % m;
+      for (int64_t n = 0; n < N; ++n) total += de.at(n, o) * static_cast<acc_t>(hp[n * hs0 + j * hs1]);
+      dem[i] = static_cast<T>(total);
+    } else {
+      const int64_t k = i - n_emb, n = k / m, j = k % m;
+      for (int64_t o = 0; o < R; ++o) total += de.at(n, o) * static_cast<acc_t>(em[o * es0 + j * es1]);
+      dhp[k] = static_cast<T>(total);
+    }
+  }
+}
+
 // The primitive set of csrc/one_conv.h on CUDA (AtenPrims in tests/harness/one_conv_harness.cpp is its
 // specification in ATen ops). scale_channels: one pass over the activation `in` (N, C, P positions) in its
 // memory format writing out and the (N, C) opmath per-image sums into a scratch buffer, then one small
@@ -294,6 +346,44 @@ struct CudaPrims {
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
+    });
+  }
+
+  static void embed(const at::Tensor& hparams, const at::Tensor& embedding, const at::Tensor& e1,
+                    const at::Tensor& e2) {
+    const int64_t N = hparams.size(0), m = hparams.size(1), O = e1.size(1), R = e2.defined() ? 2 * O : O;
+    if (N * R == 0) return;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hparams.scalar_type(), "rank1_conv_embed_cuda", [&] {
+      embed_kernel<scalar_t><<<blocks_for(N * R), kThreads, 0, stream>>>(
+          hparams.const_data_ptr<scalar_t>(), hparams.stride(0), hparams.stride(1),
+          embedding.const_data_ptr<scalar_t>(), embedding.stride(0), embedding.stride(1),
+          e1.mutable_data_ptr<scalar_t>(), e2.defined() ? e2.mutable_data_ptr<scalar_t>() : nullptr, N, O, R, m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void embed_backward(const at::Tensor& de1, const at::Tensor& de2, const at::Tensor& hparams,
+                             const at::Tensor& embedding, const at::Tensor& dhparams, const at::Tensor& dembedding) {
+    const int64_t N = hparams.size(0), m = hparams.size(1), R = embedding.size(0);
+    const int64_t outputs = (dembedding.defined() ? R * m : 0) + (dhparams.defined() ? N * m : 0);
+    if (outputs == 0) return;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hparams.scalar_type(), "rank1_conv_embed_backward_cuda",
+                                    [&] {
+      const DePtr<scalar_t> de{de1.const_data_ptr<scalar_t>(),
+                               de2.defined() ? de2.const_data_ptr<scalar_t>() : nullptr,
+                               de1.stride(0),
+                               de1.stride(1),
+                               de2.defined() ? de2.stride(0) : 0,
+                               de2.defined() ? de2.stride(1) : 0,
+                               de1.size(1)};
+      embed_backward_kernel<scalar_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
+          de, hparams.const_data_ptr<scalar_t>(), hparams.stride(0), hparams.stride(1),
+          embedding.const_data_ptr<scalar_t>(), embedding.stride(0), embedding.stride(1),
+          dhparams.defined() ? dhparams.mutable_data_ptr<scalar_t>() : nullptr,
+          dembedding.defined() ? dembedding.mutable_data_ptr<scalar_t>() : nullptr, N, R, m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 };
@@ -396,6 +486,58 @@ hyper_batch_ensemble_conv2d_backward_cuda(const at::Tensor& grad_y, const at::Te
                                              output_mask);
 }
 
+// ---- the hp ops: e = hparams @ embedding^T into transient buffers (CudaPrims::embed, one small kernel),
+// then the hyper op's host code; its de1 / de2 reduced into dhparams, dembedding (one more small kernel).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hp_forward_checked(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd, bool keep_branches) {
+  const Dims d = check_conv(x, weight, r, s, make_geometry(stride, padding, dilation, groups));
+  check_hp(d, x, hparams, embedding, defined(delta_bias));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto [e1, e2] = one_conv::embed<CudaPrims>(hparams, embedding, x, d, defined(delta_bias));
+  return hyper_forward_checked(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
+                               groups, save_hd, keep_branches);
+}
+
+std::tuple<at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_hp_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_hd) {
+  auto [y, hd, h, hr] = hp_forward_checked(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                           padding, dilation, groups, save_hd, false);
+  return {y, hd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hyper_batch_ensemble_conv2d_hp_train_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool /*save_hd*/) {
+  return hp_forward_checked(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                            dilation, groups, false, true);
+}
+
+one_conv::Grads11 hyper_batch_ensemble_conv2d_hp_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,
+    const at::Tensor& r, const at::Tensor& s, const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams,
+    const at::Tensor& embedding, const std::optional<at::Tensor>& delta_bias, const at::Tensor& hd,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 11> output_mask, const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& hr) {
+  const Dims d = check_conv(x, weight, r, s, make_geometry(stride, padding, dilation, groups));
+  const bool has_db = defined(delta_bias);
+  check_hp(d, x, hparams, embedding, has_db);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto [e1, e2] = one_conv::embed<CudaPrims>(hparams, embedding, x, d, has_db);
+  const one_conv::Grads11 grads = hyper_batch_ensemble_conv2d_backward_cuda(
+      grad_y, x, weight, delta, r, s, u, v, e1, delta_bias, e2, hd, stride, padding, dilation, groups,
+      one_conv::hyper_mask_of_hp(output_mask, has_db), h, hr);
+  return one_conv::hp_grads<CudaPrims>(grads, hparams, embedding, x, output_mask, has_db);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
@@ -405,6 +547,9 @@ TORCH_LIBRARY_IMPL(hyperkern, CUDA, m) {
   m.impl("hyper_batch_ensemble_conv2d", &hyper_batch_ensemble_conv2d_cuda);
   m.impl("hyper_batch_ensemble_conv2d_train", &hyper_batch_ensemble_conv2d_train_cuda);
   m.impl("hyper_batch_ensemble_conv2d_backward", &hyper_batch_ensemble_conv2d_backward_cuda);
+  m.impl("hyper_batch_ensemble_conv2d_hp", &hyper_batch_ensemble_conv2d_hp_cuda);
+  m.impl("hyper_batch_ensemble_conv2d_hp_train", &hyper_batch_ensemble_conv2d_hp_train_cuda);
+  m.impl("hyper_batch_ensemble_conv2d_hp_backward", &hyper_batch_ensemble_conv2d_hp_backward_cuda);
 }
 
 }  // namespace rank1_conv

@@ -21,7 +21,7 @@ from torch.nn.modules.utils import _pair
 import hyperkern.ops as ops
 from hyperkern._backends import BACKENDS
 from hyperkern._backends import is_compiling as _is_compiling
-from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d as _hyper_conv2d
+from hyperkern.ops.conv import _hyper_batch_ensemble_conv2d_hp as _hyper_conv2d_hp
 from hyperkern.ops.linear import _hyper_batch_ensemble_linear_hp as _hyper_linear_hp
 from hyperkern.ops.penalty import PenaltyStats, hyper_l2_penalty, penalty_backend, penalty_stats  # noqa: F401
 
@@ -577,11 +577,14 @@ class HyperBatchEnsembleConv2d(_HyperMixin, BatchEnsembleConv2d):
         """
         self._check_x(x)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
-        e1, e2 = self.embed(hparams)
+        emb = self.embedding.weight
+        hp = hparams if hparams.dtype == emb.dtype else hparams.to(emb.dtype)
         x, padding = self._pad(x)
-        return _hyper_conv2d(x, self.weight, self.delta, self.r, self.s, self.u, self.v, e1, self.bias,
-                             self.delta_bias, e2, self.stride, padding, self.dilation, self.groups, self.backend,
-                             False)  # no per-layer finiteness check of e1, e2: see HyperBatchEnsembleLinear
+        # e1 / e2 = embed(hparams) computed inside the op (no per-layer F.linear + split and their autograd
+        # nodes); no per-layer finiteness check of hparams / embedding: see HyperBatchEnsembleLinear
+        return _hyper_conv2d_hp(x, self.weight, self.delta, self.r, self.s, self.u, self.v, hp, emb, self.bias,
+                                self.delta_bias, self.stride, padding, self.dilation, self.groups, self.backend,
+                                False)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_hparams={self.num_hparams}, tie_fast_weights={self.tie_fast_weights}, "

@@ -2,7 +2,7 @@
 import importlib as _importlib
 
 from hyperkern import _backends
-from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d
+from hyperkern.ops.conv import batch_ensemble_conv2d, hyper_batch_ensemble_conv2d, hyper_batch_ensemble_conv2d_hp
 from hyperkern.ops.linear import batch_ensemble_linear, hyper_batch_ensemble_linear, hyper_batch_ensemble_linear_hp
 from hyperkern.ops.penalty import PenaltyStats, hyper_l2_penalty, penalty_stats
 
@@ -19,4 +19,5 @@ if ("hyper_l2_penalty", "CPU") in _backends._CPP_KERNELS or ("hyper_l2_penalty",
     _importlib.import_module("hyperkern.ops._cpp_penalty")
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp", "batch_ensemble_conv2d",
-           "hyper_batch_ensemble_conv2d", "hyper_l2_penalty", "penalty_stats", "PenaltyStats"]
+           "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp", "hyper_l2_penalty", "penalty_stats",
+           "PenaltyStats"]

@@ -19,7 +19,7 @@ from torch._prims_common import suggest_memory_format
 
 from hyperkern import _C  # noqa: F401  (registers the torch.ops.hyperkern schemas and kernels)
 
-__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
+__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
 
 _ops = torch.ops.hyperkern
 
@@ -146,6 +146,33 @@ def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u
 # Autograd: csrc/autograd.cpp (hd is non-differentiable; the train op's outputs are saved for the backward).
 
 
+# ---- hyper_batch_ensemble_conv2d_hp: (hparams, embedding) in place of (e1, e2) -------------------------
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp")
+def _hyper_batch_ensemble_conv2d_hp_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                         padding, dilation, groups, save_hd):
+    return _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, None, bias, delta_bias, None, stride,
+                                             padding, dilation, groups, save_hd)
+
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp_train")
+def _hyper_batch_ensemble_conv2d_hp_train_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                               stride, padding, dilation, groups, save_hd):
+    return _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, None, bias, delta_bias, None, stride,
+                                                   padding, dilation, groups, save_hd)
+
+
+@torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp_backward")
+def _hyper_batch_ensemble_conv2d_hp_backward_fake(grad_y, x, weight, delta, r, s, u, v, hparams, embedding,
+                                                  delta_bias, hd, stride, padding, dilation, groups, output_mask,
+                                                  h=None, hr=None):
+    E, O = s.shape
+    shapes = (None, weight.shape, weight.shape, r.shape, (E, O), r.shape, (E, O), hparams.shape, embedding.shape,
+              (E, O), (E, O))
+    mask = list(output_mask[:10]) + [output_mask[10] and delta_bias is not None]
+    return _fake_grads(x, mask, shapes)
+
+
 # ---- entry points used by hyperkern.ops.conv (arguments validated there) ------------------------------
 
 def batch_ensemble_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups):
@@ -164,4 +191,15 @@ def hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bi
     save_hd = torch.is_grad_enabled() and e1.requires_grad
     y, _ = _ops.hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, list(stride),
                                             list(padding), list(dilation), groups, save_hd)
+    return y
+
+
+def hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                                   dilation, groups):
+    """hyper_batch_ensemble_conv2d with [e1 | e2] = hparams @ embedding^T computed inside the op (transient
+    buffers, no operator call of their own); hd kept on the CPU as for the e1 op when hparams or embedding
+    will need a gradient."""
+    save_hd = torch.is_grad_enabled() and (hparams.requires_grad or embedding.requires_grad)
+    y, _ = _ops.hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                               list(stride), list(padding), list(dilation), groups, save_hd)
     return y

@@ -322,3 +322,14 @@ def hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bi
     """y = s_k * conv(x * r_k, W) + v_k * e1 * conv(x * u_k, delta) + bias_k + delta_bias_k * e2."""
     return _hyper_batch_ensemble_conv2d_op(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, list(stride),
                                            list(padding), list(dilation), groups)
+
+
+def hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                                   dilation, groups):
+    """hyper_batch_ensemble_conv2d with [e1 | e2] = hparams @ embedding^T: e computed here (F.linear, freed
+    after the backward), then the Triton conv op."""
+    e = torch.nn.functional.linear(hparams, embedding)
+    out_c = weight.shape[0]
+    e1, e2 = (e, None) if delta_bias is None else (e[:, :out_c], e[:, out_c:])
+    return hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
+                                       dilation, groups)

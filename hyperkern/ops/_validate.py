@@ -301,3 +301,67 @@ def _validate_conv2d_in_full(x, weight, r, s, bias, stride, padding, dilation, g
     named = _check_members_and_hyper(x, weight, r, s, bias, E, in_c, out_c, "channels", "image", hyper,
                                      delta, u, v, e1, delta_bias, e2, check_embeddings)
     return E, stride, padding, dilation, groups
+
+
+def validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation,
+                       groups, check_hparams: bool = True):
+    """Validate hyper_batch_ensemble_conv2d_hp's arguments; return (E, stride, padding, dilation, groups)
+    normalised: those of the hyper conv op, with hparams (E*B, m) and the embedding weight (O, m), or
+    (2*O, m) with delta_bias, in place of e1 / e2. check_hparams: refuse NaN / Inf in hparams and embedding
+    (reads the values: a device sync on CUDA)."""
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4 \
+            and delta is not None and u is not None and v is not None and embedding is not None \
+            and isinstance(hparams, torch.Tensor) and hparams.dim() == 2:
+        out_c, cg, kh, kw = weight.shape
+        m = hparams.shape[1]
+        rows = 2 * out_c if delta_bias is not None else out_c
+        if out_c % groups == 0 and x.shape[1] == cg * groups \
+                and x.shape[2] + 2 * padding[0] > dilation[0] * (kh - 1) \
+                and x.shape[3] + 2 * padding[1] > dilation[1] * (kw - 1) \
+                and _fast_ok(x, weight, r, s, 4, cg * groups, out_c,
+                             members=((bias, out_c), (u, cg * groups), (v, out_c), (delta_bias, out_c)),
+                             rows=((hparams, m),), fixed=((delta, weight.shape), (embedding, (rows, m)))):
+            if check_hparams:
+                check_finite("hparams", hparams, "the hyperparameters")
+                check_finite("embedding", embedding, "the embedding weight")
+            return r.shape[0], stride, padding, dilation, groups
+    return _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                       padding, dilation, groups, check_hparams)
+
+
+def _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                                dilation, groups, check_hparams):
+    """Every check of validate_conv2d_hp one by one, each with its message: the batch op's, then the hyper
+    and hp ones."""
+    E, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
+    in_c, out_c, N = x.shape[1], weight.shape[0], x.shape[0]
+    for name, t in (("delta", delta), ("hparams", hparams), ("embedding", embedding)):
+        check_tensor(name, t, 4 if name == "delta" else 2)
+    for name, t in (("u", u), ("v", v)):
+        check_tensor(name, t, 2)
+    check_tensor("delta_bias", delta_bias, 2, optional=True)
+    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+    check_shape("u", u, (E, in_c), "(ensemble_size, in_channels)")
+    check_shape("v", v, (E, out_c), "(ensemble_size, out_channels)")
+    check_shape("delta_bias", delta_bias, (E, out_c), "(ensemble_size, out_channels)")
+    m = hparams.shape[1]
+    if hparams.shape[0] != N:
+        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
+                         f"hyperparameters per image of x, got {tuple(hparams.shape)}")
+    rows = 2 * out_c if delta_bias is not None else out_c
+    what = ("(2*out_channels, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
+            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
+            "(out_channels, num_hparams): e1 = hparams @ embedding^T, as the layer's "
+            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
+    check_shape("embedding", embedding, (rows, m), what)
+    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
+                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
+    if check_hparams:
+        check_finite("hparams", hparams, "the hyperparameters")
+        check_finite("embedding", embedding, "the embedding weight")
+    return E, stride, padding, dilation, groups

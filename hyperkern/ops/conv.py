@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from hyperkern._backends import implementation
-from hyperkern.ops._validate import validate_conv2d
+from hyperkern.ops._validate import validate_conv2d, validate_conv2d_hp
 
-__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d"]
+__all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
 
 
 def _members(t: torch.Tensor, E: int) -> torch.Tensor:
@@ -50,6 +50,17 @@ def _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, d
     if delta_bias is not None:
         y = y + _chan(delta_bias) * _members(e2, E)[..., None, None]
     return y.reshape(h.shape)
+
+
+def _torch_hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
+                                          stride, padding, dilation, groups):
+    # The plain composition, exactly the layer's embed() then the e1 / e2 op: autograd keeps what the
+    # composition's ops keep (e1, e2 among them); the cpp backend does not.
+    e = F.linear(hparams, embedding)
+    out_c = weight.shape[0]
+    e1, e2 = (e, None) if delta_bias is None else (e[:, :out_c], e[:, out_c:])
+    return _torch_hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
+                                              padding, dilation, groups)
 
 
 class _ContiguousCopy(torch.autograd.Function):
@@ -135,3 +146,55 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     run = implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device, _torch_hyper_batch_ensemble_conv2d)
     return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
                          groups, stride=stride)
+
+
+def hyper_batch_ensemble_conv2d_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
+                                   s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, hparams: torch.Tensor,
+                                   embedding: torch.Tensor, bias: torch.Tensor | None = None,
+                                   delta_bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                                   groups: int = 1, *, backend: str = "auto") -> torch.Tensor:
+    """hyper_batch_ensemble_conv2d with the hyperparameter embedding computed inside the op:
+
+        [e1 | e2] = hparams @ embedding^T                        (one row per image)
+        y = s_k * conv(x * r_k, W) + (v_k * e1) * conv(x * u_k, delta) + bias_k + delta_bias_k * e2
+
+    e1, e2 (E*B, C_out) are never saved for the backward (it recomputes them from hparams, which is
+    tiny); gradients flow to every tensor argument, hparams and embedding included.
+
+    Where e is computed, per backend:
+        cpp (CPU and CUDA): transient, inside the op's kernel with no operator call of its own: a small
+            primitive (CPU: a loop; CUDA: one small kernel) fills (E*B, C_out) buffers for e1 / e2, the
+            hyper op's kernels run on them, and its backward reduces the kernels' de1 / de2 into
+            d(embedding) = de^T hparams and d(hparams) = de @ embedding with another (csrc/one_conv.h:
+            P::embed, P::embed_backward).
+        triton and torch: the plain composition (F.linear for e, then the e1 / e2 op of that backend); its
+            autograd keeps what those ops keep, e1 and e2 included.
+
+    Args:
+        x: (E*B, C_in, H, W) member-major images, NCHW or channels-last.
+        weight, delta: (C_out, C_in/groups, kh, kw) shared weights.
+        r, u: (E, C_in); s, v: (E, C_out) fast weights.
+        hparams: (E*B, m) per-image normalised hyperparameters (HyperParameterSpace.normalize).
+        embedding: the embedding weight, nn.Linear(m, C_out or 2*C_out, bias=False).weight: (C_out, m)
+            without delta_bias, (2*C_out, m) with it (rows [0, C_out) give e1, [C_out, 2*C_out) give e2).
+        bias, delta_bias: (E, C_out) or None.
+        stride, padding, dilation: int or pair; groups: int.
+        backend: "auto" | "torch" | "cpp" | "triton".
+    Returns:
+        (E*B, C_out, H_out, W_out) member-major outputs (channels-last x: channels-last output).
+    """
+    return _hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                           padding, dilation, groups, backend, True)
+
+
+def _hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                                    padding, dilation, groups, backend: str, check_hparams: bool) -> torch.Tensor:
+    """hyper_batch_ensemble_conv2d_hp; check_hparams=False skips the finiteness check of hparams and
+    embedding (a device sync on CUDA), for callers that checked them (the layers)."""
+    _, stride, padding, dilation, groups = validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias,
+                                                              delta_bias, stride, padding, dilation, groups,
+                                                              check_hparams)
+    run = implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
+                         _torch_hyper_batch_ensemble_conv2d_hp)
+    return _guard_layout(run, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
+                         dilation, groups, stride=stride)

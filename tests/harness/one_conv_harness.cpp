@@ -50,6 +50,25 @@ struct AtenPrims {
       p.out.copy_(o);
     }
   }
+
+  // [e1 | e2] = hparams @ embedding^T (rows [0, O) of embedding give e1, [O, 2*O) e2), in opmath
+  static void embed(const at::Tensor& hparams, const at::Tensor& embedding, const at::Tensor& e1,
+                    const at::Tensor& e2) {
+    const at::ScalarType acc = at::toOpMathType(hparams.scalar_type());
+    const int64_t O = e1.size(1);
+    const at::Tensor e = at::mm(hparams.to(acc), embedding.to(acc).t());
+    e1.copy_(e.narrow(1, 0, O));
+    if (e2.defined()) e2.copy_(e.narrow(1, O, O));
+  }
+
+  // de = [de1 | de2]: dembedding = de^T hparams, dhparams = de @ embedding, in opmath
+  static void embed_backward(const at::Tensor& de1, const at::Tensor& de2, const at::Tensor& hparams,
+                             const at::Tensor& embedding, const at::Tensor& dhparams, const at::Tensor& dembedding) {
+    const at::ScalarType acc = at::toOpMathType(hparams.scalar_type());
+    const at::Tensor de = (de2.defined() ? at::cat({de1, de2}, 1) : de1).to(acc);
+    if (dembedding.defined()) dembedding.copy_(at::mm(de.t(), hparams.to(acc)));
+    if (dhparams.defined()) dhparams.copy_(at::mm(de, embedding.to(acc)));
+  }
 };
 
 template <size_t K>
@@ -102,6 +121,37 @@ one_conv::Grads11 hyper_backward(const at::Tensor& g, const at::Tensor& x, const
   return one_conv::hyper_backward<AtenPrims>(g, x, w, delta, r, s, u, v, e1, db, e2, h, hr, geo, d, mask_of<11>(mask));
 }
 
+// The hp ops' host code: e from the embed primitive, then the hyper op's; de1 / de2 into dhparams, dembedding.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hp_forward(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& delta, const at::Tensor& r, const at::Tensor& s,
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams, const at::Tensor& embedding,
+    const OptTensor& bias, const OptTensor& db, std::vector<int64_t> stride, std::vector<int64_t> padding,
+    std::vector<int64_t> dilation, int64_t groups, bool keep_branches) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, w, r, s, geo);
+  check_hp(d, x, hparams, embedding, defined(db));
+  const auto [e1, e2] = one_conv::embed<AtenPrims>(hparams, embedding, x, d, defined(db));
+  check_hyper(d, x, w, delta, u, v, e1, db, e2);
+  return one_conv::hyper_forward<AtenPrims>(x, w, delta, r, s, u, v, e1, bias, db, e2, geo, d, false, keep_branches);
+}
+
+one_conv::Grads11 hp_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& delta,
+                              const at::Tensor& r, const at::Tensor& s, const at::Tensor& u, const at::Tensor& v,
+                              const at::Tensor& hparams, const at::Tensor& embedding, const OptTensor& db,
+                              const OptTensor& h, const OptTensor& hr, std::vector<int64_t> stride,
+                              std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                              const std::vector<bool>& mask) {
+  const Geometry geo = make_geometry(stride, padding, dilation, groups);
+  const Dims d = check_conv(x, w, r, s, geo);
+  check_hp(d, x, hparams, embedding, defined(db));
+  const auto [e1, e2] = one_conv::embed<AtenPrims>(hparams, embedding, x, d, defined(db));
+  check_hyper(d, x, w, delta, u, v, e1, db, e2);
+  const auto hp_mask = mask_of<11>(mask);
+  const one_conv::Grads11 grads = one_conv::hyper_backward<AtenPrims>(
+      g, x, w, delta, r, s, u, v, e1, db, e2, h, hr, geo, d, one_conv::hyper_mask_of_hp(hp_mask, defined(db)));
+  return one_conv::hp_grads<AtenPrims>(grads, hparams, embedding, x, hp_mask, defined(db));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -109,4 +159,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_backward", &batch_backward);
   m.def("hyper_forward", &hyper_forward);
   m.def("hyper_backward", &hyper_backward);
+  m.def("hp_forward", &hp_forward);
+  m.def("hp_backward", &hp_backward);
 }
