@@ -65,6 +65,13 @@ ROWWISE_BLOCK_M = 16 if INTERPRET else 32
 ROWWISE_BLOCK_N = 32 if INTERPRET else 128
 
 
+def rowwise_block_n(dtype: torch.dtype, embed: bool) -> int:
+    """Column tile of the row-wise kernel: half width for the fp64 EMBED pass, which holds de1 and g
+    (fp64, two registers each) through its d(embedding) / d(hparams) reductions (the full width spilled
+    on sm_90 for some m)."""
+    return ROWWISE_BLOCK_N // 2 if (embed and dtype == torch.float64) else ROWWISE_BLOCK_N
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
@@ -956,7 +963,8 @@ def rank1_linear_grad_rowwise_embedded(grad, E: int, bias_grad: bool, hparams, e
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     dev = grad.device
     T = triton.cdiv(B, ROWWISE_BLOCK_M) if B > 0 else 0
-    n_col = triton.cdiv(OUT, ROWWISE_BLOCK_N)
+    block_n = rowwise_block_n(grad.dtype, True)
+    n_col = triton.cdiv(OUT, block_n)
     db_part = torch.zeros((E * T, OUT), dtype=acc, device=dev) if bias_grad else None
     ddb_part = torch.zeros((E * T, OUT), dtype=acc, device=dev) if db_grad else None
     # every slot of these two is written by exactly one program
@@ -972,7 +980,7 @@ def rank1_linear_grad_rowwise_embedded(grad, E: int, bias_grad: bool, hparams, e
             E, B, OUT, grad.stride(0), grad.stride(1), 0, 0, hparams.stride(0), embedding_t.stride(0),
             BIAS_GRAD=bias_grad, E1_GRAD=e_grads, DELTA_BIAS_GRAD=db_grad, EMBED=True, M=M, E2_GRAD=e2_grad,
             EMB_GRAD=embedding_grad, HP_GRAD=hparams_grad, ACC_DTYPE=accumulator_dtype(grad.dtype),
-            BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N, num_warps=4)
+            BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=block_n, num_warps=4)
     dbias = db_part.view(E, T, OUT).sum(1).to(grad.dtype) if bias_grad else None
     ddb = ddb_part.view(E, T, OUT).sum(1).to(grad.dtype) if db_grad else None
     demb = demb_part.sum(0).t().contiguous().to(embedding_t.dtype) if embedding_grad else None
@@ -1078,13 +1086,14 @@ def sm90_compile_specs() -> list:
             pointers = {a: (acc if a in _PARTIAL_POINTERS else elem) for a in fn.arg_names if a.endswith("_ptr")}
             for tag, m in [("hyper", 0)] + [(f"embed m={m}", m) for m in SM90_EMBED_M]:
                 embed = m > 0
+                block_n = rowwise_block_n(dtype, embed)
                 consts = dict(BIAS_GRAD=True, E1_GRAD=True, DELTA_BIAS_GRAD=True, EMBED=embed, M=m, E2_GRAD=embed,
                               EMB_GRAD=embed, HP_GRAD=embed, ACC_DTYPE=accumulator_dtype(dtype),
-                              BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=ROWWISE_BLOCK_N)
+                              BLOCK_M=ROWWISE_BLOCK_M, BLOCK_N=block_n)
                 not_divisible, label = layout(fn, aligned)
                 signature, consts, attrs = sm90_signature(fn, pointers, _UNIT_STRIDES, consts, not_divisible,
                                                           aligned_pointers=aligned)
                 specs.append(dict(name=f"rank1_linear_grad_rowwise[{tag}]", fn=fn, signature=signature,
                                   constexprs=consts, attrs=attrs, num_warps=4, num_stages=1, dtype=elem + label,
-                                  gemm=False, config=f"{ROWWISE_BLOCK_M}x{ROWWISE_BLOCK_N} w4"))
+                                  gemm=False, config=f"{ROWWISE_BLOCK_M}x{block_n} w4"))
     return specs
