@@ -6,6 +6,9 @@ purpose: the interpreter is slow. With a GPU the same tests run on CUDA tensors.
 """
 import pytest
 import torch
+import torch._library.custom_ops
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 import hyperkern
 from hyperkern._backends import backend_status
@@ -110,6 +113,58 @@ def test_hyper_batch_ensemble_linear_hp_matches_member_loop(E, B, fin, fout, m, 
                               ref.hyper_batch_ensemble_linear_hp_reference, args, names, **FP32_TOL)
 
 
+class _NewTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every tensor an op call creates on new storage (factory ops and out-of-place results; views
+    and in-place results share an input's storage), as (op, shape, numel). hyperkern's Python custom ops
+    run their implementation under the mode too, so what they make inside is recorded as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        opdef = torch._library.custom_ops._maybe_get_opdef(func) if func.namespace == "hyperkern" else None
+        if opdef is not None:
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.made.append((str(func), tuple(t.shape), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("delta_bias", [True, False])
+def test_hyper_batch_ensemble_linear_hp_makes_no_embedding_sized_tensor(delta_bias):
+    """e(lambda) inside the kernels: the forward makes no (E*B, out) tensor but y and the kept Delta product
+    (x * u_k) @ Delta^T, the backward none at all (in < out, so dx is smaller), while every gradient, hparams
+    and embedding included, is computed. The transient path (e1 = hparams @ embedding^T, de1, de2) fails this."""
+    E, B, fin, fout, m = 2, 40, 6, 24, 3
+    N = E * B
+    x, w, d, r, s, u, v, _, b, db, _ = _hyper_args(E, B, fin, fout, True, delta_bias)
+    hparams, embedding = torch.rand(N, m, device=DEVICE), _randn(2 * fout if delta_bias else fout, m)
+    leaves = [None if a is None else a.detach().requires_grad_() for a in (x, w, d, r, s, u, v, hparams, embedding,
+                                                                           b, db)]
+    grad_out = _randn(N, fout)
+    with _NewTensors() as forward:
+        y = hyperkern.ops.hyper_batch_ensemble_linear_hp(*leaves, backend="triton")
+    with _NewTensors() as backward:
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out)
+    big = lambda made: [(op, shape) for op, shape, numel in made if numel >= N * fout]  # noqa: E731
+    assert big(forward.made) == [("aten.empty.memory_format", (N, fout))] * 2, big(forward.made)  # y, delta_out
+    assert big(backward.made) == [], big(backward.made)
+    assert any(op.startswith("aten.sum") for op, _, _ in backward.made)  # the recorder saw the launchers' work
+    args64 = [None if a is None else a.detach().double().requires_grad_() for a in leaves]
+    y64 = ref.hyper_batch_ensemble_linear_hp_reference(*args64)
+    grads64 = torch.autograd.grad(y64, [t for t in args64 if t is not None], grad_out.double())
+    torch.testing.assert_close(y.detach().double(), y64.detach(), **FP32_TOL)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, **FP32_TOL)
+
+
 def _strided(t):
     """Same values, non-contiguous layout (a transposed copy viewed back, or a column slice)."""
     return t.t().contiguous().t() if t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 else \
@@ -190,6 +245,24 @@ def test_e1_gradient_when_the_delta_product_was_not_stored():
     torch.testing.assert_close(stored.double(), expected, **FP32_TOL)
 
 
+def test_hp_gradients_when_the_delta_product_was_not_stored():
+    # The hp op called with save_delta_product=False: the backward recomputes (x * u_k) @ Delta^T for the
+    # d(embedding) / d(hparams) reductions of the row-wise kernel.
+    x, w, d, r, s, u, v, _, b, db, _ = _hyper_args(2, 5, 6, 7)
+    hp, emb = torch.rand(10, 2, device=DEVICE), _randn(14, 2)
+    args = [x, w, d, r, s, u, v, hp, emb, b, db]
+    grad_out = _randn(10, 7)
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    y, delta_product = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton(*leaves, False)
+    assert delta_product.shape == (0, 7)
+    dhp, demb = torch.autograd.grad(y, leaves[7:9], grad_out)
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    y64 = ref.hyper_batch_ensemble_linear_hp_reference(*args64)
+    dhp64, demb64 = torch.autograd.grad(y64, args64[7:9], grad_out.double())
+    torch.testing.assert_close(dhp.double(), dhp64, **FP32_TOL)
+    torch.testing.assert_close(demb.double(), demb64, **FP32_TOL)
+
+
 def test_empty_batch():
     x, w, r, s, b = _batch_args(2, 0, 5, 3)
     x.requires_grad_()
@@ -219,6 +292,17 @@ def test_opcheck_all_ops():
     for flags in ((True, True, True, True, True), (False, False, False, True, False)):
         opcheck(torch.ops.hyperkern.hyper_batch_ensemble_linear_triton_backward,
                 (g, x, w, d, r, s, u, v, e1, db, e2, hd, *flags))
+    # the hp ops (e in-kernel), with and without delta_bias (embedding (2*out, m) / (out, m))
+    hp = torch.rand(6, 3, device=DEVICE)
+    for db_, emb in ((db, _randn(8, 3)), (None, _randn(4, 3))):
+        hpargs = [t.detach().requires_grad_() for t in (x, w, d, r, s, u, v, hp, emb)]
+        for save in (True, False):
+            opcheck(torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton, (*hpargs, b, db_, save))
+        _, hd = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton(x, w, d, r, s, u, v, hp, emb, b, db_, True)
+        for flags in ((True, True, True, True, True, True), (False, False, True, False, True, False),
+                      (False, False, False, True, False, True)):
+            opcheck(torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton_backward,
+                    (g, x, w, d, r, s, u, v, hp, emb, db_, hd, *flags))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -272,8 +356,11 @@ def test_sm90_tile_table_is_complete_and_wgmma_shaped():
     import itertools
 
     for key in itertools.product(("forward", "grad_input", "grad_weight"), ("16-bit", "tf32", "tf32x3", "fp64"),
-                                 (False, True), (False, True)):
-        tiles = kernels._TILES[key]
+                                 (False, True), (False, True), (False, True)):
+        kind, cls, hyper, aligned, embed = key
+        if embed and not hyper:
+            continue
+        tiles = kernels.tile_table(kind, cls, hyper, aligned, embed)
         assert tiles, key
         for m, n, k, warps, stages in tiles:
             assert warps % 4 == 0 and stages >= 1 and k >= 16 and n % 16 == 0
@@ -288,6 +375,9 @@ def test_sm90_tile_table_is_complete_and_wgmma_shaped():
     names = {s["name"] for s in specs}
     assert {"rank1_linear_forward[batch]", "rank1_linear_forward[hyper]", "rank1_linear_grad_input[hyper]",
             "rank1_linear_grad_weight[hyper]", "rank1_linear_grad_rowwise[hyper]"} <= names
+    for m in kernels.SM90_EMBED_M:  # the EMBED kernels (e in-kernel) for every checked number of hyperparameters
+        assert {f"rank1_linear_{k}[embed m={m}]" for k in ("forward", "grad_input", "grad_weight",
+                                                           "grad_rowwise")} <= names
     for spec in specs:
         assert set(spec["signature"]) == set(spec["fn"].arg_names)
         assert all(spec["signature"][name] == "constexpr" for name in spec["constexprs"])
@@ -298,7 +388,8 @@ def test_autotune_cache_key_separates_what_the_pruner_reads():
     # tensors: a key without HYPER made the hyper op reuse the batch op's tile at the same shape, which
     # did not fit in shared memory on an H200. Every argument the pruner reads must be in the key.
     for tuner in (kernels._forward, kernels._grad_input, kernels._grad_weight):
-        assert {"HYPER", "DOT_PRECISION", "ALIGNED", "E", "B", "IN", "OUT"} <= set(tuner.keys), tuner.keys
+        assert {"HYPER", "EMBED", "M", "DOT_PRECISION", "ALIGNED", "E", "B", "IN", "OUT"} <= set(tuner.keys), \
+            tuner.keys
     from hyperkern.kernels import rank1_conv
 
     # the conv ops have one autotuner per op, so HYPER is implied there
@@ -319,6 +410,15 @@ def test_every_tile_pipeline_fits_sm90_shared_memory():
     for (kind, cls, hyper, _aligned), tiles in kernels._TILES.items():
         for tile in tiles:
             assert kernels.pipelined_shared_bytes(kind, cls, hyper, tile) <= kernels.SM90_MAX_SHARED, (kind, cls, tile)
+    # the EMBED kernels load no e1 tile but M rows of embT (and M hp values) per stage
+    assert kernels.pipelined_shared_bytes("grad_input", "tf32", True, (128, 128, 32, 8, 4), embed_m=3) == \
+        4 * 4 * (3 * 128 * 32 + 3 * (128 + 32))
+    assert kernels.pipelined_shared_bytes("forward", "tf32", True, (128, 64, 32, 8, 4), embed_m=8) == \
+        kernels.pipelined_shared_bytes("forward", "tf32", True, (128, 64, 32, 8, 4))
+    for (kind, cls, aligned), tiles in kernels._EMBED_TILES.items():
+        for tile in tiles:
+            assert kernels.pipelined_shared_bytes(kind, cls, True, tile, embed_m=max(kernels.SM90_EMBED_M)) <= \
+                kernels.SM90_MAX_SHARED, (kind, cls, tile)
     # a smaller device (an A100: 166912 B per block) keeps only the tiles that fit, at least the smallest one
     tiles = kernels._TILES[("grad_input", "tf32", True, True)]
     fit = kernels.tiles_that_fit(tiles, "grad_input", "tf32", True, 166912)

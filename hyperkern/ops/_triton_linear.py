@@ -23,7 +23,8 @@ TORCH_LIBRARY(hyperkern) block of hyperkern._C, under names of their own):
 Each has a fake (meta) implementation, so torch.compile(fullgraph=True) traces through them, and the
 forward ops have autograd formulas that call the backward ops (Triton kernels as well: grad input,
 grad weight with the fast-weight reductions fused, and one row-wise pass for bias / embedding
-gradients; see kernels/rank1_linear.py). Gradients a backward op is not asked for come back as
+gradients; see kernels/rank1_linear.py). The hp ops run those kernels in their EMBED mode: e1 / e2
+computed per tile inside them, d(embedding) and d(hparams) reduced inside the row-wise pass. Gradients a backward op is not asked for come back as
 empty tensors and are returned to autograd as None.
 
 Double backward: a backward recorded by autograd (create_graph=True) computes the gradients with the
@@ -269,24 +270,26 @@ def hyper_batch_ensemble_linear(x: Tensor, weight: Tensor, delta: Tensor, r: Ten
 # ----------------------------------------------------------------------------------------------
 # hyper-batch ensemble linear with e(lambda) = hparams @ embedding^T inside the op
 # ----------------------------------------------------------------------------------------------
-# e is computed TRANSIENTLY here, not fused into the Triton kernels: the forward op computes
-# [e1 | e2] = hparams @ embedding^T into temporaries and runs the e1 / e2 kernels above; autograd saves
-# hparams and embedding (tiny), never e1 / e2; the backward op recomputes them, runs the e1 / e2
-# backward kernels and reduces d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
-
-def _embed(hparams: Tensor, embedding: Tensor, out_features: int, has_e2: bool):
-    """(e1, e2): hparams @ embedding[:out]^T and, with delta_bias, hparams @ embedding[out:]^T."""
-    e1 = hparams @ embedding[:out_features].t()
-    return e1, (hparams @ embedding[out_features:].t() if has_e2 else None)
-
+# e is computed INSIDE the Triton kernels (their EMBED mode, kernels/rank1_linear.py): the forward, grad
+# input and grad weight kernels compute each tile's e1 / e2 from the rows' hyperparameters (E*B, m) and the
+# transposed embedding (m, out or 2*out) with m outer products (_embed_tile), and the row-wise backward
+# kernel reduces d(embedding) and d(hparams) from de1 = g * v_k * delta_product and de2 = g * delta_bias_k
+# in registers into per-tile partials (ACC dtype) that its launcher sums. Autograd saves hparams and the
+# embedding (tiny), never e1 / e2; no (E*B, out) tensor of e or de is made (the only (E*B, out) tensors
+# are y and the kept Delta product). Double backward (create_graph=True) uses the differentiable
+# composition (_hp_grads) instead.
 
 @torch.library.custom_op("hyperkern::hyper_batch_ensemble_linear_hp_triton", mutates_args=())
 def _hp_forward(x: Tensor, weight: Tensor, delta: Tensor, r: Tensor, s: Tensor, u: Tensor, v: Tensor, hparams: Tensor,
                 embedding: Tensor, bias: Optional[Tensor], delta_bias: Optional[Tensor],
                 save_delta_product: bool) -> tuple[Tensor, Tensor]:
-    e1, e2 = _embed(hparams, embedding, weight.shape[0], delta_bias is not None)
-    return torch.ops.hyperkern.hyper_batch_ensemble_linear_triton(x, weight, delta, r, s, u, v, e1, bias, delta_bias,
-                                                                  e2, save_delta_product)
+    hp, embt = kernels.embedding_operands(hparams, embedding)
+    y, delta_product = kernels.rank1_linear_forward(
+        x, weight, r.contiguous(), s.contiguous(), _contig(bias), delta, u.contiguous(), v.contiguous(),
+        delta_bias=_contig(delta_bias), store_delta_out=save_delta_product, hparams=hp, embedding_t=embt)
+    if delta_product is None:
+        delta_product = x.new_empty((0, weight.shape[0]))
+    return y, delta_product
 
 
 @_hp_forward.register_fake
@@ -301,21 +304,26 @@ def _hp_backward(grad: Tensor, x: Tensor, weight: Tensor, delta: Tensor, r: Tens
                  bias_grad: bool, x_grad: bool, weight_grads: bool, delta_bias_grad: bool, embedding_grad: bool,
                  hparams_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                               Tensor, Tensor]:
-    has_e2 = delta_bias is not None
+    r, s, u, v = r.contiguous(), s.contiguous(), u.contiguous(), v.contiguous()
+    grad, x = kernels.unit_inner_stride(grad), kernels.unit_inner_stride(x)
+    delta_bias = _contig(delta_bias)
+    hp, embt = kernels.embedding_operands(hparams, embedding)
     e_grads = embedding_grad or hparams_grad
-    e1, e2 = _embed(hparams, embedding, weight.shape[0], has_e2)
-    dx, dw, dd, dr, ds, du, dv, de1, dbias, ddb, de2 = \
-        torch.ops.hyperkern.hyper_batch_ensemble_linear_triton_backward(
-            grad, x, weight, delta, r, s, u, v, e1, delta_bias, e2, delta_product, bias_grad, x_grad, weight_grads,
-            e_grads, has_e2 and (delta_bias_grad or e_grads))
-    if e_grads:
-        de = torch.cat([de1, de2], 1) if has_e2 else de1  # (E*B, out or 2*out)
-        demb = de.t() @ hparams if embedding_grad else _none(embedding)
-        dhp = de @ embedding if hparams_grad else _none(hparams)
+    dx = kernels.rank1_linear_grad_input(grad, weight, r, s, delta, u, v, hparams=hp, embedding_t=embt) \
+        if x_grad else _none(x)
+    if weight_grads:
+        dw, dr, ds, dd, du, dv = kernels.rank1_linear_grad_weight(grad, x, weight, r, s, None, delta, u, v,
+                                                                  hparams=hp, embedding_t=embt)
     else:
-        demb, dhp = _none(embedding), _none(hparams)
-    return (dx, dw, dd, dr, ds, du, dv, dhp, demb, dbias if bias_grad else _none(s),
-            ddb if has_e2 and delta_bias_grad else _none(s))
+        dw, dr, ds, dd, du, dv = _none(weight), _none(r), _none(s), _none(delta), _none(u), _none(v)
+    if e_grads and delta_product.shape[0] != x.shape[0]:  # not stored by the forward: recompute it
+        delta_product = _delta_product(x, delta, u, weight.shape[0])
+    dbias, ddb, demb, dhp = kernels.rank1_linear_grad_rowwise_embedded(
+        grad, r.shape[0], bias_grad, hp, embt, v, delta_product if e_grads else None, delta_bias,
+        delta_bias_grad, embedding_grad, hparams_grad)
+    return (dx, dw, dd, dr, ds, du, dv, dhp if hparams_grad else _none(hparams),
+            demb if embedding_grad else _none(embedding), dbias if bias_grad else _none(s),
+            ddb if delta_bias is not None and delta_bias_grad else _none(s))
 
 
 @_hp_backward.register_fake
@@ -366,10 +374,14 @@ def _hp_setup_context(ctx, inputs, output):
     x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, _save = inputs
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
+    # no zero-filled (E*B, out) gradient for the non-differentiable delta product (nor for an unused y)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, output[1])
 
 
 def _hp_autograd(ctx, grad, _grad_delta_product):
+    if grad is None:  # y was not used (the grads are not materialised)
+        return (None,) * 12
     x, weight, delta, r, s, u, v, hparams, embedding, delta_bias, delta_product = ctx.saved_tensors
     needs = ctx.needs_input_grad[:11]
     need = dict(zip(_HP_NAMES, needs))
@@ -390,8 +402,8 @@ _hp_forward.register_autograd(_hp_autograd, setup_context=_hp_setup_context)
 def hyper_batch_ensemble_linear_hp(x: Tensor, weight: Tensor, delta: Tensor, r: Tensor, s: Tensor, u: Tensor,
                                    v: Tensor, hparams: Tensor, embedding: Tensor, bias: Optional[Tensor],
                                    delta_bias: Optional[Tensor]) -> Tensor:
-    """hyper_batch_ensemble_linear with [e1 | e2] = hparams @ embedding^T computed inside the op (transiently,
-    then the Triton kernels; arguments validated by hyperkern.ops.hyper_batch_ensemble_linear_hp)."""
+    """hyper_batch_ensemble_linear with [e1 | e2] = hparams @ embedding^T computed inside the Triton kernels
+    (per tile, never as an (E*B, out) tensor; arguments validated by hyperkern.ops.hyper_batch_ensemble_linear_hp)."""
     save_delta_product = torch.is_grad_enabled() and (hparams.requires_grad or embedding.requires_grad)
     y, _ = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_triton(x, weight, delta, r, s, u, v, hparams, embedding,
                                                                      bias, delta_bias, save_delta_product)

@@ -119,10 +119,16 @@ def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta:
         cpp on CPU: fused in-kernel. e1, e2 are computed per row inside the forward's epilogue and
             recomputed inside the backward's pass over the output gradient, which also reduces
             d(embedding) and d(hparams) directly: no (E*B, out) tensor of e or of its gradient exists.
-        cpp on CUDA and triton: transient. The forward computes e = hparams @ embedding^T into a
-            temporary that is freed when it returns; the backward recomputes it, runs the e1 / e2 op's
-            backward kernels and reduces d(embedding) = de^T hparams, d(hparams) = de @ embedding. Saved
-            for the backward: the same tensors as on the CPU.
+        triton: fused in-kernel. The forward, grad input and grad weight kernels compute each tile's
+            e1, e2 from hparams and the transposed embedding (m outer products per tile; the number of
+            hyperparameters m is a compile-time constant, one kernel build per m); the row-wise backward
+            kernel reduces d(embedding) and d(hparams) from de1, de2 in registers into per-tile partial
+            sums. No (E*B, out) tensor of e or of its gradient exists; the (E*B, out) tensors are y and
+            the kept Delta product (x * u_k) @ delta^T, as on the CPU.
+        cpp on CUDA: transient. The forward computes e = hparams @ embedding^T into a temporary that
+            is freed when it returns; the backward recomputes it, runs the e1 / e2 op's backward kernels
+            and reduces d(embedding) = de^T hparams, d(hparams) = de @ embedding. Saved for the
+            backward: the same tensors as on the CPU.
         torch: the plain composition (F.linear for e, then the e1 / e2 composition); its autograd keeps
             what those ops keep, e1 and e2 included.
 
