@@ -183,6 +183,36 @@ def _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias,
     return E
 
 
+def _check_hp_rest(x, weight, E, in_size, out_size, unit, row, delta, u, v, hparams, embedding, bias, delta_bias,
+                   r, s, check_hparams) -> None:
+    """The checks the hp ops add to the batch op's (shared by linear and conv): delta, u, v, delta_bias,
+    hparams (one `row` of x each) and the embedding weight, devices and dtypes, and (check_hparams) the
+    finiteness of hparams and embedding. `unit`: "features" or "channels"."""
+    check_tensor("delta", delta, weight.dim())
+    for name, t in (("u", u), ("v", v), ("hparams", hparams), ("embedding", embedding)):
+        check_tensor(name, t, 2)
+    check_tensor("delta_bias", delta_bias, 2, optional=True)
+    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
+    check_shape("u", u, (E, in_size), f"(ensemble_size, in_{unit})")
+    check_shape("v", v, (E, out_size), f"(ensemble_size, out_{unit})")
+    check_shape("delta_bias", delta_bias, (E, out_size), f"(ensemble_size, out_{unit})")
+    m, N = hparams.shape[1], x.shape[0]
+    if hparams.shape[0] != N:
+        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
+                         f"hyperparameters per {row} of x, got {tuple(hparams.shape)}")
+    rows = 2 * out_size if delta_bias is not None else out_size
+    what = (f"(2*out_{unit}, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
+            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
+            f"(out_{unit}, num_hparams): e1 = hparams @ embedding^T, as the layer's "
+            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
+    check_shape("embedding", embedding, (rows, m), what)
+    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
+                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
+    if check_hparams:
+        check_finite("hparams", hparams, "the hyperparameters")
+        check_finite("embedding", embedding, "the embedding weight")
+
+
 def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
                        check_hparams: bool = True) -> int:
     """Validate hyper_batch_ensemble_linear_hp's arguments and return the ensemble size E: those of the
@@ -210,32 +240,11 @@ def _validate_linear_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding
                                 check_hparams) -> int:
     """Every check of validate_linear_hp one by one, each with its message."""
     E, out_f, in_f = _check_linear_core(x, weight, r, s, bias)
-    N = x.shape[0]
     check_shape("r", r, (E, in_f), "(ensemble_size, in_features)")
     check_shape("s", s, (E, out_f), "(ensemble_size, out_features)")
     check_shape("bias", bias, (E, out_f), "(ensemble_size, out_features)")
-    for name, t in (("delta", delta), ("u", u), ("v", v), ("hparams", hparams), ("embedding", embedding)):
-        check_tensor(name, t, 2)
-    check_tensor("delta_bias", delta_bias, 2, optional=True)
-    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
-    check_shape("u", u, (E, in_f), "(ensemble_size, in_features)")
-    check_shape("v", v, (E, out_f), "(ensemble_size, out_features)")
-    check_shape("delta_bias", delta_bias, (E, out_f), "(ensemble_size, out_features)")
-    m = hparams.shape[1]
-    if hparams.shape[0] != N:
-        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
-                         f"hyperparameters per row of x, got {tuple(hparams.shape)}")
-    rows = 2 * out_f if delta_bias is not None else out_f
-    what = ("(2*out_features, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
-            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
-            "(out_features, num_hparams): e1 = hparams @ embedding^T, as the layer's "
-            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
-    check_shape("embedding", embedding, (rows, m), what)
-    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
-                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
-    if check_hparams:
-        check_finite("hparams", hparams, "the hyperparameters")
-        check_finite("embedding", embedding, "the embedding weight")
+    _check_hp_rest(x, weight, E, in_f, out_f, "features", "row", delta, u, v, hparams, embedding, bias,
+                   delta_bias, r, s, check_hparams)
     return E
 
 
@@ -339,29 +348,6 @@ def _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding
     """Every check of validate_conv2d_hp one by one, each with its message: the batch op's, then the hyper
     and hp ones."""
     E, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    in_c, out_c, N = x.shape[1], weight.shape[0], x.shape[0]
-    for name, t in (("delta", delta), ("hparams", hparams), ("embedding", embedding)):
-        check_tensor(name, t, 4 if name == "delta" else 2)
-    for name, t in (("u", u), ("v", v)):
-        check_tensor(name, t, 2)
-    check_tensor("delta_bias", delta_bias, 2, optional=True)
-    check_shape("delta", delta, tuple(weight.shape), "same shape as weight")
-    check_shape("u", u, (E, in_c), "(ensemble_size, in_channels)")
-    check_shape("v", v, (E, out_c), "(ensemble_size, out_channels)")
-    check_shape("delta_bias", delta_bias, (E, out_c), "(ensemble_size, out_channels)")
-    m = hparams.shape[1]
-    if hparams.shape[0] != N:
-        raise ValueError(f"hparams must have shape ({N}, num_hparams) (E*B, num_hparams): one row of normalised "
-                         f"hyperparameters per image of x, got {tuple(hparams.shape)}")
-    rows = 2 * out_c if delta_bias is not None else out_c
-    what = ("(2*out_channels, num_hparams): rows [0, out) give e1, rows [out, 2*out) give e2, as the layer's "
-            "nn.Linear(num_hparams, 2*out, bias=False).weight" if delta_bias is not None else
-            "(out_channels, num_hparams): e1 = hparams @ embedding^T, as the layer's "
-            "nn.Linear(num_hparams, out, bias=False).weight (2*out rows need delta_bias)")
-    check_shape("embedding", embedding, (rows, m), what)
-    check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
-                "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
-    if check_hparams:
-        check_finite("hparams", hparams, "the hyperparameters")
-        check_finite("embedding", embedding, "the embedding weight")
+    _check_hp_rest(x, weight, E, x.shape[1], weight.shape[0], "channels", "image", delta, u, v, hparams, embedding,
+                   bias, delta_bias, r, s, check_hparams)
     return E, stride, padding, dilation, groups
