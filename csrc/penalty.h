@@ -130,6 +130,13 @@ inline Problem make_problem(const char* op, at::TensorList weights, at::TensorLi
   return p;
 }
 
+// The backward ops' incoming gradient: one element, in the weights' dtype, on their device.
+inline void check_grad(const Tensor& grad, const Problem& p) {
+  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == p.dtype && grad.device() == p.device,
+              "hyper_l2_penalty_backward: grad must be a one-element tensor of the weights' dtype and device, got ",
+              grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
+}
+
 // The per-row pieces (acc: the accumulation type): a . c and a M a^T for a row a[0..m), c (m,), M (m, m).
 template <typename acc, typename T>
 inline acc dot_m(const T* a, const T* c, int64_t m) {

@@ -227,9 +227,7 @@ PenaltyGrads hyper_l2_penalty_backward_cpu(const Tensor& grad, at::TensorList we
   const Problem p = penalty::make_problem("hyper_l2_penalty_backward", weights, deltas, embeddings, biases,
                                           delta_biases, stats, member_stats, kernel_cols, bias_cols);
   TORCH_CHECK(p.device.is_cpu(), "hyper_l2_penalty_backward: the CPU kernel got tensors on ", p.device);
-  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == p.dtype && grad.device() == p.device,
-              "hyper_l2_penalty_backward: grad must be a one-element tensor of the weights' dtype and device, got ",
-              grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
+  penalty::check_grad(grad, p);
   const size_t L = p.layers.size();
   std::vector<Tensor> dW(L), dD(L), dA(L), db(L), ddb(L);
   for (size_t l = 0; l < L; ++l) {

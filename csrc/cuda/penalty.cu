@@ -281,9 +281,7 @@ PenaltyGrads hyper_l2_penalty_backward_cuda(const Tensor& grad, at::TensorList w
   const Problem p = penalty::make_problem("hyper_l2_penalty_backward", weights, deltas, embeddings, biases,
                                           delta_biases, stats, member_stats, kernel_cols, bias_cols);
   TORCH_CHECK(p.device.is_cuda(), "hyper_l2_penalty_backward: the CUDA kernel got tensors on ", p.device);
-  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == p.dtype && grad.device() == p.device,
-              "hyper_l2_penalty_backward: grad must be a one-element tensor of the weights' dtype and device, got ",
-              grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
+  penalty::check_grad(grad, p);
   TORCH_CHECK(p.rows < (int64_t(1) << 31), "hyper_l2_penalty_backward: too many rows (", p.rows, ") for one grid");
   const c10::cuda::CUDAGuard guard(p.device);
   auto stream = at::cuda::getCurrentCUDAStream();
