@@ -180,6 +180,29 @@ Grads11 hyper_batch_ensemble_linear_backward_autograd(const Tensor& g, const Ten
           or_empty(d[kE2], has_delta_bias, e1)};
 }
 
+// The hp backward compositions' embeddings, differentiable: [e1 | e2] = hparams @ embedding^T (e2 only
+// with delta_bias), after checking hparams (E*B, m) and embedding (out, m) or (2*out, m) against x and
+// the weight w (weight_dim-D, out = w.size(0): features or channels).
+std::pair<Tensor, OptTensor> embed_rows(const Tensor& x, const Tensor& w, int64_t weight_dim, const Tensor& hparams,
+                                        const Tensor& embedding, bool has_delta_bias) {
+  TORCH_CHECK(w.dim() == weight_dim && hparams.dim() == 2 && embedding.dim() == 2 && hparams.size(0) == x.size(0) &&
+                  embedding.size(1) == hparams.size(1) && embedding.size(0) == (has_delta_bias ? 2 : 1) * w.size(0),
+              "hyperkern backward: hparams must be (E*B, m) and embedding (out, m), or (2*out, m) with delta_bias; got "
+              "hparams ", hparams.sizes(), ", embedding ", embedding.sizes(), " for weight ", w.sizes());
+  const int64_t out = w.size(0);
+  const Tensor e = at::mm(hparams, embedding.t());
+  OptTensor e2;
+  if (has_delta_bias) e2 = e.narrow(1, out, out);
+  return {e.narrow(1, 0, out), e2};
+}
+
+// [de1 | de2] (E*B, out or 2*out) from a composition's gradients: what d(hparams) = de @ embedding and
+// d(embedding) = de^T hparams reduce.
+template <class Grads>
+Tensor joined_de(const Grads& d, bool has_delta_bias) {
+  return has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];
+}
+
 // ---- hyper_batch_ensemble_linear_hp_backward ------------------------------------------------------
 // The composition recomputes [e1 | e2] = hparams @ embedding^T (differentiably), takes the hyper op's
 // gradients for e1, e2, and chains them: d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
@@ -200,17 +223,9 @@ Grads11 hyper_batch_ensemble_linear_hp_backward_autograd(const Tensor& g, const 
                    compute_grad_hparams);
   }
   const bool has_delta_bias = present(delta_bias);
-  TORCH_CHECK(w.dim() == 2 && hparams.dim() == 2 && embedding.dim() == 2 && hparams.size(0) == x.size(0) &&
-                  embedding.size(1) == hparams.size(1) && embedding.size(0) == (has_delta_bias ? 2 : 1) * w.size(0),
-              "hyperkern backward: hparams must be (E*B, m) and embedding (out, m), or (2*out, m) with delta_bias; got "
-              "hparams ", hparams.sizes(), ", embedding ", embedding.sizes(), " for weight ", w.sizes());
-  const int64_t out = w.size(0);
-  const Tensor e = at::mm(hparams, embedding.t());
-  const Tensor e1 = e.narrow(1, 0, out);
-  OptTensor e2;
-  if (has_delta_bias) e2 = e.narrow(1, out, out);
+  const auto [e1, e2] = embed_rows(x, w, 2, hparams, embedding, has_delta_bias);
   const auto d = hyper_linear_composite(g, x, w, delta, r, s, u, v, e1, delta_bias, e2, has_bias, compute_grad_x);
-  const Tensor de = has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];  // (E*B, out or 2*out)
+  const Tensor de = joined_de(d, has_delta_bias);
   return {compute_grad_x ? as_rows(d[kX]) : empty_like_flag(x),
           as_rows(d[kW]),
           as_rows(d[kDelta]),
@@ -299,15 +314,7 @@ Grads11 hyper_batch_ensemble_conv2d_hp_backward_autograd(
                    mask, h, hr);
   }
   const bool has_delta_bias = present(delta_bias);
-  TORCH_CHECK(w.dim() == 4 && hparams.dim() == 2 && embedding.dim() == 2 && hparams.size(0) == x.size(0) &&
-                  embedding.size(1) == hparams.size(1) && embedding.size(0) == (has_delta_bias ? 2 : 1) * w.size(0),
-              "hyperkern backward: hparams must be (E*B, m) and embedding (O, m), or (2*O, m) with delta_bias; got "
-              "hparams ", hparams.sizes(), ", embedding ", embedding.sizes(), " for weight ", w.sizes());
-  const int64_t out = w.size(0);
-  const Tensor e = at::mm(hparams, embedding.t());
-  const Tensor e1 = e.narrow(1, 0, out);
-  OptTensor e2;
-  if (has_delta_bias) e2 = e.narrow(1, out, out);
+  const auto [e1, e2] = embed_rows(x, w, 4, hparams, embedding, has_delta_bias);
   const bool need_e = mask[7] || mask[8];
   std::array<bool, kNumGrads> need{};
   for (int i = 0; i < kE1; ++i) need[i] = mask[i];
@@ -319,7 +326,7 @@ Grads11 hyper_batch_ensemble_conv2d_hp_backward_autograd(
   const auto d = composite_grads(g, x, w, r, s, {delta, u, v, e1, delta_bias, e2}, geo, need);
   Tensor dhp, demb;
   if (need_e) {
-    const Tensor de = has_delta_bias ? at::cat({d[kE1], d[kE2]}, 1) : d[kE1];  // (E*B, O or 2*O)
+    const Tensor de = joined_de(d, has_delta_bias);
     if (mask[7]) dhp = at::mm(de, embedding);
     if (mask[8]) demb = at::mm(de.t(), hparams);
   }
