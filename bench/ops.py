@@ -19,6 +19,11 @@ torch.autograd.grad for every input) it times:
   triton       hyperkern.ops.* with backend="triton" (CUDA tensors only)
   embedding + e1 op  (hyper_batch_ensemble_linear_hp only) the hyper layer's path before that op: the
                (E*B, 2*out) embedding materialised by F.linear, then the e1 / e2 op (cpp)
+  cpp tied     (hyper_batch_ensemble_linear_hp only) the cpp op called as HyperBatchEnsembleLinear calls
+               it by default: u IS r and v IS s (tie_fast_weights=True, the reference's
+               fast_weights_eq_contraint); the other variants take separate u, v
+  cpp tied, weight step  the same with hparams not requiring grad, as in the trainer's weight step
+               (d(hparams) is needed only in the hyperparameter step)
 The ops: batch_ensemble_linear, hyper_batch_ensemble_linear (e1 / e2 given) and
 hyper_batch_ensemble_linear_hp (per-row hyperparameters, m = 5, and the embedding weight given: what the
 HyperBatchEnsembleLinear layer calls).
@@ -96,6 +101,20 @@ NUM_HPARAMS = 5
 LINEAR_OPS = ("batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp")
 
 
+def _tied_inputs(op, E, B, fin, fout, dtype, device, requires_grad, weight_step=False):
+    """The hp op's inputs with u IS r and v IS s (the hyper layers' default); weight_step: hparams
+    without grad."""
+    args = list(_linear_inputs(op, E, B, fin, fout, dtype, device, requires_grad))
+    args[5], args[6] = args[3], args[4]
+    if weight_step:
+        args[7] = args[7].detach()
+    return tuple(args)
+
+
+# Variants whose inputs differ from _linear_inputs'.
+_VARIANT_INPUTS = {"cpp tied": _tied_inputs, "cpp tied, weight step": functools.partial(_tied_inputs, weight_step=True)}
+
+
 def _embedding_then_e1_op(x, w, d, r, s, u, v, hp, emb, b, db):
     """The hyper layer's path before the fused op: e = hp @ emb^T materialised, then the e1 / e2 op (cpp)."""
     e = F.linear(hp, emb)
@@ -143,6 +162,7 @@ def _variants(op: str, device: torch.device, compile_: bool) -> dict:
         out["cpp-kernel"] = getattr(_cpp_linear, op)
         if op == "hyper_batch_ensemble_linear_hp":
             out["embedding + e1 op"] = _embedding_then_e1_op
+            out["cpp tied"] = out["cpp tied, weight step"] = out["cpp"]
     if device.type == "cuda" and status.get("triton") is None:
         out["triton"] = functools.partial(public, backend="triton")
     return out
@@ -176,10 +196,10 @@ def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats
                 grad = mode == "fwd+bwd"
                 fns = {}
                 for name, fn in variants.items():
-                    make = _floor_inputs if name == "floor" else _linear_inputs
+                    make = _floor_inputs if name == "floor" else _VARIANT_INPUTS.get(name, _linear_inputs)
                     args = make(op, E, B, fin, fout, dtype, device, grad)
-                    if grad:
-                        leaves = [a for a in args if a is not None]
+                    if grad:  # every distinct input that requires grad (tied inputs appear twice)
+                        leaves = list({id(a): a for a in args if a is not None and a.requires_grad}.values())
                         g = torch.randn(E * B, (2 * fout if (name == "floor" and op != "batch_ensemble_linear")
                                                 else fout), dtype=dtype, device=device)
 

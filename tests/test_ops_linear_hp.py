@@ -100,6 +100,40 @@ def test_cpp_wide_layer_float32_many_pieces():
     check_against_reference("cpp", hp_args(2, 9, 8, 700, 3, dtype=torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 12])
+@pytest.mark.parametrize("B", [4, 7])
+@pytest.mark.parametrize("delta_bias", [True, False])
+def test_cpp_every_hparam_count(m, B, delta_bias):
+    """The CPU kernels' two forms: m = 1 .. 8 compiled for that m (e in registers, d(embedding) per tile of
+    4 rows; B = 7 leaves a partial tile), m > 8 the general loops; both in float64 and float32."""
+    if _CPU["cpp"] is not None:
+        pytest.skip(_CPU["cpp"])
+    check_against_reference("cpp", hp_args(3, B, 10, 21, m, delta_bias=delta_bias), torch.float64)
+    check_against_reference("cpp", hp_args(2, B, 12, 40, m, delta_bias=delta_bias, dtype=torch.float32),
+                            torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_fast_weights(backend):
+    """u IS r and v IS s (the hyper layers' default): the cpp forward scales x once for both GEMMs; the
+    shared tensors' gradients are the sums of their two roles."""
+    args = hp_args(3, 5, 8, 6, 4)
+    args[5], args[6] = args[3], args[4]
+    leaves = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    leaves[5], leaves[6] = leaves[3], leaves[4]
+    ref_leaves = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    ref_leaves[5], ref_leaves[6] = ref_leaves[3], ref_leaves[4]
+    grad_out = torch.randn(15, 6, dtype=torch.float64)
+    y = hyperkern.ops.hyper_batch_ensemble_linear_hp(*leaves, backend=backend)
+    y_ref = ref.hyper_batch_ensemble_linear_hp_reference(*ref_leaves)
+    assert_scaled_close(y, y_ref, 1e-12, "output")
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        if a is not None:
+            assert_scaled_close(a.grad, b.grad, 1e-12, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_hparams_grad(backend):
     """hparams not requiring grad (the weight step of the trainer): its gradient is skipped, the rest holds."""

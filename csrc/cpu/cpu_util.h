@@ -8,6 +8,9 @@
 #include <cstring>
 
 #define HYPERKERN_INLINE inline __attribute__((always_inline))
+// The same for a lambda (after its parameter list): a lambda called inside a HYPERKERN_CPU_CLONES
+// function is otherwise a separate function compiled for the baseline ISA.
+#define HYPERKERN_INLINE_LAMBDA __attribute__((always_inline))
 // Function multiversioning (GCC/Clang on x86-64 with ifunc): the hot loops get AVX-512 and AVX2
 // code paths although the extension is compiled for baseline x86-64.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))

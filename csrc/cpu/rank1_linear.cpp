@@ -319,9 +319,78 @@ template <typename scalar_t>
 using HyperEpilogueRowsArgs = HyperEpilogueArgs<scalar_t, RowsE<scalar_t>>;
 template <typename scalar_t>
 using HyperEpilogueEmbeddedArgs = HyperEpilogueArgs<scalar_t, EmbeddedE<scalar_t>>;
+// The EmbeddedE kernels have a second form for the usual hyperparameter counts, m = 1 .. kMaxFusedM,
+// with m a compile-time constant: e1, e2 of a column are summed in registers inside the one loop
+// over the row (m FMAs each, no stack buffer written and read back per piece), and the backward
+// takes d(embedding) a tile of rows at a time. Other m take the loops above (e_piece, embedding_grads).
+constexpr int kMaxFusedM = 8;
+// Calls f(std::integral_constant<int, M>()) with M = m when 1 <= m <= kMaxFusedM; false otherwise. f
+// must be a HYPERKERN_INLINE_LAMBDA, so that its body is compiled into the caller's ISA clone.
+template <class F>
+HYPERKERN_INLINE bool with_fused_m(int64_t m, const F& f) {
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>()); return true;
+    case 2: f(std::integral_constant<int, 2>()); return true;
+    case 3: f(std::integral_constant<int, 3>()); return true;
+    case 4: f(std::integral_constant<int, 4>()); return true;
+    case 5: f(std::integral_constant<int, 5>()); return true;
+    case 6: f(std::integral_constant<int, 6>()); return true;
+    case 7: f(std::integral_constant<int, 7>()); return true;
+    case 8: f(std::integral_constant<int, 8>()); return true;
+    default: return false;
+  }
+}
+// sum_p hv[p] * emb[p * ld + j]: one column of e1 (emb = embT) or e2 (emb = embT + out).
+template <int M, typename opmath_t>
+HYPERKERN_INLINE opmath_t embed_column(const opmath_t* hv, const opmath_t* emb, int64_t ld, int64_t j) {
+  opmath_t out = hv[0] * emb[j];
+  for (int p = 1; p < M; ++p) out += hv[p] * emb[p * ld + j];
+  return out;
+}
+// Row i's hyperparameters hp[i, :] in the compute type.
+template <int M, typename scalar_t>
+HYPERKERN_INLINE void load_hparams(const EmbeddedE<scalar_t>& e, int64_t i, at::opmath_type<scalar_t>* hv) {
+  for (int p = 0; p < M; ++p) hv[p] = widen(e.hp[i * M + p]);
+}
+
+template <int M, bool E2, bool BIAS, typename scalar_t>
+HYPERKERN_INLINE void hyper_epilogue_fused(const HyperEpilogueEmbeddedArgs<scalar_t>& a, int64_t i0, int64_t i1) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, ld = E2 ? 2 * D : D;
+  const opmath_t *emb1 = a.e.embT, *emb2 = a.e.embT + D;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t row = i * D, mem = (i / a.B) * D;
+    opmath_t hv[M];
+    load_hparams<M>(a.e, i, hv);
+    scalar_t* y = a.y + row;
+    const scalar_t *h = a.h + row, *s = a.s + mem, *v = a.v + mem;
+    const scalar_t* b = BIAS ? a.bias + mem : nullptr;
+    const scalar_t* db = E2 ? a.delta_bias + mem : nullptr;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      opmath_t out = widen(y[j]) * widen(s[j]) + widen(v[j]) * embed_column<M>(hv, emb1, ld, j) * widen(h[j]);
+      if constexpr (BIAS) out += widen(b[j]);
+      if constexpr (E2) out += widen(db[j]) * embed_column<M>(hv, emb2, ld, j);
+      y[j] = narrow_to<scalar_t>(out);
+    }
+  }
+}
+
 template <typename scalar_t, typename Src>
 HYPERKERN_INLINE void hyper_epilogue_body(const HyperEpilogueArgs<scalar_t, Src>& a, int64_t i0, int64_t i1) {
   using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<Src, EmbeddedE<scalar_t>>) {
+    const bool e2 = a.e.has_e2, bias = a.bias != nullptr;
+    if (with_fused_m(a.e.m, [&](auto m) HYPERKERN_INLINE_LAMBDA {
+          constexpr int M = decltype(m)::value;
+          if (e2 && bias) hyper_epilogue_fused<M, true, true>(a, i0, i1);
+          else if (e2) hyper_epilogue_fused<M, true, false>(a, i0, i1);
+          else if (bias) hyper_epilogue_fused<M, false, true>(a, i0, i1);
+          else hyper_epilogue_fused<M, false, false>(a, i0, i1);
+        })) {
+      return;
+    }
+  }
   const int64_t piece = e_piece_width(a.e, a.D);
   opmath_t e1_buffer[kEPiece], e2_buffer[kEPiece];
   for (int64_t i = i0; i < i1; ++i) {
@@ -472,9 +541,125 @@ template <typename scalar_t>
 using HyperGradRowsArgs = HyperGradArgs<scalar_t, RowsE<scalar_t>>;
 template <typename scalar_t>
 using HyperGradEmbeddedArgs = HyperGradArgs<scalar_t, EmbeddedE<scalar_t>>;
+// The EmbeddedE pass over g with m = M known at compile time: one loop over a row's columns computes
+// e1, e2 in registers, g_ve, dv, ddb and the row's de1, de2 into a tile of kGradTileRows rows; d(hparams)
+// are dot products over the tile's rows, and d(embedding)'s partials take the whole tile in one
+// read-modify-write per p (a rank-kGradTileRows update) instead of one per row and p.
+constexpr int64_t kGradTileRows = 4;
+constexpr int64_t kGradTileCols = 512;  // >= MemberTiling's cols_per_chunk
+template <int M, bool E2, typename scalar_t>
+HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a, const MemberTiling::Task& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const EmbeddedE<scalar_t>& e = a.e;
+  const int64_t D = a.D, c0 = t.col_begin, w = t.col_end - t.col_begin, ld = E2 ? 2 * D : D;
+  const int64_t slice = t.partial_offset / std::max<int64_t>(D, 1), mem = t.k * D + c0;
+  const scalar_t *vk = a.v + mem, *sk = a.s + mem, *dbk = E2 ? a.delta_bias + mem : nullptr;
+  opmath_t* dv = a.dv_partial + t.partial_offset + c0;
+  opmath_t* db = a.db_partial != nullptr ? a.db_partial + t.partial_offset + c0 : nullptr;
+  opmath_t* ddb = E2 ? a.ddb_partial + t.partial_offset + c0 : nullptr;
+  const opmath_t *emb1 = e.embT + c0, *emb2 = e.embT + D + c0;
+  alignas(64) opmath_t de1_tile[kGradTileRows][kGradTileCols];
+  alignas(64) opmath_t de2_tile[E2 ? kGradTileRows : 1][E2 ? kGradTileCols : 1];
+  for (int64_t i0 = t.row_begin; i0 < t.row_end; i0 += kGradTileRows) {
+    const int64_t rows = std::min(kGradTileRows, t.row_end - i0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r, row = i * D + c0;
+      opmath_t hv[M];
+      load_hparams<M>(e, i, hv);
+      const scalar_t *g = a.g + row, *h = a.h + row;
+      scalar_t* g_ve = a.g_ve + row;
+      opmath_t *de1 = de1_tile[r], *de2 = de2_tile[E2 ? r : 0];
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        const opmath_t gv = widen(g[j]), vv = widen(vk[j]), hv_j = widen(h[j]);
+        const opmath_t e1v = embed_column<M>(hv, emb1, ld, j);
+        g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
+        de1[j] = gv * vv * hv_j;
+        dv[j] += gv * e1v * hv_j;
+        if constexpr (E2) {
+          de2[j] = gv * widen(dbk[j]);
+          ddb[j] += gv * embed_column<M>(hv, emb2, ld, j);
+        }
+      }
+      if (a.g_s != nullptr) {
+        scalar_t* g_s = a.g_s + row;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) g_s[j] = narrow_to<scalar_t>(widen(g[j]) * widen(sk[j]));
+      }
+      if (db != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) db[j] += widen(g[j]);
+      }
+      if (e.dhp_partial != nullptr) {  // d(hparams)[i, p] = de1 . emb1[p] + de2 . emb2[p]
+        // M x kDotLanes independent accumulators: one chain per p would wait on its FMA latency.
+        constexpr int64_t kDotLanes = 8;
+        opmath_t acc[M][kDotLanes] = {};
+        int64_t j0 = 0;
+        for (; j0 + kDotLanes <= w; j0 += kDotLanes) {
+          for (int p = 0; p < M; ++p) {
+            const opmath_t *e1p = emb1 + p * ld + j0, *e2p = emb2 + p * ld + j0;
+#pragma omp simd
+            for (int64_t l = 0; l < kDotLanes; ++l) {
+              acc[p][l] += de1[j0 + l] * e1p[l];
+              if constexpr (E2) acc[p][l] += de2[j0 + l] * e2p[l];
+            }
+          }
+        }
+        opmath_t* dhp = e.dhp_partial + (t.col_chunk * a.N + i) * M;
+        for (int p = 0; p < M; ++p) {
+          opmath_t dot = 0;
+          for (int64_t l = 0; l < kDotLanes; ++l) dot += acc[p][l];
+          for (int64_t j = j0; j < w; ++j) {
+            dot += de1[j] * emb1[p * ld + j];
+            if constexpr (E2) dot += de2[j] * emb2[p * ld + j];
+          }
+          dhp[p] += dot;
+        }
+      }
+    }
+    // d(embedding)[j, p] += sum over the tile's rows of hp[i, p] * de[i, j]
+    for (int p = 0; p < M; ++p) {
+      opmath_t hb[kGradTileRows];
+      for (int64_t r = 0; r < kGradTileRows; ++r) hb[r] = r < rows ? widen(e.hp[(i0 + r) * M + p]) : opmath_t(0);
+      opmath_t* d1 = e.demb1_partial + (slice * M + p) * D + c0;
+      opmath_t* d2 = E2 ? e.demb2_partial + (slice * M + p) * D + c0 : nullptr;
+      if (rows == kGradTileRows) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          opmath_t acc = d1[j];
+          for (int64_t r = 0; r < kGradTileRows; ++r) acc += hb[r] * de1_tile[r][j];
+          d1[j] = acc;
+          if constexpr (E2) {
+            opmath_t acc2 = d2[j];
+            for (int64_t r = 0; r < kGradTileRows; ++r) acc2 += hb[r] * de2_tile[r][j];
+            d2[j] = acc2;
+          }
+        }
+      } else {  // the task's last, partial tile: its rows only (the rest of the tile is stale)
+        for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            d1[j] += hb[r] * de1_tile[r][j];
+            if constexpr (E2) d2[j] += hb[r] * de2_tile[r][j];
+          }
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename Src>
 HYPERKERN_INLINE void hyper_grad_body(const HyperGradArgs<scalar_t, Src>& a, const MemberTiling::Task& t) {
   using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<Src, EmbeddedE<scalar_t>>) {
+    if (t.col_end - t.col_begin <= kGradTileCols && with_fused_m(a.e.m, [&](auto m) HYPERKERN_INLINE_LAMBDA {
+          constexpr int M = decltype(m)::value;
+          if (a.e.has_e2) hyper_grad_fused<M, true>(a, t);
+          else hyper_grad_fused<M, false>(a, t);
+        })) {
+      return;
+    }
+  }
   const int64_t piece = e_piece_width(a.e, a.D), slice = t.partial_offset / std::max<int64_t>(a.D, 1);
   opmath_t e1_buffer[kEPiece], e2_buffer[kEPiece], de1_buffer[kEPiece], de2_buffer[kEPiece];
   for (int64_t i = t.row_begin; i < t.row_end; ++i) {
@@ -947,20 +1132,22 @@ void hyper_forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& de
     delta_out.zero_();
     return;
   }
-  // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM.
+  // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM. With
+  // tied fast weights (u is r: the hyper layers' default, the reference's fast_weights_eq_contraint)
+  // the first prologue serves both GEMMs.
+  const bool tied = u.data_ptr() == r.data_ptr() && u.sizes() == r.sizes() && u.strides() == r.strides();
   Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
-  for (const Tensor* scale : {&u, &r}) {
+  auto prologue = [&](const Tensor& scale) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
-      const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale->const_data_ptr<scalar_t>(),
+      const ScaleRowsArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
                                          x_scaled.data_ptr<scalar_t>(), d.in, d.B};
       at::parallel_for(0, d.N, row_grain(d.in), [&](int64_t i0, int64_t i1) { scale_rows(args, i0, i1); });
     });
-    if (scale == &u) {
-      at::mm_out(delta_out, x_scaled, delta.t());
-    } else {
-      at::mm_out(y, x_scaled, weight.t());
-    }
-  }
+  };
+  prologue(u);
+  at::mm_out(delta_out, x_scaled, delta.t());
+  if (!tied) prologue(r);
+  at::mm_out(y, x_scaled, weight.t());
 }
 
 // y = y * s_k + v_k * e1 * delta_out + bias_k + delta_bias_k * e2, in place, e1 / e2 from make_e(scalar_t()).
