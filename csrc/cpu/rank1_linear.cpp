@@ -542,11 +542,43 @@ using HyperGradRowsArgs = HyperGradArgs<scalar_t, RowsE<scalar_t>>;
 template <typename scalar_t>
 using HyperGradEmbeddedArgs = HyperGradArgs<scalar_t, EmbeddedE<scalar_t>>;
 // The EmbeddedE pass over g with m = M known at compile time: one loop over a row's columns computes
-// e1, e2 in registers, g_ve, dv, ddb and the row's de1, de2 into a tile of kGradTileRows rows; d(hparams)
-// are dot products over the tile's rows, and d(embedding)'s partials take the whole tile in one
-// read-modify-write per p (a rank-kGradTileRows update) instead of one per row and p.
+// e1 in registers, g_ve, dv and the row's de1 into a tile of kGradTileRows rows; d(hparams) are dot
+// products with M x kDotLanes independent accumulators, and d(embedding)'s partials take the whole
+// tile in one read-modify-write per p (a rank-kGradTileRows update) instead of one per row and p.
+// e2 is never formed: de2 = g * delta_bias_k, so with Ghp[p, j] = sum over the task's rows of
+// hp[i, p] * g[i, j] (all rows of one member),
+//   d(embedding_e2)[j, p] += delta_bias_k[j] * Ghp[p, j],  d(delta_bias)_k[j] += sum_p emb2[p, j] * Ghp[p, j]
+// and d(hparams)[i, p] takes g[i, :] . (delta_bias_k * emb2[p, :]).
 constexpr int64_t kGradTileRows = 4;
 constexpr int64_t kGradTileCols = 512;  // >= MemberTiling's cols_per_chunk
+constexpr int64_t kDotLanes = 8;
+// sum_p acc[p][l] += a[j] * b1[p * ld + j] (+ c[j] * b2[p][j]) over j < w, into dots[p] (dots added to).
+template <int M, bool TWO, typename opmath_t, typename C>
+HYPERKERN_INLINE void dot_rows(const opmath_t* a, const opmath_t* b1, int64_t ld, const C* c, const opmath_t* b2,
+                               int64_t w, opmath_t* dots) {
+  // M x kDotLanes independent accumulators: one chain per p would wait on its FMA latency.
+  opmath_t acc[M][kDotLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kDotLanes <= w; j0 += kDotLanes) {
+    for (int p = 0; p < M; ++p) {
+      const opmath_t *b1p = b1 + p * ld + j0, *b2p = TWO ? b2 + p * kGradTileCols + j0 : nullptr;
+#pragma omp simd
+      for (int64_t l = 0; l < kDotLanes; ++l) {
+        acc[p][l] += a[j0 + l] * b1p[l];
+        if constexpr (TWO) acc[p][l] += widen(c[j0 + l]) * b2p[l];
+      }
+    }
+  }
+  for (int p = 0; p < M; ++p) {
+    opmath_t dot = 0;
+    for (int64_t l = 0; l < kDotLanes; ++l) dot += acc[p][l];
+    for (int64_t j = j0; j < w; ++j) {
+      dot += a[j] * b1[p * ld + j];
+      if constexpr (TWO) dot += widen(c[j]) * b2[p * kGradTileCols + j];
+    }
+    dots[p] += dot;
+  }
+}
 template <int M, bool E2, typename scalar_t>
 HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a, const MemberTiling::Task& t) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -556,10 +588,19 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
   const scalar_t *vk = a.v + mem, *sk = a.s + mem, *dbk = E2 ? a.delta_bias + mem : nullptr;
   opmath_t* dv = a.dv_partial + t.partial_offset + c0;
   opmath_t* db = a.db_partial != nullptr ? a.db_partial + t.partial_offset + c0 : nullptr;
-  opmath_t* ddb = E2 ? a.ddb_partial + t.partial_offset + c0 : nullptr;
   const opmath_t *emb1 = e.embT + c0, *emb2 = e.embT + D + c0;
+  constexpr int64_t kE2Rows = E2 ? M : 1, kE2Cols = E2 ? kGradTileCols : 1;
   alignas(64) opmath_t de1_tile[kGradTileRows][kGradTileCols];
-  alignas(64) opmath_t de2_tile[E2 ? kGradTileRows : 1][E2 ? kGradTileCols : 1];
+  alignas(64) opmath_t ghp[kE2Rows][kE2Cols];   // Ghp (E2)
+  alignas(64) opmath_t demb2[kE2Rows][kE2Cols];  // delta_bias_k * emb2[p, :] (E2 with d(hparams))
+  if constexpr (E2) {
+    for (int p = 0; p < M; ++p) {
+      std::fill_n(ghp[p], w, opmath_t(0));
+      if (e.dhp_partial != nullptr) {
+        for (int64_t j = 0; j < w; ++j) demb2[p][j] = widen(dbk[j]) * emb2[p * ld + j];
+      }
+    }
+  }
   for (int64_t i0 = t.row_begin; i0 < t.row_end; i0 += kGradTileRows) {
     const int64_t rows = std::min(kGradTileRows, t.row_end - i0);
     for (int64_t r = 0; r < rows; ++r) {
@@ -568,7 +609,7 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
       load_hparams<M>(e, i, hv);
       const scalar_t *g = a.g + row, *h = a.h + row;
       scalar_t* g_ve = a.g_ve + row;
-      opmath_t *de1 = de1_tile[r], *de2 = de2_tile[E2 ? r : 0];
+      opmath_t* de1 = de1_tile[r];
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) {
         const opmath_t gv = widen(g[j]), vv = widen(vk[j]), hv_j = widen(h[j]);
@@ -576,10 +617,6 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
         g_ve[j] = narrow_to<scalar_t>(gv * vv * e1v);
         de1[j] = gv * vv * hv_j;
         dv[j] += gv * e1v * hv_j;
-        if constexpr (E2) {
-          de2[j] = gv * widen(dbk[j]);
-          ddb[j] += gv * embed_column<M>(hv, emb2, ld, j);
-        }
       }
       if (a.g_s != nullptr) {
         scalar_t* g_s = a.g_s + row;
@@ -590,39 +627,17 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j) db[j] += widen(g[j]);
       }
-      if (e.dhp_partial != nullptr) {  // d(hparams)[i, p] = de1 . emb1[p] + de2 . emb2[p]
-        // M x kDotLanes independent accumulators: one chain per p would wait on its FMA latency.
-        constexpr int64_t kDotLanes = 8;
-        opmath_t acc[M][kDotLanes] = {};
-        int64_t j0 = 0;
-        for (; j0 + kDotLanes <= w; j0 += kDotLanes) {
-          for (int p = 0; p < M; ++p) {
-            const opmath_t *e1p = emb1 + p * ld + j0, *e2p = emb2 + p * ld + j0;
-#pragma omp simd
-            for (int64_t l = 0; l < kDotLanes; ++l) {
-              acc[p][l] += de1[j0 + l] * e1p[l];
-              if constexpr (E2) acc[p][l] += de2[j0 + l] * e2p[l];
-            }
-          }
-        }
-        opmath_t* dhp = e.dhp_partial + (t.col_chunk * a.N + i) * M;
-        for (int p = 0; p < M; ++p) {
-          opmath_t dot = 0;
-          for (int64_t l = 0; l < kDotLanes; ++l) dot += acc[p][l];
-          for (int64_t j = j0; j < w; ++j) {
-            dot += de1[j] * emb1[p * ld + j];
-            if constexpr (E2) dot += de2[j] * emb2[p * ld + j];
-          }
-          dhp[p] += dot;
-        }
+      if (e.dhp_partial != nullptr) {  // d(hparams)[i, p] = de1 . emb1[p] + g . (delta_bias_k * emb2[p])
+        dot_rows<M, E2>(de1, emb1, ld, g, &demb2[0][0], w, e.dhp_partial + (t.col_chunk * a.N + i) * M);
       }
     }
-    // d(embedding)[j, p] += sum over the tile's rows of hp[i, p] * de[i, j]
+    // d(embedding_e1)[j, p] += sum over the tile's rows of hp[i, p] * de1[i, j]; Ghp likewise with g
+    const scalar_t* g0 = a.g + i0 * D + c0;
     for (int p = 0; p < M; ++p) {
       opmath_t hb[kGradTileRows];
       for (int64_t r = 0; r < kGradTileRows; ++r) hb[r] = r < rows ? widen(e.hp[(i0 + r) * M + p]) : opmath_t(0);
       opmath_t* d1 = e.demb1_partial + (slice * M + p) * D + c0;
-      opmath_t* d2 = E2 ? e.demb2_partial + (slice * M + p) * D + c0 : nullptr;
+      opmath_t* gp = ghp[E2 ? p : 0];
       if (rows == kGradTileRows) {
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j) {
@@ -630,9 +645,9 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
           for (int64_t r = 0; r < kGradTileRows; ++r) acc += hb[r] * de1_tile[r][j];
           d1[j] = acc;
           if constexpr (E2) {
-            opmath_t acc2 = d2[j];
-            for (int64_t r = 0; r < kGradTileRows; ++r) acc2 += hb[r] * de2_tile[r][j];
-            d2[j] = acc2;
+            opmath_t acc2 = gp[j];
+            for (int64_t r = 0; r < kGradTileRows; ++r) acc2 += hb[r] * widen(g0[r * D + j]);
+            gp[j] = acc2;
           }
         }
       } else {  // the task's last, partial tile: its rows only (the rest of the tile is stale)
@@ -640,9 +655,21 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) {
             d1[j] += hb[r] * de1_tile[r][j];
-            if constexpr (E2) d2[j] += hb[r] * de2_tile[r][j];
+            if constexpr (E2) gp[j] += hb[r] * widen(g0[r * D + j]);
           }
         }
+      }
+    }
+  }
+  if constexpr (E2) {  // the task's rows are all of one member: apply delta_bias_k and emb2 once
+    opmath_t* ddb = a.ddb_partial + t.partial_offset + c0;
+    for (int p = 0; p < M; ++p) {
+      opmath_t* d2 = e.demb2_partial + (slice * M + p) * D + c0;
+      const opmath_t *gp = ghp[p], *e2p = emb2 + p * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        d2[j] += widen(dbk[j]) * gp[j];
+        ddb[j] += e2p[j] * gp[j];
       }
     }
   }
