@@ -28,7 +28,9 @@ The ops: batch_ensemble_linear, hyper_batch_ensemble_linear (e1 / e2 given) and
 hyper_batch_ensemble_linear_hp (per-row hyperparameters, m = 5, and the embedding weight given: what the
 HyperBatchEnsembleLinear layer calls).
 and prints the median time in ms and its ratio to the floor (plus the fastest sample and its ratio
-to the fastest floor sample: on a shared machine the minimum shows the unloaded speed). Rows are member-major (rows
+to the fastest floor sample: on a shared machine the minimum shows the unloaded speed; and the paired
+ratio, the median over rounds of the variant's time / the floor's time in the same round, which load
+drifting between rounds does not move). Rows are member-major (rows
 k*B .. (k+1)*B-1 belong to member k). Variants are interleaved round by round so load changes on
 a shared machine hit them alike. Importable: run_linear(...) returns the rows, format_table prints them.
 """
@@ -62,8 +64,9 @@ def _sync(device: torch.device):
 
 
 def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, warmup: int = 3,
-                  clock=time.perf_counter) -> dict:
-    """(median, min) ms per call of every fn; rounds interleave the variants."""
+                  clock=time.perf_counter, samples_out: dict | None = None) -> dict:
+    """(median, min) ms per call of every fn; rounds interleave the variants. samples_out (a dict) receives
+    every variant's per-round ms."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -77,6 +80,8 @@ def time_variants(fns: dict, device: torch.device, repeats: int, inner: int, war
                 fn()
             _sync(device)
             samples[name].append((clock() - t0) / inner * 1e3)
+    if samples_out is not None:
+        samples_out.update(samples)
     return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
@@ -210,11 +215,16 @@ def run_linear(shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", repeats
                             with torch.no_grad():
                                 fn(*args)
                     fns[name] = step
-                times = time_variants(fns, device, repeats, inner, clock=clock)
+                samples = {}
+                times = time_variants(fns, device, repeats, inner, clock=clock, samples_out=samples)
                 floor, floor_min = times["floor"]
                 for name, (ms, ms_min) in times.items():
+                    # the median over rounds of this variant's time / the floor's in the same round: load
+                    # that drifts between rounds (a shared machine) cancels in each round's ratio
+                    paired = statistics.median(a / b for a, b in zip(samples[name], samples["floor"]))
                     rows.append({"op": op, "shape": (E, B, fin, fout), "mode": mode, "variant": name, "ms": ms,
-                                 "ratio": ms / floor, "min_ms": ms_min, "min_ratio": ms_min / floor_min})
+                                 "ratio": ms / floor, "min_ms": ms_min, "min_ratio": ms_min / floor_min,
+                                 "paired_ratio": paired})
                 # as soon as it is measured: a run stopped by a time limit keeps what it measured
                 print(f"[ops] {op} {(E, B, fin, fout)} {mode}: floor {floor:.3f} ms | " + " | ".join(
                     f"{name} {ms:.3f} ms ({ms / floor:.2f}x)" for name, (ms, _) in times.items() if name != "floor"),
@@ -237,12 +247,13 @@ def describe_machine(device: torch.device, dtype) -> str:
 
 
 def format_table(rows: list) -> str:
-    lines = ["| op | E, B, in, out | mode | variant | median ms | x floor | min ms | min x floor |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| op | E, B, in, out | mode | variant | median ms | x floor | min ms | min x floor | paired x floor |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         E, B, fin, fout = row["shape"]
         lines.append(f"| {row['op']} | {E}, {B}, {fin}, {fout} | {row['mode']} | {row['variant']} | "
-                     f"{row['ms']:.3f} | {row['ratio']:.3f} | {row['min_ms']:.3f} | {row['min_ratio']:.3f} |")
+                     f"{row['ms']:.3f} | {row['ratio']:.3f} | {row['min_ms']:.3f} | {row['min_ratio']:.3f} | "
+                     f"{row['paired_ratio']:.3f} |")
     return "\n".join(lines)
 
 
