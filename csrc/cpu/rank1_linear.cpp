@@ -552,7 +552,7 @@ using HyperGradEmbeddedArgs = HyperGradArgs<scalar_t, EmbeddedE<scalar_t>>;
 constexpr int64_t kGradTileRows = 4;
 constexpr int64_t kGradTileCols = 512;  // >= MemberTiling's cols_per_chunk
 constexpr int64_t kDotLanes = 8;
-// sum_p acc[p][l] += a[j] * b1[p * ld + j] (+ c[j] * b2[p][j]) over j < w, into dots[p] (dots added to).
+// dots[p] += sum over j < w of a[j] * b1[p * ld + j] (+ c[j] * b2[p * kGradTileCols + j] when TWO).
 template <int M, bool TWO, typename opmath_t, typename C>
 HYPERKERN_INLINE void dot_rows(const opmath_t* a, const opmath_t* b1, int64_t ld, const C* c, const opmath_t* b2,
                                int64_t w, opmath_t* dots) {
@@ -592,12 +592,12 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
   constexpr int64_t kE2Rows = E2 ? M : 1, kE2Cols = E2 ? kGradTileCols : 1;
   alignas(64) opmath_t de1_tile[kGradTileRows][kGradTileCols];
   alignas(64) opmath_t ghp[kE2Rows][kE2Cols];   // Ghp (E2)
-  alignas(64) opmath_t demb2[kE2Rows][kE2Cols];  // delta_bias_k * emb2[p, :] (E2 with d(hparams))
+  alignas(64) opmath_t db_emb2[kE2Rows][kE2Cols];  // delta_bias_k * emb2[p, :] (E2 with d(hparams))
   if constexpr (E2) {
     for (int p = 0; p < M; ++p) {
       std::fill_n(ghp[p], w, opmath_t(0));
       if (e.dhp_partial != nullptr) {
-        for (int64_t j = 0; j < w; ++j) demb2[p][j] = widen(dbk[j]) * emb2[p * ld + j];
+        for (int64_t j = 0; j < w; ++j) db_emb2[p][j] = widen(dbk[j]) * emb2[p * ld + j];
       }
     }
   }
@@ -628,7 +628,7 @@ HYPERKERN_INLINE void hyper_grad_fused(const HyperGradEmbeddedArgs<scalar_t>& a,
         for (int64_t j = 0; j < w; ++j) db[j] += widen(g[j]);
       }
       if (e.dhp_partial != nullptr) {  // d(hparams)[i, p] = de1 . emb1[p] + g . (delta_bias_k * emb2[p])
-        dot_rows<M, E2>(de1, emb1, ld, g, &demb2[0][0], w, e.dhp_partial + (t.col_chunk * a.N + i) * M);
+        dot_rows<M, E2>(de1, emb1, ld, g, &db_emb2[0][0], w, e.dhp_partial + (t.col_chunk * a.N + i) * M);
       }
     }
     // d(embedding_e1)[j, p] += sum over the tile's rows of hp[i, p] * de1[i, j]; Ghp likewise with g
