@@ -104,6 +104,21 @@ def test_hyper_batch_ensemble_linear_optional_terms(bias, delta_bias):
                              args, HYPER_NAMES, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_large_gemm_outputs_start_from_zero(dtype):
+    """Every GEMM output here has >= 2**16 elements (y, delta_out, dx, the Delta side, dDelta, G_k), so the
+    CPU kernels memset it and let the GEMM accumulate into it (beta = 1). A first call with inputs a million
+    times larger leaves its values in the reused buffers; the second call must not see them."""
+    E, B, fin, fout = 2, 128, 256, 256
+    for op, reference, make, names in ((hyperkern.ops.batch_ensemble_linear, ref.batch_ensemble_linear_reference,
+                                        _be_args, BE_NAMES),
+                                       (hyperkern.ops.hyper_batch_ensemble_linear,
+                                        ref.hyper_batch_ensemble_linear_reference, _hyper_args, HYPER_NAMES)):
+        big = [None if a is None else a * 1e6 for a in make(E, B, fin, fout, dtype=dtype)]
+        _grads(op, big, torch.randn(E * B, fout, dtype=dtype) * 1e6, backend="cpp")
+        _check_against_reference(op, reference, make(E, B, fin, fout, dtype=dtype), names, dtype)
+
+
 def test_workspace_reuse_across_shapes_dtypes_and_setting(monkeypatch):
     """The per-thread scratch workspace: calls that grow, shrink and change the dtype of the cached
     buffers give the reference results, bit-identical with the workspace off; earlier outputs are
