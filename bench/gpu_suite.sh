@@ -13,6 +13,12 @@
 #   BENCH_ARGS   extra arguments for every `python -m bench` call, e.g. "--quick"
 #   MAX_JOBS     parallel compile jobs for the extension (default: CPU count, at most 16)
 #   TEST_WORKERS pytest-xdist workers for the GPU tests when xdist is installed (default 8)
+#   MODEL_VARIANTS  the model suite's variants (default every one of bench/models.py; the CUDA-graph
+#                step uses the same list)
+#   GPU_SUITE_LIMITS  per-step wall-clock limits in seconds, e.g. "build=120 tests=150 ops=120"
+#                (keys: the step names of GPU_SUITE_STEPS); a step past its limit is killed, reported
+#                as FAILED (exit 124) and the suite goes on, so a time-boxed call still gets the later
+#                steps and targets.md
 #   GPU_SUITE_STEPS  which steps to run (default "build tests ops models graphs host profile"; "ops" includes the conv
 #                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start
@@ -25,6 +31,7 @@
 # any step failed. RESULTS_DIR/summary.txt lists each step with its status and log file,
 # RESULTS_DIR/targets.md the issue's GPU targets (PASS / MISS) read from the benchmark JSON files.
 set -uo pipefail
+set -f  # no globbing: MODEL_VARIANTS holds names like batch[torch]
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -33,6 +40,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
+MODEL_VARIANTS=${MODEL_VARIANTS:-plain batch batch[torch] batch[triton] batch/tabm batch/torch_unc hyper_batch deep/loop deep/vmap}
 STEPS=" ${GPU_SUITE_STEPS:-build tests ops models graphs host profile} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 CPUS=$(nproc 2>/dev/null || echo 8)
@@ -46,13 +54,23 @@ SUMMARY="$OUT/summary.txt"
 echo "== $(date -u +"%Y-%m-%d %H:%M UTC") steps:${STEPS% } (GPU_SUITE_STEPS)" >> "$SUMMARY"
 FAILED=0
 
-# step NAME LOGFILE COMMAND...: run COMMAND with stdout+stderr to OUT/LOGFILE (and the terminal).
+# limit KEY: the seconds GPU_SUITE_LIMITS gives step KEY (empty when none)
+limit() { local kv; for kv in ${GPU_SUITE_LIMITS:-}; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
+
+# step KEY NAME LOGFILE COMMAND...: run COMMAND with stdout+stderr to OUT/LOGFILE (and the terminal),
+# under KEY's limit from GPU_SUITE_LIMITS when it has one (COMMAND may be a function of this script).
 step() {
-  local name=$1 log=$2
-  shift 2
-  echo "== $name: $*"
+  local key=$1 name=$2 log=$3
+  shift 3
+  local secs
+  secs=$(limit "$key")
+  echo "== $name: $*${secs:+ (limit ${secs}s)}"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$log"
+  if [ -n "$secs" ]; then
+    timeout -k 15 "$secs" bash -c '"$@"' _ "$@" 2>&1 | tee "$OUT/$log"
+  else
+    "$@" 2>&1 | tee "$OUT/$log"
+  fi
   local rc=${PIPESTATUS[0]}
   local status=ok
   if [ "$rc" -ne 0 ]; then
@@ -130,33 +148,41 @@ gpu_tests() {
   # Triton tests about 60 s (mostly compiling); a worker that crashes is reported and replaced.
   local parallel=()
   if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-8}"); fi
+  # one hung test must not take the step's whole limit
+  if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then parallel+=(--timeout 180); fi
   "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" --junitxml="$OUT/gpu-tests-junit.xml" \
     "$ROOT/tests/test_ops_cpp_cuda.py" "$ROOT/tests/test_ops_linear_triton.py" "$ROOT/tests/test_ops_conv_triton.py" \
     "$ROOT/tests/test_ops_linear_cpp.py::test_direct_op_call_with_bad_shapes_raises" \
     "$ROOT/tests/test_ops_conv_cpp.py::test_bad_inputs_raise_instead_of_crashing"
 }
 
-step "environment" environment.txt environment
-want build && step "build extension (sm_90)" build.log install_extension
-step "extension has CUDA + Triton ops" backends.txt check_extension
-want tests && step "CUDA + Triton kernel tests on GPU" tests.log gpu_tests
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-want ops && step "bench ops (cuda)" bench-ops.md \
-  "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" --auto-table "$OUT/auto-table.json" \
-  $BENCH_ARGS
+# the functions and variables that `step` may run in a child bash (under a limit)
+export -f environment install_extension check_extension gpu_tests
+export OUT ROOT PYTHON WHEEL_CUDA_INCLUDES
+
+step env "environment" environment.txt environment
+want build && step build "build extension (sm_90)" build.log install_extension
+step check "extension has CUDA + Triton ops" backends.txt check_extension
+want tests && step tests "CUDA + Triton kernel tests on GPU" tests.log gpu_tests
 # shellcheck disable=SC2086
-want models && step "bench models (cuda)" bench-models.md \
-  "$PYTHON" -m bench --device cuda --suite models --json "$OUT/bench-models.json" $BENCH_ARGS
+want models && step models "bench models (cuda)" bench-models.md \
+  "$PYTHON" -m bench.models --device cuda --variants $MODEL_VARIANTS --json "$OUT/bench-models.json" $BENCH_ARGS
+# shellcheck disable=SC2086
 # GPU time without the host: each step replayed as one CUDA graph (ResNet-20's eager step is host-bound)
-want graphs && step "bench models, CUDA graphs" bench-models-graphs.md \
-  "$PYTHON" -m bench.models --device cuda --cuda-graphs --repeats 9 --variants plain batch hyper_batch deep/loop \
+want graphs && step graphs "bench models, CUDA graphs" bench-models-graphs.md \
+  "$PYTHON" -m bench.models --device cuda --cuda-graphs --repeats 9 --variants $MODEL_VARIANTS \
   --json "$OUT/bench-models-graphs.json"
 # host cost of every op and layer at a tiny shape (forward + backward against the plain torch call)
 # shellcheck disable=SC2086
-want host && step "bench host cost (cuda)" bench-host.md \
+want host && step host "bench host cost (cuda)" bench-host.md \
   "$PYTHON" -m bench --device cuda --suite host --json "$OUT/bench-host.json" $BENCH_ARGS
+# the op suite last of the benchmarks: the Triton rows autotune on first call (minutes at the large shapes)
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+want ops && step ops "bench ops (cuda)" bench-ops.md \
+  "$PYTHON" -m bench --device cuda --suite ops --json "$OUT/bench-ops.json" --auto-table "$OUT/auto-table.json" \
+  $BENCH_ARGS
 # where a step's time goes: top kernels and host operators per step
-want profile && step "profile ResNet-20 + WRN-28-10 steps" profile.md bash -c \
+want profile && step profile "profile ResNet-20 + WRN-28-10 steps" profile.md bash -c \
   "$PYTHON -m bench.profile_step --device cuda --model resnet20 --variants plain batch hyper_batch && \
    $PYTHON -m bench.profile_step --device cuda --model wrn28-10 --variants plain batch hyper_batch"
 
