@@ -113,7 +113,10 @@ PY
 # The system g++ unless CXX says otherwise: an H200 image's default /opt/gcc/bin/g++ wrapper built an
 # extension whose TORCH_CHECK messages crashed in std::ostringstream; /usr/bin/g++ (the same 13.3)
 # built one that raises cleanly (docs/benchmark-history.md, GPU runs 1 and 2).
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+# That image also sets CXX / CC to the wrapper, so a CXX under /opt/gcc is replaced too (GPU run 3).
+if [ -x /usr/bin/g++ ] && { [ -z "${CXX:-}" ] || [[ "$CXX" == /opt/gcc/* ]]; }; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
 
 install_extension() {
   local cpath=${WHEEL_CUDA_INCLUDES}${CPATH:+:$CPATH}
