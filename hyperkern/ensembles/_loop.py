@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hyperkern.ensembles._common import (TrainConfig, atomic_save, batches, load_checkpoint, output_is_terminal,
                                          progress_bar)
+from hyperkern.nn.functional import tile
 
 __all__ = ["run_epochs", "train_network", "member_log_probs", "l2_strengths"]
 
@@ -180,8 +181,7 @@ def train_network(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
             index, weight = distributed.shard(index)  # this rank's examples, before member-major tiling
         xb, yb = x[index], y[index]
         if members > 1:
-            xb = xb.repeat(members, *([1] * (xb.dim() - 1)))
-            yb = yb.repeat(members)
+            xb, yb = tile(xb, members), tile(yb, members)
         logits = forward(xb)
         # mean over all E*B rows = mean over members of each member's mean cross-entropy
         loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
@@ -219,7 +219,7 @@ def member_log_probs(model: nn.Module, x: torch.Tensor, ensemble_size: int, batc
             xb = x[start:start + batch_size].to(device)
             b = xb.shape[0]
             if ensemble_size > 1:
-                xb = xb.repeat(ensemble_size, *([1] * (xb.dim() - 1)))
+                xb = tile(xb, ensemble_size)
             logits = model(xb) if hparams_for_rows is None else model(xb, hparams_for_rows(b).to(device))
             out.append(torch.log_softmax(logits.float(), dim=-1).reshape(ensemble_size, b, -1).cpu())
     finally:

@@ -104,7 +104,7 @@ class _SingleNetworkTrainer(EnsembleBase):
 class BatchEnsembleTrainer(_SingleNetworkTrainer):
     """Trains a batch ensemble: model variant "batch" with E members.
 
-    Every step tiles the minibatch E times member-major (x.repeat(E, ...), rows k*B..(k+1)*B-1 are
+    Every step tiles the minibatch E times member-major (hyperkern.nn.tile: rows k*B..(k+1)*B-1 are
     member k), tiles the labels the same way, and minimises the mean of the members' cross-entropies
     plus the L2 penalty of the slow weights and biases / n_train (fast weights r, s: no weight decay,
     gradients multiplied by config.fast_weight_lr_multiplier, 0.5 by default). Prediction tiles the

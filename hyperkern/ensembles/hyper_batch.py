@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hyperkern.ensembles._common import seeded
 from hyperkern.ensembles._loop import _set_lr, backward_and_step, member_log_probs, run_epochs
 from hyperkern.ensembles.batch import _SingleNetworkTrainer
+from hyperkern.nn.functional import tile
 from hyperkern.nn.hparams import EnsembleLogUniform
 
 __all__ = ["HyperBatchEnsembleTrainer"]
@@ -143,9 +144,9 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             xb, yb = x[index], y[index]
             b = xb.shape[0]
             lam = dist.sample(b)  # (E*B, m) member-major, xi frozen
-            logits = forward(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            logits = forward(tile(xb, E), space.normalize(lam))
             # the penalty is a mean over rows too: the rank weight makes both terms global-batch means
-            loss = (F.cross_entropy(logits, yb.repeat(E), label_smoothing=self.label_smoothing)
+            loss = (F.cross_entropy(logits, tile(yb, E), label_smoothing=self.label_smoothing)
                     + net.l2_penalty(lam) / n_train)
             backward_and_step(loss, opt_w, fast, multiplier, weight)
             if (step + 1) % config.val_every == 0:
@@ -161,7 +162,7 @@ class HyperBatchEnsembleTrainer(_SingleNetworkTrainer):
             xb, yb = xv[index], yv[index]
             b = xb.shape[0]
             lam = dist.rsample(b)  # reparameterised: gradients reach log a, log b
-            logits = net(xb.repeat(E, *([1] * (xb.dim() - 1))), space.normalize(lam))
+            logits = net(tile(xb, E), space.normalize(lam))
             log_probs = torch.log_softmax(logits, dim=-1).reshape(E, b, -1)
             picked = log_probs.gather(2, yb[None, :, None].expand(E, b, 1)).squeeze(2)  # (E, B)
             ensemble_nll = -(torch.logsumexp(picked, dim=0) - log_e).mean()
