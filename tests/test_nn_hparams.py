@@ -1,5 +1,6 @@
 """HyperParameterSpace normalisation and the per-member log-uniform distributions (docs/method.md sections 2, 3)."""
 import math
+import pickle
 
 import pytest
 import torch
@@ -127,3 +128,26 @@ def test_clip_keeps_intervals_in_range_and_ordered():
 def test_distribution_needs_log_space():
     with pytest.raises(ValueError, match="log-scaled"):
         EnsembleLogUniform(_space(), 2)
+
+
+def test_normalize_bounds_are_made_once_and_serve_autograd_after_inference_mode():
+    # the bounds are built once per (dtype, device), not copied from Python lists on every call (on CUDA a
+    # pageable host-to-device copy per normalize, which a CUDA graph cannot capture)
+    space = HyperParameterSpace([("l2", 1e-5, 1e-3, True), ("dropout", 0.0, 0.5, False)])
+    lam = torch.tensor([[1e-4, 0.2], [1e-3, 0.0]], dtype=torch.float64)
+    with torch.inference_mode():  # first made under inference mode ...
+        z_inf = space.normalize(lam)
+    assert space._bounds(lam)[0] is space._bounds(lam)[0]
+    assert space._bounds(lam.float())[0].dtype == torch.float32  # a cache entry per dtype
+    lam_g = lam.clone().requires_grad_(True)
+    z = space.normalize(lam_g)  # ... and still usable by autograd, which saves the width
+    z.sum().backward()
+    assert torch.equal(z.detach(), z_inf)
+    torch.testing.assert_close(z.detach(), torch.tensor([[0.5, 0.4], [1.0, 0.0]], dtype=torch.float64))
+    # d z / d lam = 1 / (lam * log(high / low)) for the log column, 1 / (high - low) for the linear one
+    expected = torch.tensor([[1 / (1e-4 * math.log(100.0)), 2.0], [0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(lam_g.grad[:, 1], expected[:, 1])
+    torch.testing.assert_close(lam_g.grad[0, 0], expected[0, 0])
+    clone = pickle.loads(pickle.dumps(space))  # the cache is not part of the pickled value
+    assert clone == space and clone._bounds_cache == {}
+    torch.testing.assert_close(clone.normalize(lam), z_inf)

@@ -215,3 +215,50 @@ def test_zero_images():
     assert y.shape == (0, 4, 7, 8)
     for t in torch.autograd.grad(y.sum(), (w, r, s, b)):
         assert torch.count_nonzero(t) == 0
+
+
+def test_hyper_batch_step_captures_in_a_cuda_graph():
+    # normalize() used to copy its bounds from Python lists to the GPU on every call (a pageable
+    # host-to-device copy that a CUDA graph cannot capture), and the model's hparams range check is a
+    # device sync: GPU run 3 left hyper_batch out of the CUDA-graph timings for both reasons
+    import torch.nn.functional as F
+
+    from hyperkern import models as zoo
+    from hyperkern.nn import EnsembleLogUniform, tile
+
+    torch.manual_seed(0)
+    E, B = 2, 4
+    model = zoo.resnet20(num_classes=10, in_channels=3, variant="hyper_batch", ensemble_size=E, depth=8, width=4,
+                         device="cuda", dtype=torch.float32)
+    space = model.hparam_space
+    dist = EnsembleLogUniform(space, E, dtype=torch.float32, device="cuda")
+    x, y = torch.randn(B, 3, 8, 8, device="cuda"), torch.randint(0, 10, (B,), device="cuda")
+    lam = dist.sample(B).detach()
+
+    def step():
+        logits = model(tile(x, E), space.normalize(lam))
+        loss = F.cross_entropy(logits, tile(y, E)) + model.l2_penalty(lam) / 50000
+        loss.backward()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_graph = step()
+    model.zero_grad(set_to_none=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    grads_graph = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=False)
+    loss_eager = step()
+    grads_eager = [p.grad for p in model.parameters() if p.grad is not None]
+    torch.testing.assert_close(loss_graph, loss_eager)
+    assert len(grads_graph) == len(grads_eager) > 0
+    for a, b in zip(grads_graph, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -77,6 +77,15 @@ class HyperParameterSpace:
             raise ValueError(f"hyperparameter names must be unique, got {names}")
         self._items = tuple(items)
         self._index = {h.name: j for j, h in enumerate(items)}
+        self._bounds_cache: dict = {}  # (dtype, device) -> _bounds' tensors
+
+    def __getstate__(self):
+        # the cached bound tensors (possibly on a GPU) are not part of the space's value
+        return {k: v for k, v in self.__dict__.items() if k != "_bounds_cache"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._bounds_cache = {}
 
     # ---- description ----
     @property
@@ -120,12 +129,25 @@ class HyperParameterSpace:
         return all(h.log for h in self._items)
 
     def _bounds(self, like: torch.Tensor):
-        """(offset, width, log mask) per column in the normalisation's working scale, as tensors like `like`."""
+        """(offset, width, log mask) per column in the normalisation's working scale, as tensors like `like`.
+
+        Made once per dtype and device and kept: building them from Python lists is a host-to-device copy
+        from pageable memory on every call (one per normalize() on CUDA, and a copy that a CUDA graph
+        cannot capture). Always made outside inference mode, so autograd can save them later."""
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        key = (dtype, like.device)
+        cached = self._bounds_cache.get(key)
+        if cached is not None:
+            return cached
         off = [math.log(h.low) if h.log else h.low for h in self._items]
         width = [(math.log(h.high) - math.log(h.low)) if h.log else (h.high - h.low) for h in self._items]
-        kw = {"dtype": like.dtype if like.is_floating_point() else torch.get_default_dtype(), "device": like.device}
-        return torch.tensor(off, **kw), torch.tensor(width, **kw), torch.tensor([h.log for h in self._items],
-                                                                                 device=like.device)
+        with torch.inference_mode(False):
+            cached = (torch.tensor(off, dtype=dtype, device=like.device),
+                      torch.tensor(width, dtype=dtype, device=like.device),
+                      torch.tensor([h.log for h in self._items], device=like.device))
+        if not torch.compiler.is_compiling():
+            self._bounds_cache[key] = cached
+        return cached
 
     def log_bounds(self, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log low, log high) as (m,) tensors (log-scaled spaces)."""

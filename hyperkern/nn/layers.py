@@ -93,8 +93,9 @@ def _describe_values(t: torch.Tensor) -> str:
 def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True) -> torch.Tensor:
     """Validate a member-major hyperparameter matrix: a floating tensor of shape (rows, num_hparams) in [0, 1].
 
-    The range check needs the values (a device sync), so it is skipped under torch.compile and when
-    check_range=False (models check once at their boundary and not again in every layer).
+    The range check needs the values (a device sync), so it is skipped under torch.compile, while a CUDA
+    graph is being captured (no sync is possible there; the capture sees the values of one call only)
+    and when check_range=False (models check once at their boundary and not again in every layer).
     """
     if not isinstance(hparams, torch.Tensor):
         raise TypeError(f"hparams must be a torch.Tensor of shape (E*B, {num_hparams}) with normalised "
@@ -107,7 +108,8 @@ def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True
     if hparams.shape[0] != rows:
         raise ValueError(f"hparams must have one row per input row: expected shape ({rows}, {num_hparams}), "
                          f"got {tuple(hparams.shape)}")
-    if check_range and not _is_compiling() and hparams.device.type != "meta" and hparams.numel() > 0:
+    if (check_range and not _is_compiling() and hparams.device.type != "meta" and hparams.numel() > 0
+            and not (hparams.is_cuda and torch.cuda.is_current_stream_capturing())):
         # one reduction and one read: a NaN makes the minimum NaN and every comparison with NaN is false;
         # an infinity is outside [0, 1]
         lo, hi = torch.aminmax(hparams.detach())  # no autograd node for a check
