@@ -23,8 +23,10 @@
 #                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start
 #                bare, keep "build" in each call: "build tests", then "build ops models" with
-#                BENCH_ARGS=--quick. On an H200 (docs/benchmark-history.md, GPU runs 1 and 2): build about 40 s,
-#                the GPU tests about 2.5 min with 8-14 workers.
+#                BENCH_ARGS=--quick. On an H200 (docs/benchmark-history.md, GPU run 3): build 94 s, the GPU
+#                tests more than 190 s with 14 workers, models 13 s, CUDA graphs 15 s, host 9 s (all
+#                --quick), ops --quick more than 100 s. A 10-minute call that fits:
+#                GPU_SUITE_LIMITS="build=150 tests=300 models=60 graphs=40 host=30 ops=150".
 #
 # Every step runs even when an earlier one failed (except that a failed build is reported and the
 # tests and benchmarks then run against whatever extension exists); the exit status is nonzero if
@@ -153,7 +155,9 @@ gpu_tests() {
   if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-8}"); fi
   # one hung test must not take the step's whole limit
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then parallel+=(--timeout 180); fi
-  "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" --junitxml="$OUT/gpu-tests-junit.xml" \
+  # -v: one line per test as it finishes, so a run stopped by its limit still names its failures (xdist
+  # prints the failure summary only at the end; GPU run 3 lost the names that way)
+  "$PYTHON" -m pytest -v -p no:cacheprovider -rfE "${parallel[@]}" --junitxml="$OUT/gpu-tests-junit.xml" \
     "$ROOT/tests/test_ops_cpp_cuda.py" "$ROOT/tests/test_ops_linear_triton.py" "$ROOT/tests/test_ops_conv_triton.py" \
     "$ROOT/tests/test_ops_linear_cpp.py::test_direct_op_call_with_bad_shapes_raises" \
     "$ROOT/tests/test_ops_conv_cpp.py::test_bad_inputs_raise_instead_of_crashing"
