@@ -291,3 +291,22 @@ def test_operator_counts_of_a_train_step():
     assert counts["hyper_batch"]["convolutions"] == 2 * n_conv
     targets = models.check_operator_targets(counts)
     assert [t["target"].split(": ")[1] for t in targets] == ["batch <= 1.15x plain", "hyper_batch <= 2.0x plain"]
+
+
+def test_linear_step_runs_every_variant_and_accumulates_gradients():
+    import hyperkern
+    from bench import linear_step
+
+    if hyperkern.backend_status("cpu")["cpp"] is not None:
+        pytest.skip("the cpp extension is not built")
+    for variant in linear_step.VARIANTS:
+        step = linear_step.make_step(variant, E=2, B=3, fin=4, fout=5)
+        leaves = [t for t in step.inputs if t.requires_grad]
+        step()
+        first = [t.grad.clone() for t in leaves]
+        step()  # the same inputs and output gradient: every gradient doubles
+        for t, g in zip(leaves, first):
+            torch.testing.assert_close(t.grad, 2 * g)
+        assert any(g.abs().sum() > 0 for g in first)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        linear_step.make_step("nope")
