@@ -96,15 +96,39 @@ def test_linear_matches_member_loop(E, B, fin, fout, dtype, hyper):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E,B,fin,fout,m", [(1, 1, 3, 5, 2), (4, 3, 17, 9, 5), (3, 70, 40, 600, 3)])
+# m = 1..8: e(lambda) fused into the epilogue and the pass over g (m = 1 and 8 the ends); m = 9: the
+# transient path. fout 9 and 70 leave lanes of a 32-column tile past the row; B = 70 and 40 make several
+# row splits per member, so the d(embedding) partials are summed over members and splits.
+@pytest.mark.parametrize("E,B,fin,fout,m", [(1, 1, 3, 5, 1), (4, 3, 17, 9, 5), (3, 70, 40, 600, 3),
+                                            (2, 40, 33, 70, 8), (2, 5, 7, 11, 9)])
 def test_linear_hp_matches_member_loop(E, B, fin, fout, m, dtype, bias):
-    """hyper_batch_ensemble_linear_hp on CUDA (e computed transiently): output and every gradient, hparams
-    and embedding included."""
+    """hyper_batch_ensemble_linear_hp on CUDA: output and every gradient, hparams and embedding included."""
     args = linear_args(E, B, fin, fout, True, bias)
     hparams = torch.rand(E * B, m, dtype=torch.float64)
     embedding = torch.randn(fout * (2 if bias else 1), m, dtype=torch.float64)
     _check(hyperkern.ops.hyper_batch_ensemble_linear_hp, ref.hyper_batch_ensemble_linear_hp_reference,
            args[:7] + [hparams, embedding] + args[8:10], dtype)
+
+
+@pytest.mark.parametrize("m", [4, 9])
+def test_linear_hp_without_hparams_grad(m):
+    """hparams without grad (the trainer's weight step): the fused backward skips d(hparams) and the other
+    gradients still match the float64 reference."""
+    E, B, fin, fout = 3, 50, 24, 40
+    args = linear_args(E, B, fin, fout, True, True)
+    hparams = torch.rand(E * B, m, dtype=torch.float64)
+    embedding = torch.randn(2 * fout, m, dtype=torch.float64)
+    full = args[:7] + [hparams, embedding] + args[8:10]
+    grad_out = torch.randn(E * B, fout, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(i != 7) for i, t in enumerate(full)]
+    y_ref = ref.hyper_batch_ensemble_linear_hp_reference(*leaves)
+    g_ref = torch.autograd.grad(y_ref, [t for t in leaves if t.requires_grad], grad_out)
+    gpu = [t.detach().float().cuda().requires_grad_(i != 7) for i, t in enumerate(full)]
+    y = hyperkern.ops.hyper_batch_ensemble_linear_hp(*gpu, backend="cpp")
+    g = torch.autograd.grad(y, [t for t in gpu if t.requires_grad], grad_out.float().cuda())
+    assert_scaled_close(y, y_ref, TOLERANCE[torch.float32], "output")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_scaled_close(a, b, TOLERANCE[torch.float32], f"grad {i}")
 
 
 def _conv_hp_reference(x, weight, delta, r, s, u, v, hparams, embedding, bias=None, delta_bias=None, **geo):

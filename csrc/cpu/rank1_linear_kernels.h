@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../fused_m.h"
 #include "../rank1_linear.h"
 #include "cpu_util.h"
 
@@ -268,23 +269,7 @@ using HyperEpilogueEmbeddedArgs = HyperEpilogueArgs<scalar_t, EmbeddedE<scalar_t
 // with m a compile-time constant: e1, e2 of a column are summed in registers inside the one loop
 // over the row (m FMAs each, no stack buffer written and read back per piece), and the backward
 // takes d(embedding) a tile of rows at a time. Other m take the loops above (e_piece, embedding_grads).
-constexpr int kMaxFusedM = 8;
-// Calls f(std::integral_constant<int, M>()) with M = m when 1 <= m <= kMaxFusedM; false otherwise. f
-// must be a HYPERKERN_INLINE_LAMBDA, so that its body is compiled into the caller's ISA clone.
-template <class F>
-HYPERKERN_INLINE bool with_fused_m(int64_t m, const F& f) {
-  switch (m) {
-    case 1: f(std::integral_constant<int, 1>()); return true;
-    case 2: f(std::integral_constant<int, 2>()); return true;
-    case 3: f(std::integral_constant<int, 3>()); return true;
-    case 4: f(std::integral_constant<int, 4>()); return true;
-    case 5: f(std::integral_constant<int, 5>()); return true;
-    case 6: f(std::integral_constant<int, 6>()); return true;
-    case 7: f(std::integral_constant<int, 7>()); return true;
-    case 8: f(std::integral_constant<int, 8>()); return true;
-    default: return false;
-  }
-}
+// (kMaxFusedM and with_fused_m: ../fused_m.h)
 // sum_p hv[p] * emb[p * ld + j]: one column of e1 (emb = embT) or e2 (emb = embT + out).
 template <int M, typename opmath_t>
 HYPERKERN_INLINE opmath_t embed_column(const opmath_t* hv, const opmath_t* emb, int64_t ld, int64_t j) {

@@ -6,6 +6,9 @@
 //   scale_rows_kernel            x * r_k, x * u_k: the GEMM prologue, vectorised (16-byte accesses)
 //   batch_ensemble_epilogue      y * s_k + b_k in place on the GEMM output, vectorised
 //   hyper_epilogue               y * s_k + v_k * e1 * delta_out + b_k + delta_bias_k * e2
+//   hyper_*_embedded             the same epilogue and pass over g for the hp op, e1 / e2 computed per
+//                                element from hparams and the embedding (m = 1..8), which also
+//                                reduce d(embedding) and d(hparams)
 //   *_grad_pass / hyper_dx_pass  backward elementwise passes fused with the member-segmented
 //                                column sums (db_k, dv_k, d(delta_bias)_k, du_k)
 //   rank1_weight_grad_kernel     dW = sum_k (s_k r_k^T) * G_k, ds_k, dr_k from G_k = g_k^T x_k
@@ -24,6 +27,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../fused_m.h"
 #include "../rank1_linear.h"
 
 namespace hyperkern {
@@ -307,6 +311,122 @@ __global__ void hyper_grad_pass_kernel(const scalar_t* __restrict__ g, const sca
   if (ddb_partial != nullptr) store_column_partial(ddb, shared, ddb_partial, c, splits, D);
 }
 
+// ---------------------------------------------------------------------------------------------
+// hyper_batch_ensemble_linear_hp, m = 1..kMaxFusedM hyperparameters: e1 / e2 computed per element
+// from the row's hparams (M values, the same address for every lane: one broadcast load) and embT,
+// the embedding transposed to (M, out or 2*out) in the compute type (column j of e1 is embT[:, j],
+// of e2 embT[:, out + j]). No (E*B, out) tensor of e1 / e2 or their gradients is made.
+template <int M, typename opmath_t, typename scalar_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ hparams, int64_t i, opmath_t (&hv)[M]) {
+#pragma unroll
+  for (int p = 0; p < M; ++p) hv[p] = opmath_t(hparams[i * M + p]);
+}
+
+template <int M, typename opmath_t>
+__device__ __forceinline__ opmath_t embed(const opmath_t (&hv)[M], const opmath_t* __restrict__ embT, int64_t ld,
+                                          int64_t j) {
+  opmath_t e = 0;
+#pragma unroll
+  for (int p = 0; p < M; ++p) e += hv[p] * embT[p * ld + j];
+  return e;
+}
+
+// The hyper epilogue with e1 / e2 from hparams @ embedding^T (one element per thread).
+template <typename scalar_t, int M>
+__global__ void hyper_epilogue_embedded_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
+                                               const scalar_t* __restrict__ s, const scalar_t* __restrict__ v,
+                                               const scalar_t* __restrict__ hparams,
+                                               const at::opmath_type<scalar_t>* __restrict__ embT,
+                                               const scalar_t* __restrict__ bias,
+                                               const scalar_t* __restrict__ delta_bias, int64_t N, int64_t D,
+                                               int64_t B) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t ld = delta_bias != nullptr ? 2 * D : D;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < N * D;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / D, j = idx - i * D, member = (i / B) * D + j;
+    opmath_t hv[M];
+    load_row<M>(hparams, i, hv);
+    opmath_t acc = opmath_t(y[idx]) * opmath_t(s[member]) +
+                   opmath_t(v[member]) * embed<M>(hv, embT, ld, j) * opmath_t(h[idx]);
+    if (bias != nullptr) acc += opmath_t(bias[member]);
+    if (delta_bias != nullptr) acc += opmath_t(delta_bias[member]) * embed<M>(hv, embT, ld, D + j);
+    y[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+// The hyper pass over g with e1 / e2 recomputed per row: g * s_k, g * v_k * e1, the column sums of g,
+// g * e1 * h, g * e2 (as hyper_grad_pass_kernel), and, from de1 = g * v_k * h and de2 = g * delta_bias_k
+// without storing them, the d(embedding) partials demb[p] = column sums of de1 * hparams[:, p] (and de2,
+// the second half) laid out (M, E * splits, D) each, and d(hparams) partials: lane 0 of each warp writes
+// dhp_partial[(blockIdx.x * N + i) * M + p] = sum over the block's 32 columns of
+// de1 * embT[p, j] + de2 * embT[p, out + j] (summed over column tiles afterwards; null: not asked for).
+// Every lane runs the row loop (the warp sums need all 32); lanes past D contribute zeros.
+template <typename scalar_t, int M>
+__global__ void hyper_grad_pass_embedded_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ s, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ h, const scalar_t* __restrict__ delta_bias, const scalar_t* __restrict__ hparams,
+    const at::opmath_type<scalar_t>* __restrict__ embT, scalar_t* __restrict__ g_s, scalar_t* __restrict__ g_ve,
+    at::opmath_type<scalar_t>* __restrict__ dv_partial, at::opmath_type<scalar_t>* __restrict__ db_partial,
+    at::opmath_type<scalar_t>* __restrict__ ddb_partial, at::opmath_type<scalar_t>* __restrict__ demb1_partial,
+    at::opmath_type<scalar_t>* __restrict__ demb2_partial, at::opmath_type<scalar_t>* __restrict__ dhp_partial,
+    int64_t N, int64_t E, int64_t B, int64_t D, int64_t splits, int64_t rows_per_split) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  __shared__ opmath_t shared[kTileRows][kTileCols];
+  const SegmentCoords c = segment_coords(B, splits, rows_per_split);
+  const bool has_db = delta_bias != nullptr, in_range = c.j < D;
+  const int64_t ld = has_db ? 2 * D : D;
+  opmath_t emb1[M], emb2[M], demb1[M], demb2[M];
+#pragma unroll
+  for (int p = 0; p < M; ++p) {
+    emb1[p] = in_range ? embT[p * ld + c.j] : opmath_t(0);
+    emb2[p] = in_range && has_db ? embT[p * ld + D + c.j] : opmath_t(0);
+    demb1[p] = demb2[p] = 0;
+  }
+  const int64_t m = c.k * D + c.j;
+  const opmath_t sk = in_range ? opmath_t(s[m]) : opmath_t(0), vk = in_range ? opmath_t(v[m]) : opmath_t(0);
+  const opmath_t dbk = in_range && has_db ? opmath_t(delta_bias[m]) : opmath_t(0);
+  opmath_t dv = 0, db = 0, ddb = 0;
+  for (int64_t i = c.row_begin + threadIdx.y; i < c.row_end; i += kTileRows) {
+    opmath_t hv[M];
+    load_row<M>(hparams, i, hv);
+    opmath_t e1 = 0, e2 = 0;
+#pragma unroll
+    for (int p = 0; p < M; ++p) {
+      e1 += hv[p] * emb1[p];
+      e2 += hv[p] * emb2[p];
+    }
+    const int64_t off = i * D + c.j;
+    const opmath_t gv = in_range ? opmath_t(g[off]) : opmath_t(0), hd = in_range ? opmath_t(h[off]) : opmath_t(0);
+    if (in_range) {
+      if (g_s != nullptr) g_s[off] = static_cast<scalar_t>(gv * sk);
+      g_ve[off] = static_cast<scalar_t>(gv * vk * e1);
+    }
+    const opmath_t de1 = gv * vk * hd, de2 = gv * dbk;
+    dv += gv * e1 * hd;
+    db += gv;
+    ddb += gv * e2;
+#pragma unroll
+    for (int p = 0; p < M; ++p) {
+      demb1[p] += de1 * hv[p];
+      demb2[p] += de2 * hv[p];
+      if (dhp_partial != nullptr) {
+        const opmath_t row = warp_sum(de1 * emb1[p] + de2 * emb2[p]);
+        if (threadIdx.x == 0) dhp_partial[(int64_t(blockIdx.x) * N + i) * M + p] = row;
+      }
+    }
+  }
+  store_column_partial(dv, shared, dv_partial, c, splits, D);
+  if (db_partial != nullptr) store_column_partial(db, shared, db_partial, c, splits, D);
+  if (ddb_partial != nullptr) store_column_partial(ddb, shared, ddb_partial, c, splits, D);
+  const int64_t plane = E * splits * D;
+#pragma unroll
+  for (int p = 0; p < M; ++p) {
+    store_column_partial(demb1[p], shared, demb1_partial + p * plane, c, splits, D);
+    if (has_db) store_column_partial(demb2[p], shared, demb2_partial + p * plane, c, splits, D);
+  }
+}
+
 // dx = r_k * dx + u_k * bd (if dx), du partial = column sums of x * bd, then bd <- x * u_k.
 template <typename scalar_t>
 __global__ void hyper_dx_pass_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
@@ -556,6 +676,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
 // ---------------------------------------------------------------------------------------------
 // hyper_batch_ensemble_linear
 
+// The hyper forward's GEMMs on contiguous inputs: delta_out = (x * u_k) @ Delta^T, y = (x * r_k) @ W^T.
+void hyper_forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& u,
+                         const Dims& d, Tensor& y, Tensor& delta_out) {
+  if (d.in == 0) {
+    y.zero_();
+    delta_out.zero_();
+    return;
+  }
+  Tensor x_scaled = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_u",
+                                  [&] { scale_rows<scalar_t>(x, u, x_scaled, d.B); });
+  at::mm_out(delta_out, x_scaled, delta.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_r",
+                                  [&] { scale_rows<scalar_t>(x, r, x_scaled, d.B); });
+  at::mm_out(y, x_scaled, weight.t());
+}
+
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cuda(
     const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
     const Tensor& u_in, const Tensor& v_in, const Tensor& e1_in, const std::optional<Tensor>& bias_in,
@@ -572,18 +709,7 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cuda(
   Tensor y = at::empty({d.N, d.out}, x.options());
   Tensor delta_out = at::empty({d.N, d.out}, x.options());
   if (d.N == 0 || d.out == 0) return {y, delta_out};
-  if (d.in == 0) {
-    y.zero_();
-    delta_out.zero_();
-  } else {
-    Tensor x_scaled = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_u",
-                                    [&] { scale_rows<scalar_t>(x, u, x_scaled, d.B); });
-    at::mm_out(delta_out, x_scaled, delta.t());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue_r",
-                                    [&] { scale_rows<scalar_t>(x, r, x_scaled, d.B); });
-    at::mm_out(y, x_scaled, weight.t());
-  }
+  hyper_forward_gemms(x, weight, delta, r, u, d, y, delta_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_epilogue", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* hp = delta_out.const_data_ptr<scalar_t>();
@@ -605,6 +731,59 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, delta_out};
+}
+
+// What both hyper backwards return besides the pass over g's sums: dx, dW, dDelta, dr, ds, du.
+struct HyperRestGrads {
+  Tensor x, weight, delta, r, s, u;
+};
+
+// The hyper backward after its pass over g, from g_s = g * s_k (when compute_grad_x) and g_ve = g * v_k * e1
+// (both released here): B_d = g_ve @ Delta, dx = r_k * (g_s @ W) + u_k * B_d, du_k = colsum(x * B_d),
+// dDelta = g_ve^T (x * u_k), and the weight side (dW, ds, dr) from G_k = g_k^T x_k.
+HyperRestGrads hyper_backward_rest(const Tensor& g, const Tensor& x, const Tensor& weight, const Tensor& delta,
+                                   const Tensor& r, const Tensor& s, const Tensor& u, const Dims& d, Tensor& g_s,
+                                   Tensor& g_ve, bool compute_grad_x) {
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(at::toOpMathType(x.scalar_type()));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor grad_x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
+  Tensor grad_u = at::empty({d.E, d.in}, opts);
+  Tensor grad_delta = at::empty({d.out, d.in}, opts);
+  Tensor delta_side = at::empty({d.N, d.in}, opts);
+  if (d.out == 0) {
+    delta_side.zero_();
+    if (compute_grad_x) grad_x.zero_();
+  } else if (d.N * d.in > 0) {
+    at::mm_out(delta_side, g_ve, delta);
+    if (compute_grad_x) at::mm_out(grad_x, g_s, weight);
+  }
+  g_s.reset();
+  if (d.N * d.in == 0) {
+    grad_u.zero_();
+  } else {
+    const Segments sg = member_segments(d.E, d.B, d.in);
+    Tensor du_partial = at::empty({d.E, sg.splits, d.in}, acc_opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_dx_pass", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      hyper_dx_pass_kernel<scalar_t><<<dim3(sg.col_tiles, d.E * sg.splits), dim3(kTileCols, kTileRows), 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+          compute_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr, delta_side.data_ptr<scalar_t>(),
+          du_partial.data_ptr<acc_t>(), d.B, d.in, sg.splits, sg.rows_per_split);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_partials<scalar_t, acc_t>(du_partial, grad_u, d.E, sg.splits, d.in);
+    });
+  }
+  if (d.N == 0) {
+    grad_delta.zero_();
+  } else if (grad_delta.numel() > 0) {
+    at::mm_out(grad_delta, g_ve.t(), delta_side);  // dDelta = (g * v_k * e1)^T (x * u_k)
+  }
+  delta_side.reset();
+  g_ve.reset();
+
+  auto [grad_weight, grad_s, grad_r] = rank1_weight_grads(g, x, weight, r, s, d);
+  return {grad_x, grad_weight, grad_delta, grad_r, grad_s, grad_u};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -662,52 +841,19 @@ hyper_batch_ensemble_linear_backward_cuda(const Tensor& grad_in, const Tensor& x
     });
   }
 
-  Tensor grad_x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
-  Tensor grad_u = at::empty({d.E, d.in}, opts);
-  Tensor grad_delta = at::empty({d.out, d.in}, opts);
-  Tensor delta_side = at::empty({d.N, d.in}, opts);
-  if (d.out == 0) {
-    delta_side.zero_();
-    if (compute_grad_x) grad_x.zero_();
-  } else if (d.N * d.in > 0) {
-    at::mm_out(delta_side, g_ve, delta);
-    if (compute_grad_x) at::mm_out(grad_x, g_s, weight);
-  }
-  g_s.reset();
-  if (d.N * d.in == 0) {
-    grad_u.zero_();
-  } else {
-    const Segments sg = member_segments(d.E, d.B, d.in);
-    Tensor du_partial = at::empty({d.E, sg.splits, d.in}, acc_opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_dx_pass", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      hyper_dx_pass_kernel<scalar_t><<<dim3(sg.col_tiles, d.E * sg.splits), dim3(kTileCols, kTileRows), 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-          compute_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr, delta_side.data_ptr<scalar_t>(),
-          du_partial.data_ptr<acc_t>(), d.B, d.in, sg.splits, sg.rows_per_split);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sum_partials<scalar_t, acc_t>(du_partial, grad_u, d.E, sg.splits, d.in);
-    });
-  }
-  if (d.N == 0) {
-    grad_delta.zero_();
-  } else if (grad_delta.numel() > 0) {
-    at::mm_out(grad_delta, g_ve.t(), delta_side);  // dDelta = (g * v_k * e1)^T (x * u_k)
-  }
-  delta_side.reset();
-  g_ve.reset();
-
-  auto [grad_weight, grad_s, grad_r] = rank1_weight_grads(g, x, weight, r, s, d);
-  return {grad_x, grad_weight, grad_delta, grad_r, grad_s, grad_u, grad_v, grad_e1, grad_bias, grad_delta_bias,
+  HyperRestGrads rest = hyper_backward_rest(g, x, weight, delta, r, s, u, d, g_s, g_ve, compute_grad_x);
+  return {rest.x, rest.weight, rest.delta, rest.r, rest.s, rest.u, grad_v, grad_e1, grad_bias, grad_delta_bias,
           grad_e2};
 }
 
 // ---------------------------------------------------------------------------------------------
-// hyper_batch_ensemble_linear_hp: e(lambda) computed TRANSIENTLY (not fused into the kernels above).
-// The forward computes [e1 | e2] = hparams @ embedding^T into temporaries (cuBLAS; freed when it
-// returns, never saved) and runs the e1 / e2 op's kernels; the backward recomputes them, runs the
-// e1 / e2 backward and reduces d(embedding) = [de1 | de2]^T hparams, d(hparams) = [de1 | de2] @ embedding.
-// Autograd (csrc/autograd.cpp) saves what the CPU saves: x, the parameters, hparams, embedding, delta_out.
+// hyper_batch_ensemble_linear_hp: e(lambda) = hparams @ embedding^T inside the kernels for m = 1..8
+// hyperparameters (hyper_epilogue_embedded_kernel, hyper_grad_pass_embedded_kernel: no (E*B, out)
+// tensor of e1, e2 or their gradients). With any other m (more than kMaxFusedM, or none), e1 / e2
+// are computed TRANSIENTLY: [e1 | e2] = hparams @ embedding^T into temporaries (cuBLAS; freed when the call
+// returns, never saved), the e1 / e2 op's kernels, and d(embedding) = [de1 | de2]^T hparams,
+// d(hparams) = [de1 | de2] @ embedding. Autograd (csrc/autograd.cpp) saves what the CPU saves: x, the
+// parameters, hparams, embedding, delta_out.
 
 // e1 = hparams @ embedding[0:out]^T and, with delta_bias, e2 = hparams @ embedding[out:2*out]^T.
 std::pair<Tensor, std::optional<Tensor>> embed_rows(const Tensor& hparams, const Tensor& embedding, int64_t out,
@@ -717,27 +863,57 @@ std::pair<Tensor, std::optional<Tensor>> embed_rows(const Tensor& hparams, const
   return {e1, at::mm(hparams, embedding.narrow(0, out, out).t())};
 }
 
-std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cuda(
-    const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
-    const Tensor& v, const Tensor& hparams, const Tensor& embedding, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& delta_bias) {
-  const Dims d = rank1_linear::check_linear(x, weight, r, s);
-  rank1_linear::check_optional(bias, x, d.E, d.out, "bias");
-  rank1_linear::check_hyper_embedding(d, x, delta, u, v, hparams, embedding, delta_bias);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  auto [e1, e2] = embed_rows(hparams, embedding, d.out, present(delta_bias));
-  return hyper_batch_ensemble_linear_cuda(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2);
+// The embedding weight transposed, (m, out or 2*out), in the compute type: what the fused kernels read.
+Tensor transposed_embedding(const Tensor& embedding) {
+  return embedding.to(at::toOpMathType(embedding.scalar_type())).t().contiguous();
 }
 
+std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cuda(
+    const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
+    const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in, const Tensor& embedding_in,
+    const std::optional<Tensor>& bias_in, const std::optional<Tensor>& delta_bias_in) {
+  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
+  rank1_linear::check_optional(bias_in, x_in, d.E, d.out, "bias");
+  const int64_t m =
+      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  if (m < 1 || m > kMaxFusedM) {
+    auto [e1, e2] = embed_rows(hparams_in, embedding_in, d.out, present(delta_bias_in));
+    return hyper_batch_ensemble_linear_cuda(x_in, weight_in, delta_in, r_in, s_in, u_in, v_in, e1, bias_in,
+                                            delta_bias_in, e2);
+  }
+  const Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), delta = delta_in.contiguous();
+  const Tensor r = r_in.contiguous(), s = s_in.contiguous(), u = u_in.contiguous(), v = v_in.contiguous();
+  const Tensor hparams = hparams_in.contiguous();
+  const Tensor bias = contiguous_or_empty(bias_in), delta_bias = contiguous_or_empty(delta_bias_in);
+  Tensor y = at::empty({d.N, d.out}, x.options());
+  Tensor delta_out = at::empty({d.N, d.out}, x.options());
+  if (d.N == 0 || d.out == 0) return {y, delta_out};
+  hyper_forward_gemms(x, weight, delta, r, u, d, y, delta_out);
+  const Tensor embT = transposed_embedding(embedding_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_hp_epilogue", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    with_fused_m(m, [&](auto mc) {
+      constexpr int M = decltype(mc)::value;
+      hyper_epilogue_embedded_kernel<scalar_t, M><<<grid_for(d.N * d.out), kThreads, 0,
+                                                    at::cuda::getCurrentCUDAStream()>>>(
+          y.data_ptr<scalar_t>(), delta_out.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+          v.const_data_ptr<scalar_t>(), hparams.const_data_ptr<scalar_t>(), embT.const_data_ptr<opmath_t>(),
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+          delta_bias.defined() ? delta_bias.const_data_ptr<scalar_t>() : nullptr, d.N, d.out, d.B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, delta_out};
+}
+
+// The transient backward (m outside 1..kMaxFusedM): e1 / e2 recomputed into temporaries, the e1 / e2
+// op's backward, then the embedding's and the hyperparameters' gradients from [de1 | de2].
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
-hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                             const Tensor& delta, const Tensor& r, const Tensor& s, const Tensor& u,
-                                             const Tensor& v, const Tensor& hparams, const Tensor& embedding,
-                                             const std::optional<Tensor>& delta_bias, const Tensor& delta_out,
-                                             bool has_bias, bool compute_grad_x, bool compute_grad_hparams) {
-  const Dims d = rank1_linear::check_linear(x, weight, r, s);
-  rank1_linear::check_hyper_embedding(d, x, delta, u, v, hparams, embedding, delta_bias);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+hyper_hp_backward_transient(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& delta,
+                            const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v, const Tensor& hparams,
+                            const Tensor& embedding, const std::optional<Tensor>& delta_bias, const Tensor& delta_out,
+                            bool has_bias, bool compute_grad_x, bool compute_grad_hparams, const Dims& d) {
   const bool has_delta_bias = present(delta_bias);
   auto [e1, e2] = embed_rows(hparams, embedding, d.out, has_delta_bias);
   auto [gx, gw, gd, gr, gs, gu, gv, ge1, gb, gdb, ge2] = hyper_batch_ensemble_linear_backward_cuda(
@@ -746,6 +922,88 @@ hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad, const Tensor& x
   Tensor grad_embedding = at::mm(de.t(), hparams);
   Tensor grad_hparams = compute_grad_hparams ? at::mm(de, embedding) : at::empty({0}, x.options());
   return {gx, gw, gd, gr, gs, gu, gv, grad_hparams, grad_embedding, gb, gdb};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad_in, const Tensor& x_in, const Tensor& weight_in,
+                                             const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
+                                             const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in,
+                                             const Tensor& embedding_in, const std::optional<Tensor>& delta_bias_in,
+                                             const Tensor& delta_out_in, bool has_bias, bool compute_grad_x,
+                                             bool compute_grad_hparams) {
+  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
+  const int64_t m =
+      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
+  rank1_linear::check_backward_rows(d, x_in, grad_in, &delta_out_in);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  if (m < 1 || m > kMaxFusedM) {
+    return hyper_hp_backward_transient(grad_in, x_in, weight_in, delta_in, r_in, s_in, u_in, v_in, hparams_in,
+                                       embedding_in, delta_bias_in, delta_out_in, has_bias, compute_grad_x,
+                                       compute_grad_hparams, d);
+  }
+  const Tensor g = grad_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const Tensor delta = delta_in.contiguous(), r = r_in.contiguous(), s = s_in.contiguous();
+  const Tensor u = u_in.contiguous(), v = v_in.contiguous(), hparams = hparams_in.contiguous();
+  const Tensor delta_bias = contiguous_or_empty(delta_bias_in), h = delta_out_in.contiguous();
+  const bool has_delta_bias = delta_bias.defined();
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(at::toOpMathType(x.scalar_type()));
+
+  Tensor grad_bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  Tensor grad_delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  Tensor grad_v = at::empty({d.E, d.out}, opts);
+  Tensor grad_embedding, grad_hparams;
+  Tensor g_s = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();
+  Tensor g_ve = at::empty({d.N, d.out}, opts);
+  if (d.N * d.out == 0) {
+    grad_v.zero_();
+    if (has_bias) grad_bias.zero_();
+    if (has_delta_bias) grad_delta_bias.zero_();
+    grad_embedding = at::zeros(embedding_in.sizes(), opts);
+    grad_hparams = compute_grad_hparams ? at::zeros({d.N, m}, opts) : at::empty({0}, opts);
+  } else {
+    const Segments sg = member_segments(d.E, d.B, d.out);
+    const int64_t halves = has_delta_bias ? 2 : 1;
+    Tensor dv_partial = at::empty({d.E, sg.splits, d.out}, acc_opts);
+    Tensor db_partial = has_bias ? at::empty({d.E, sg.splits, d.out}, acc_opts) : Tensor();
+    Tensor ddb_partial = has_delta_bias ? at::empty({d.E, sg.splits, d.out}, acc_opts) : Tensor();
+    // d(embedding) partials: [half][p][member, split][column]; d(hparams) partials: [column tile][row][p]
+    Tensor demb_partial = at::empty({halves, m, d.E * sg.splits, d.out}, acc_opts);
+    Tensor dhp_partial = compute_grad_hparams ? at::empty({sg.col_tiles, d.N, m}, acc_opts) : Tensor();
+    Tensor demb = at::empty({halves, m, d.out}, opts);  // [half][p][column]
+    const Tensor embT = transposed_embedding(embedding_in);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_hp_grad_pass", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      acc_t* demb_p = demb_partial.data_ptr<acc_t>();
+      with_fused_m(m, [&](auto mc) {
+        constexpr int M = decltype(mc)::value;
+        hyper_grad_pass_embedded_kernel<scalar_t, M>
+            <<<dim3(sg.col_tiles, d.E * sg.splits), dim3(kTileCols, kTileRows), 0, stream>>>(
+                g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                h.const_data_ptr<scalar_t>(), has_delta_bias ? delta_bias.const_data_ptr<scalar_t>() : nullptr,
+                hparams.const_data_ptr<scalar_t>(), embT.const_data_ptr<acc_t>(),
+                compute_grad_x ? g_s.data_ptr<scalar_t>() : nullptr, g_ve.data_ptr<scalar_t>(),
+                dv_partial.data_ptr<acc_t>(), has_bias ? db_partial.data_ptr<acc_t>() : nullptr,
+                has_delta_bias ? ddb_partial.data_ptr<acc_t>() : nullptr, demb_p,
+                has_delta_bias ? demb_p + m * d.E * sg.splits * d.out : nullptr,
+                compute_grad_hparams ? dhp_partial.data_ptr<acc_t>() : nullptr, d.N, d.E, d.B, d.out, sg.splits,
+                sg.rows_per_split);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      sum_partials<scalar_t, acc_t>(dv_partial, grad_v, d.E, sg.splits, d.out);
+      if (has_bias) sum_partials<scalar_t, acc_t>(db_partial, grad_bias, d.E, sg.splits, d.out);
+      if (has_delta_bias) sum_partials<scalar_t, acc_t>(ddb_partial, grad_delta_bias, d.E, sg.splits, d.out);
+      // (halves * m) rows of (E * splits) partials each: demb[half, p, j]
+      sum_partials<scalar_t, acc_t>(demb_partial, demb, halves * m, d.E * sg.splits, d.out);
+    });
+    // [half][p][j] -> embedding rows half * out + j, column p
+    grad_embedding = demb.permute({0, 2, 1}).reshape({halves * d.out, m});
+    grad_hparams = compute_grad_hparams ? dhp_partial.sum(0).to(x.scalar_type()) : at::empty({0}, opts);
+  }
+  HyperRestGrads rest = hyper_backward_rest(g, x, weight, delta, r, s, u, d, g_s, g_ve, compute_grad_x);
+  return {rest.x, rest.weight, rest.delta, rest.r, rest.s, rest.u, grad_v, grad_hparams, grad_embedding, grad_bias,
+          grad_delta_bias};
 }
 
 }  // namespace

@@ -88,7 +88,8 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
 
 # ---------------------------------------------------------------------------------------------
 # hyper_batch_ensemble_linear_hp: e(lambda) = hparams @ embedding^T inside the op (fused in the CPU
-# kernels; transient in the CUDA ones); (y, delta_out) like hyper_batch_ensemble_linear.
+# kernels, and in the CUDA ones for m = 1..8, transient there otherwise); (y, delta_out) like
+# hyper_batch_ensemble_linear.
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear_hp")
 def _hyper_batch_ensemble_linear_hp_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias):

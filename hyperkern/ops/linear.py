@@ -125,7 +125,10 @@ def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta:
             kernel reduces d(embedding) and d(hparams) from de1, de2 in registers into per-tile partial
             sums. No (E*B, out) tensor of e or of its gradient exists; the (E*B, out) tensors are y and
             the kept Delta product (x * u_k) @ delta^T, as on the CPU.
-        cpp on CUDA: transient. The forward computes e = hparams @ embedding^T into a temporary that
+        cpp on CUDA: fused in-kernel for m = 1..8 hyperparameters, as on the CPU (the epilogue and the
+            backward's pass over the output gradient compute e1, e2 per element from hparams and the
+            transposed embedding and reduce d(embedding), d(hparams) into per-block partial sums).
+            Other m: transient. The forward computes e = hparams @ embedding^T into a temporary that
             is freed when it returns; the backward recomputes it, runs the e1 / e2 op's backward kernels
             and reduces d(embedding) = de^T hparams, d(hparams) = de @ embedding. Saved for the
             backward: the same tensors as on the CPU.
