@@ -733,6 +733,29 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_cuda(
   return {y, delta_out};
 }
 
+// What both hyper passes over g produce besides their own outputs: the bias, delta_bias and v gradients
+// (zeros when there are no rows or columns) and the next GEMMs' operands g_s = g * s_k (when dx is
+// wanted) and g_ve = g * v_k * e1.
+struct HyperPassOutputs {
+  Tensor bias, delta_bias, v, g_s, g_ve;
+};
+
+HyperPassOutputs hyper_pass_outputs(const Dims& d, const at::TensorOptions& opts, bool has_bias, bool has_delta_bias,
+                                    bool compute_grad_x) {
+  HyperPassOutputs o;
+  o.bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  o.delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  o.v = at::empty({d.E, d.out}, opts);
+  o.g_s = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();
+  o.g_ve = at::empty({d.N, d.out}, opts);
+  if (d.N * d.out == 0) {
+    o.v.zero_();
+    if (has_bias) o.bias.zero_();
+    if (has_delta_bias) o.delta_bias.zero_();
+  }
+  return o;
+}
+
 // What both hyper backwards return besides the pass over g's sums: dx, dW, dDelta, dr, ds, du.
 struct HyperRestGrads {
   Tensor x, weight, delta, r, s, u;
@@ -807,18 +830,12 @@ hyper_batch_ensemble_linear_backward_cuda(const Tensor& grad_in, const Tensor& x
   const auto acc_opts = opts.dtype(at::toOpMathType(x.scalar_type()));
   auto stream = at::cuda::getCurrentCUDAStream();
 
-  Tensor grad_bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor grad_delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
+  HyperPassOutputs pass = hyper_pass_outputs(d, opts, has_bias, has_delta_bias, compute_grad_x);
+  Tensor &grad_bias = pass.bias, &grad_delta_bias = pass.delta_bias, &grad_v = pass.v;
+  Tensor &g_s = pass.g_s, &g_ve = pass.g_ve;
   Tensor grad_e2 = has_delta_bias ? at::empty({d.N, d.out}, opts) : at::empty({0}, opts);
   Tensor grad_e1 = at::empty({d.N, d.out}, opts);
-  Tensor grad_v = at::empty({d.E, d.out}, opts);
-  Tensor g_s = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();
-  Tensor g_ve = at::empty({d.N, d.out}, opts);
-  if (d.N * d.out == 0) {
-    grad_v.zero_();
-    if (has_bias) grad_bias.zero_();
-    if (has_delta_bias) grad_delta_bias.zero_();
-  } else {
+  if (d.N * d.out > 0) {
     const Segments sg = member_segments(d.E, d.B, d.out);
     Tensor dv_partial = at::empty({d.E, sg.splits, d.out}, acc_opts);
     Tensor db_partial = has_bias ? at::empty({d.E, sg.splits, d.out}, acc_opts) : Tensor();
@@ -949,16 +966,11 @@ hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad_in, const Tensor
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(at::toOpMathType(x.scalar_type()));
 
-  Tensor grad_bias = has_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor grad_delta_bias = has_delta_bias ? at::empty({d.E, d.out}, opts) : at::empty({0}, opts);
-  Tensor grad_v = at::empty({d.E, d.out}, opts);
+  HyperPassOutputs pass = hyper_pass_outputs(d, opts, has_bias, has_delta_bias, compute_grad_x);
+  Tensor &grad_bias = pass.bias, &grad_delta_bias = pass.delta_bias, &grad_v = pass.v;
+  Tensor &g_s = pass.g_s, &g_ve = pass.g_ve;
   Tensor grad_embedding, grad_hparams;
-  Tensor g_s = compute_grad_x ? at::empty({d.N, d.out}, opts) : Tensor();
-  Tensor g_ve = at::empty({d.N, d.out}, opts);
   if (d.N * d.out == 0) {
-    grad_v.zero_();
-    if (has_bias) grad_bias.zero_();
-    if (has_delta_bias) grad_delta_bias.zero_();
     grad_embedding = at::zeros(embedding_in.sizes(), opts);
     grad_hparams = compute_grad_hparams ? at::zeros({d.N, m}, opts) : at::empty({0}, opts);
   } else {
