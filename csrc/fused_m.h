@@ -2,6 +2,8 @@
 // compile-time constant, so e1 / e2 of a column are summed in registers); other m take each backend's
 // general path. Shared by the CPU kernels and the CUDA host code.
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -25,6 +27,12 @@ inline __attribute__((always_inline)) bool with_fused_m(int64_t m, const F& f) {
     case 8: f(std::integral_constant<int, 8>()); return true;
     default: return false;
   }
+}
+
+// The embedding weight (out or 2*out, m) transposed to (m, out or 2*out) in the compute type: what the
+// fused kernels read (e1[i, j] = sum_p hparams[i, p] * embT[p, j]; e2 from column out + j).
+inline at::Tensor transposed_embedding(const at::Tensor& embedding) {
+  return embedding.to(at::toOpMathType(embedding.scalar_type())).t().contiguous();
 }
 
 }  // namespace hyperkern

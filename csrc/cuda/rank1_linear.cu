@@ -880,11 +880,6 @@ std::pair<Tensor, std::optional<Tensor>> embed_rows(const Tensor& hparams, const
   return {e1, at::mm(hparams, embedding.narrow(0, out, out).t())};
 }
 
-// The embedding weight transposed, (m, out or 2*out), in the compute type: what the fused kernels read.
-Tensor transposed_embedding(const Tensor& embedding) {
-  return embedding.to(at::toOpMathType(embedding.scalar_type())).t().contiguous();
-}
-
 std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cuda(
     const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
     const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in, const Tensor& embedding_in,
