@@ -189,6 +189,40 @@ def implementation(family: str, op: str, backend: str, device: torch.device, tor
     return fn
 
 
+def kernel_checked(family: str, op: str, backend: str, x, torch_impl):
+    """The implementation of `op` for this call when its kernel checks the arguments itself, else None.
+
+    The cpp backend's ops check every shape, dtype and device that the Python validation checks
+    (csrc/rank1_linear.h), and refuse what it refuses with an error. So a call can run the op first and
+    validate only when the op raises (to replace the kernel's error with the readable one): on a small
+    layer the Python checks cost as much as the kernel (docs/benchmark-history.md). Functions that may
+    be called this way carry `checks_arguments = True`. None for everything else, which validates first:
+    the other backends, tensor subclasses (fake and functional tensors), meta tensors, torch.compile,
+    and the per-size choice of backend="auto" on CUDA. Kept per (op, backend, CUDA device) in a dict of
+    its own, read without making a torch.device (which showed in a tiny layer's time)."""
+    if (type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter) or is_compiling():
+        return None
+    if x.is_cpu:
+        key = (op, backend)
+    elif x.is_cuda:
+        key = (op, backend, x.get_device())
+    else:
+        return None
+    try:
+        fn = _KERNEL_CHECKED.get(key, _MISSING)
+    except TypeError:  # an unhashable backend argument: the validated path names it
+        return None
+    if fn is _MISSING:
+        fn = implementation(family, op, backend, x.device, torch_impl)
+        fn = fn if getattr(fn, "checks_arguments", False) else None
+        _KERNEL_CHECKED[key] = fn
+    return fn
+
+
+_MISSING = object()
+_KERNEL_CHECKED: dict[tuple, object] = {}
+
+
 _AUTO_TABLE: list[dict] | None = None
 _DEVICE_NAMES: dict[int, str] = {}
 

@@ -293,3 +293,43 @@ def test_hyper_layers_do_not_reread_their_own_embeddings(monkeypatch):
     with pytest.raises(ValueError, match="e1 contains NaN or Inf"):
         hyperkern.ops.hyper_batch_ensemble_linear(x, lin.weight, lin.delta, lin.r, lin.s, lin.u, lin.v, e1,
                                                   lin.bias, lin.delta_bias, lin.embed(hp)[1])
+
+
+@pytest.mark.parametrize("hyper", [False, True], ids=["batch", "hyper"])
+def test_linear_layers_follow_parametrizations_and_functional_call(hyper):
+    """The layers read their parameters from _parameters (cheaper than attribute access) and fall back
+    to attributes where a parametrization moved one out: both ways must give what attribute reads give."""
+    import torch.nn.utils.parametrize as P
+    from torch.func import functional_call
+
+    from hyperkern.nn import BatchEnsembleLinear, HyperBatchEnsembleLinear
+
+    torch.manual_seed(0)
+    kw = dict(ensemble_size=2)
+    layer = HyperBatchEnsembleLinear(5, 3, num_hparams=2, **kw) if hyper else BatchEnsembleLinear(5, 3, **kw)
+    x, hp = torch.randn(4, 5), torch.rand(4, 2)
+    call = (lambda m, **p: m(x, hp)) if hyper else (lambda m, **p: m(x))
+    y0 = call(layer)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    P.register_parametrization(layer, "weight", Double())
+    with torch.no_grad():
+        expected_layer = HyperBatchEnsembleLinear(5, 3, num_hparams=2, **kw) if hyper else BatchEnsembleLinear(5, 3, **kw)
+        expected_layer.load_state_dict({k.replace("parametrizations.weight.original", "weight"): v
+                                         for k, v in layer.state_dict().items()})
+        expected_layer.weight.mul_(2)
+    torch.testing.assert_close(call(layer), call(expected_layer))
+    assert not torch.allclose(call(layer), y0)
+    P.remove_parametrizations(layer, "weight", leave_parametrized=False)  # a plain parameter again, the original
+    torch.testing.assert_close(call(layer), y0)
+
+    params = {n: torch.zeros_like(p) if n == "r" else p for n, p in layer.named_parameters()}
+    y = functional_call(layer, params, (x, hp) if hyper else (x,))
+    assert not torch.allclose(y, y0)
+    # r = 0 removes the weight branch: what is left is the bias (and for the hyper layer its Delta
+    # branch, whose u is r when tied)
+    if not hyper:
+        torch.testing.assert_close(y, layer.bias.repeat_interleave(2, 0))

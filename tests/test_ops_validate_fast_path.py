@@ -160,3 +160,96 @@ def test_conv_hp_fast_path_matches_the_full_checks(bias):
                 except (TypeError, ValueError) as exc:
                     results.append(type(exc))
             assert results[0] == results[1], (name, bad.shape if isinstance(bad, torch.Tensor) else bad)
+
+
+# ---- the cpp ops run before the Python checks (hyperkern._backends.kernel_checked) -----------------
+
+def _linear_ops():
+    """(name, public op, its full Python check, valid keyword arguments) for the three linear ops."""
+    import hyperkern.ops as ops
+
+    batch, hyper = _linear_args(hyper=False), _linear_args(hyper=True)
+    hp = {k: v for k, v in hyper.items() if k not in ("e1", "e2")}
+    hp.update(hparams=torch.rand(6, 3), embedding=torch.randn(8, 3))
+    return [
+        ("batch", ops.batch_ensemble_linear, _linear_full(False), batch),
+        ("hyper", ops.hyper_batch_ensemble_linear, _linear_full(True), hyper),
+        ("hp", ops.hyper_batch_ensemble_linear_hp,
+         lambda **kw: V._validate_linear_hp_in_full(**kw, check_hparams=False), hp),
+    ]
+
+
+def _cpp_cpu():
+    import hyperkern
+
+    if "cpp" not in hyperkern.available_backends("cpu"):
+        pytest.skip("the cpp extension is not built")
+
+
+@pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
+def test_cpp_ops_refuse_what_the_python_checks_refuse_with_their_errors(which):
+    """The public linear ops call the C++ op first and validate only when it raises. So the kernel must
+    refuse every argument the Python checks refuse, and the error users see must be the Python one
+    (TypeError / ValueError naming the argument), never the kernel's RuntimeError, and never an output."""
+    _cpp_cpu()
+    name, op, full, base = next(c for c in _linear_ops() if c[0] == which)
+    assert op(**base, backend="cpp").shape == (6, 4)
+    for arg in base:
+        for bad in _mutations(base[arg]):
+            kwargs = dict(base, **{arg: bad})
+            try:
+                full(**kwargs)
+                expected = None
+            except (TypeError, ValueError) as exc:
+                expected = exc
+            if expected is None:
+                continue  # a valid variant (e.g. an absent optional argument)
+            with pytest.raises(type(expected)) as got:
+                op(**kwargs, backend="cpp")
+            assert str(got.value) == str(expected), (arg, got.value)
+
+
+@pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
+def test_cpp_ops_skip_the_python_checks_on_valid_calls_but_not_the_value_checks(which, monkeypatch):
+    _cpp_cpu()
+    import hyperkern.ops.linear as L
+
+    name, op, _, base = next(c for c in _linear_ops() if c[0] == which)
+    expected = op(**base, backend="cpp")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python validation ran on a valid cpp call")
+
+    monkeypatch.setattr(L, "validate_linear", refuse)
+    monkeypatch.setattr(L, "validate_linear_hp", refuse)
+    torch.testing.assert_close(op(**base, backend="cpp"), expected, rtol=0, atol=0)
+    if which == "batch":
+        return
+    # the public hyper ops still refuse NaN in the embeddings / hyperparameters, after the kernel accepted
+    # the shapes
+    key = "e1" if which == "hyper" else "hparams"
+    bad = dict(base, **{key: base[key].clone()})
+    bad[key][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{key} contains NaN"):
+        op(**bad, backend="cpp")
+
+
+def test_hyper_op_finiteness_check_reads_the_output_first():
+    """The public hyper op reads y once and e1 / e2 only when y is not finite. That must still refuse an
+    Inf in e1 where it meets a zero (v = 0: inf * 0), an Inf in e2 alone, and NaN in either, and must
+    not refuse a NaN that comes from x (it propagates, as in torch)."""
+    _cpp_cpu()
+    import hyperkern.ops as ops
+
+    base = _linear_args(hyper=True, bias=True)
+    for backend in ("cpp", "torch"):
+        for key, value, zero_v in (("e1", float("inf"), True), ("e1", float("nan"), False),
+                                   ("e2", float("-inf"), False), ("e2", float("nan"), True)):
+            bad = dict(base, v=torch.zeros_like(base["v"]) if zero_v else base["v"], **{key: base[key].clone()})
+            bad[key][1, 2] = value
+            with pytest.raises(ValueError, match=f"{key} contains NaN or Inf"):
+                ops.hyper_batch_ensemble_linear(**bad, backend=backend)
+        x = base["x"].clone()
+        x[0, 0] = float("nan")
+        y = ops.hyper_batch_ensemble_linear(**dict(base, x=x), backend=backend)
+        assert y[0].isnan().any() and y[1:].isfinite().all()

@@ -120,10 +120,26 @@ def check_hparams(hparams, rows: int, num_hparams: int, check_range: bool = True
     return hparams
 
 
+# The op arguments a layer's forward reads with _RankOneEnsembleLayer._tensors, in the ops' order.
+_BATCH_PARAMS = ("weight", "r", "s", "bias")
+_HYPER_PARAMS = ("weight", "delta", "r", "s", "u", "v", "embedding", "bias", "delta_bias")
+
+
 class _RankOneEnsembleLayer(nn.Module):
     """Shared machinery: fast-weight init and listing, ensemble-size bookkeeping."""
 
     ensemble_size: int
+
+    def _tensors(self, names: tuple[str, ...]) -> list:
+        """The named parameters for a forward call, read from _parameters: nn.Module.__getattr__ costs
+        about 1 us a name, a tenth of a small hyper layer's Python time (docs/benchmark-history.md).
+        Attribute reads where something moved a parameter out of _parameters (torch.nn.utils.parametrize,
+        weight_norm, a sharding wrapper). "embedding" names the embedding layer's weight."""
+        p = self._parameters
+        try:
+            return [p[n] if n != "embedding" else self._modules["embedding"]._parameters["weight"] for n in names]
+        except KeyError:
+            return [getattr(self, n) if n != "embedding" else self.embedding.weight for n in names]
 
     def _init_fast_(self, t: torch.Tensor):
         with torch.no_grad():
@@ -210,11 +226,11 @@ class BatchEnsembleLinear(_RankOneEnsembleLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_linear_input(x, self.in_features, self.ensemble_size)
+        params = self._tensors(_BATCH_PARAMS)
         if x.dim() == 2:  # no reshape (each would be an autograd view node on every call)
-            return ops.batch_ensemble_linear(x, self.weight, self.r, self.s, self.bias, backend=self.backend)
+            return ops.batch_ensemble_linear(x, *params, backend=self.backend)
         lead = x.shape[:-1]
-        y = ops.batch_ensemble_linear(x.reshape(-1, self.in_features), self.weight, self.r, self.s, self.bias,
-                                      backend=self.backend)
+        y = ops.batch_ensemble_linear(x.reshape(-1, self.in_features), *params, backend=self.backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -335,8 +351,8 @@ class BatchEnsembleConv2d(_RankOneEnsembleLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)
         x, padding = self._pad(x)
-        return ops.batch_ensemble_conv2d(x, self.weight, self.r, self.s, self.bias, self.stride, padding,
-                                         self.dilation, self.groups, backend=self.backend)
+        return ops.batch_ensemble_conv2d(x, *self._tensors(_BATCH_PARAMS), self.stride, padding, self.dilation,
+                                         self.groups, backend=self.backend)
 
     def _pad(self, x):
         """(x, padding for the op): self.padding as is, or padding='same' resolved for x's size."""
@@ -513,18 +529,18 @@ class HyperBatchEnsembleLinear(_HyperMixin, BatchEnsembleLinear):
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
         # The op embeds the hyperparameters itself ([e1 | e2] = hparams @ embedding.weight^T, as embed()
         # computes them): the (E*B, out) embeddings are never saved for the backward.
-        hp = hparams.to(self.embedding.weight.dtype)
+        weight, delta, r, s, u, v, emb, bias, delta_bias = self._tensors(_HYPER_PARAMS)
+        hp = hparams if hparams.dtype == emb.dtype else hparams.to(emb.dtype)
         if x.dim() == 2:  # no reshapes (autograd view nodes on every call)
-            return _hyper_linear_hp(x, self.weight, self.delta, self.r, self.s, self.u, self.v, hp,
-                                    self.embedding.weight, self.bias, self.delta_bias, self.backend, False)
+            return _hyper_linear_hp(x, weight, delta, r, s, u, v, hp, emb, bias, delta_bias, self.backend, False)
         lead = x.shape[:-1]
         T = math.prod(x.shape[1:-1])  # positions per row (named: with no rows a -1 would be ambiguous)
         if T != 1:  # extra middle dims: every position of row i uses row i's hyperparameters (tiny to repeat)
             hp = hp.repeat_interleave(T, 0)
         # hparams were checked above and the embedding is this layer's own: no per-layer finiteness check
         # (on CUDA it would be a device sync in every layer)
-        y = _hyper_linear_hp(x.reshape(x.shape[0] * T, self.in_features), self.weight, self.delta, self.r, self.s,
-                             self.u, self.v, hp, self.embedding.weight, self.bias, self.delta_bias, self.backend, False)
+        y = _hyper_linear_hp(x.reshape(x.shape[0] * T, self.in_features), weight, delta, r, s, u, v, hp, emb, bias,
+                             delta_bias, self.backend, False)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -579,14 +595,13 @@ class HyperBatchEnsembleConv2d(_HyperMixin, BatchEnsembleConv2d):
         """
         self._check_x(x)
         check_hparams(hparams, x.shape[0], self.num_hparams, check_range)
-        emb = self.embedding.weight
+        weight, delta, r, s, u, v, emb, bias, delta_bias = self._tensors(_HYPER_PARAMS)
         hp = hparams if hparams.dtype == emb.dtype else hparams.to(emb.dtype)
         x, padding = self._pad(x)
         # e1 / e2 = embed(hparams) computed inside the op (no per-layer F.linear + split and their autograd
         # nodes); no per-layer finiteness check of hparams / embedding: see HyperBatchEnsembleLinear
-        return _hyper_conv2d_hp(x, self.weight, self.delta, self.r, self.s, self.u, self.v, hp, emb, self.bias,
-                                self.delta_bias, self.stride, padding, self.dilation, self.groups, self.backend,
-                                False)
+        return _hyper_conv2d_hp(x, weight, delta, r, s, u, v, hp, emb, bias, delta_bias, self.stride, padding,
+                                self.dilation, self.groups, self.backend, False)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_hparams={self.num_hparams}, tie_fast_weights={self.tie_fast_weights}, "

@@ -20,17 +20,23 @@ from __future__ import annotations
 import torch
 
 from hyperkern import _C  # noqa: F401  (importing the extension registers the ops)
+from hyperkern.ops._validate import validate_linear, validate_linear_hp
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
 _ops = torch.ops.hyperkern
 
 
+# _fake_checks: the fake (meta) kernels check the arguments as the CPU and CUDA kernels do. They also
+# serve a call with one meta tensor among CPU ones (the dispatcher picks the Meta kernel), which
+# hyperkern.ops.linear runs without its Python checks first (hyperkern._backends.kernel_checked).
+
 # ---------------------------------------------------------------------------------------------
 # batch_ensemble_linear
 
 @torch.library.register_fake("hyperkern::batch_ensemble_linear")
 def _batch_ensemble_linear_fake(x, weight, r, s, bias):
+    validate_linear(x, weight, r, s, bias)  # see _fake_checks
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -55,6 +61,7 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear")
 def _hyper_batch_ensemble_linear_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2):
+    validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True, check_embeddings=False)
     shape = (x.shape[0], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape)
 
@@ -93,6 +100,7 @@ def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: to
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_linear_hp")
 def _hyper_batch_ensemble_linear_hp_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias):
+    validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, False)
     shape = (x.shape[0], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape)
 
@@ -122,3 +130,9 @@ def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta:
     (E*B, out)."""
     y, _ = _ops.hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
     return y
+
+
+# The C++ ops check their arguments (csrc/rank1_linear.h): hyperkern.ops.linear runs them before its
+# Python validation, which then only runs when one raises (hyperkern._backends.kernel_checked).
+for _fn in (batch_ensemble_linear, hyper_batch_ensemble_linear, hyper_batch_ensemble_linear_hp):
+    _fn.checks_arguments = True

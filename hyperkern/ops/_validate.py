@@ -49,16 +49,21 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
     return E
 
 
-def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
-    """Refuse NaN / Inf in t. Reads the values (a device sync on CUDA); skipped under torch.compile and
-    for meta tensors, which have no values (shape inference runs on them)."""
-    if t is None or _is_compiling() or t.device.type == "meta":
-        return
+def all_finite(t) -> bool:
+    """Whether t holds no NaN / Inf. Reads the values (a device sync on CUDA); True under torch.compile
+    and for meta tensors, which have no values (shape inference runs on them)."""
+    if _is_compiling() or t.device.type == "meta":
+        return True
     # One reduction read as a Python float instead of an elementwise mask (torch.isfinite is several
     # ops): any NaN/Inf makes the sum non-finite. A finite tensor whose sum overflows is rare; the exact
     # elementwise check settles that case.
     total = t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
-    if not math.isfinite(total) and not bool(torch.isfinite(t).all()):
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
+
+
+def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
+    """Refuse NaN / Inf in t (see all_finite)."""
+    if t is not None and not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf; {what} must be finite")
 
 

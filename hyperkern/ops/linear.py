@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import implementation
-from hyperkern.ops._validate import validate_linear, validate_linear_hp
+from hyperkern._backends import implementation, kernel_checked
+from hyperkern.ops._validate import all_finite, check_finite, validate_linear, validate_linear_hp
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
@@ -67,6 +67,12 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     Returns:
         (E*B, out) member-major outputs.
     """
+    run = kernel_checked("linear", "batch_ensemble_linear", backend, x, _torch_batch_ensemble_linear)
+    if run is not None:  # the kernel checks the arguments: the Python checks run only if it refuses them
+        try:
+            return run(x, weight, r, s, bias)
+        except (RuntimeError, TypeError):
+            pass  # the validated call below names what is wrong, or raises the kernel's error again
     validate_linear(x, weight, r, s, bias)
     run = implementation("linear", "batch_ensemble_linear", backend, x.device, _torch_batch_ensemble_linear)
     return run(x, weight, r, s, bias)
@@ -97,6 +103,20 @@ def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_b
                                  check_embeddings: bool) -> torch.Tensor:
     """hyper_batch_ensemble_linear; check_embeddings=False skips the finiteness check of e1 and e2 (a
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
+    run = kernel_checked("linear", "hyper_batch_ensemble_linear", backend, x, _torch_hyper_batch_ensemble_linear)
+    if run is not None:  # as in batch_ensemble_linear; the values are checked once the shapes are known good
+        try:
+            y = run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+        except (RuntimeError, TypeError):
+            pass
+        else:
+            # A NaN / Inf in e1 or e2 makes y's element at the same place NaN / Inf (e1 multiplies
+            # v_k * delta_out, where inf * 0 is NaN; e2 multiplies delta_bias_k), so one read of y clears
+            # both; e1 and e2 are read only when y is not finite (a NaN in x or the weights does that too).
+            if check_embeddings and not all_finite(y):
+                check_finite("e1", e1)
+                check_finite("e2", e2)
+            return y
     validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True,
                     check_embeddings=check_embeddings)
     run = implementation("linear", "hyper_batch_ensemble_linear", backend, x.device, _torch_hyper_batch_ensemble_linear)
@@ -155,6 +175,17 @@ def _hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embed
                                     check_hparams: bool) -> torch.Tensor:
     """hyper_batch_ensemble_linear_hp; check_hparams=False skips the finiteness check of hparams and
     embedding (a device sync on CUDA), for callers that checked them (the layers)."""
+    run = kernel_checked("linear", "hyper_batch_ensemble_linear_hp", backend, x, _torch_hyper_batch_ensemble_linear_hp)
+    if run is not None:  # as in _hyper_batch_ensemble_linear
+        try:
+            y = run(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
+        except (RuntimeError, TypeError):
+            pass
+        else:
+            if check_hparams:
+                check_finite("hparams", hparams, "the hyperparameters")
+                check_finite("embedding", embedding, "the embedding weight")
+            return y
     validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, check_hparams)
     run = implementation("linear", "hyper_batch_ensemble_linear_hp", backend, x.device,
                          _torch_hyper_batch_ensemble_linear_hp)
