@@ -253,3 +253,75 @@ def test_hyper_op_finiteness_check_reads_the_output_first():
         x[0, 0] = float("nan")
         y = ops.hyper_batch_ensemble_linear(**dict(base, x=x), backend=backend)
         assert y[0].isnan().any() and y[1:].isfinite().all()
+
+
+def _conv_ops():
+    """(name, public op, its full Python check, valid keyword arguments) for the three conv ops."""
+    import hyperkern.ops as ops
+
+    geo = dict(stride=1, padding=1, dilation=1, groups=2)
+    full_geo = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
+    batch, hyper = _conv_args(hyper=False), _conv_args(hyper=True)
+    hp = {k: v for k, v in hyper.items() if k not in ("e1", "e2")}
+    hp.update(hparams=torch.rand(6, 3), embedding=torch.randn(12, 3))
+
+    def full(hyper_):
+        def run(**kw):
+            kw = {**dict.fromkeys(HYPER_ARGS), **kw}
+            V._validate_conv2d_in_full(**kw, **full_geo, hyper=hyper_, check_embeddings=False)
+        return run
+
+    return geo, [
+        ("batch", ops.batch_ensemble_conv2d, full(False), batch),
+        ("hyper", ops.hyper_batch_ensemble_conv2d, full(True), hyper),
+        ("hp", ops.hyper_batch_ensemble_conv2d_hp,
+         lambda **kw: V._validate_conv2d_hp_in_full(**kw, **full_geo, check_hparams=False), hp),
+    ]
+
+
+@pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
+def test_cpp_conv_ops_refuse_what_the_python_checks_refuse_with_their_errors(which):
+    """As test_cpp_ops_refuse_what_the_python_checks_refuse_with_their_errors, for the conv ops, plus
+    geometry that only the full checks name and non-tensor arguments the kernel call never sees."""
+    _cpp_cpu()
+    geo, cases = _conv_ops()
+    name, op, full, base = next(c for c in cases if c[0] == which)
+    assert op(**base, **geo, backend="cpp").shape == (6, 6, 5, 5)
+    for arg in base:
+        for bad in _mutations(base[arg]):
+            kwargs = dict(base, **{arg: bad})
+            try:
+                full(**kwargs)
+                continue  # a valid variant (e.g. an absent optional argument)
+            except (TypeError, ValueError) as exc:
+                expected = exc
+            with pytest.raises(type(expected)) as got:
+                op(**kwargs, **geo, backend="cpp")
+            assert str(got.value) == str(expected), (arg, got.value)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):  # the kernel refuses it too
+        op(**dict(base, x=torch.randn(6, 4, 1, 1)), **dict(geo, padding=0), backend="cpp")
+    for key, value in (("stride", True), ("groups", 0), ("padding", (1, 2, 3))):
+        with pytest.raises((TypeError, ValueError), match=key):
+            op(**base, **dict(geo, **{key: value}), backend="cpp")
+
+
+@pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
+def test_cpp_conv_ops_skip_the_python_checks_on_valid_calls(which, monkeypatch):
+    _cpp_cpu()
+    import hyperkern.ops.conv as C
+
+    geo, cases = _conv_ops()
+    name, op, _, base = next(c for c in cases if c[0] == which)
+    expected = op(**base, **geo, backend="cpp")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python validation ran on a valid cpp call")
+
+    monkeypatch.setattr(C, "validate_conv2d", refuse)
+    monkeypatch.setattr(C, "validate_conv2d_hp", refuse)
+    torch.testing.assert_close(op(**base, **geo, backend="cpp"), expected, rtol=0, atol=0)
+    if which == "hyper":  # NaN in e2 alone, with v = 0 elsewhere: still refused after one read of y
+        bad = dict(base, e2=base["e2"].clone(), v=torch.zeros_like(base["v"]))
+        bad["e2"][2, 1] = float("nan")
+        with pytest.raises(ValueError, match="e2 contains NaN"):
+            op(**bad, **geo, backend="cpp")

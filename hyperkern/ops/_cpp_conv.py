@@ -18,6 +18,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from hyperkern import _C  # noqa: F401  (registers the torch.ops.hyperkern schemas and kernels)
+from hyperkern.ops._validate import validate_conv2d, validate_conv2d_hp
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
 
@@ -74,10 +75,15 @@ def _kept(x, y, one_conv):
     return torch.empty_like(y) if one_conv else _empty(x)
 
 
+# _fake_checks: the fake (meta) kernels check the arguments as the CPU and CUDA kernels do. They also
+# serve a call with one meta tensor among CPU ones (the dispatcher picks the Meta kernel), which
+# hyperkern.ops.conv runs without its Python checks first (hyperkern._backends.kernel_checked).
+
 # ---- batch_ensemble_conv2d ------------------------------------------------------------------------
 
 @torch.library.register_fake("hyperkern::batch_ensemble_conv2d")
 def _batch_ensemble_conv2d_fake(x, weight, r, s, bias, stride, padding, dilation, groups):
+    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)  # see _fake_checks
     return _activation(x, weight.shape[0], _output_hw(x, weight, stride, padding, dilation))
 
 
@@ -118,6 +124,13 @@ def _batch_ensemble_conv2d_backward_fake(grad_y, x, weight, r, s, stride, paddin
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d")
 def _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding,
                                       dilation, groups, save_hd):
+    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias, e2,
+                    hyper=True, check_embeddings=False)
+    return _hyper_outputs(x, weight, stride, padding, dilation, save_hd)
+
+
+def _hyper_outputs(x, weight, stride, padding, dilation, save_hd):
+    """The hyper conv ops' (y, hd): hd only when save_hd."""
     hw = _output_hw(x, weight, stride, padding, dilation)
     y = _activation(x, weight.shape[0], hw)
     return y, (_activation(x, weight.shape[0], hw) if save_hd else _empty(x))
@@ -128,9 +141,15 @@ def _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, e1, bi
                                             dilation, groups, save_hd):
     """(y, hd, h, hr): the one-convolution scheme (CUDA, and the CPU where it runs it) keeps the branches h and
     hr, the CPU's per-member scheme hd (when save_hd)."""
+    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias, e2,
+                    hyper=True, check_embeddings=False)
+    return _hyper_train_outputs(x, weight, r, stride, padding, dilation, save_hd)
+
+
+def _hyper_train_outputs(x, weight, r, stride, padding, dilation, save_hd):
+    """The hyper conv train ops' (y, hd, h, hr)."""
     one_conv = _one_conv_on(x, r, weight, _output_hw(x, weight, stride, padding, dilation))
-    y, hd = _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride,
-                                              padding, dilation, groups, save_hd and not one_conv)
+    y, hd = _hyper_outputs(x, weight, stride, padding, dilation, save_hd and not one_conv)
     return y, hd, _kept(x, y, one_conv), _kept(x, y, one_conv)
 
 
@@ -151,15 +170,17 @@ def _hyper_batch_ensemble_conv2d_backward_fake(grad_y, x, weight, delta, r, s, u
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp")
 def _hyper_batch_ensemble_conv2d_hp_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
                                          padding, dilation, groups, save_hd):
-    return _hyper_batch_ensemble_conv2d_fake(x, weight, delta, r, s, u, v, None, bias, delta_bias, None, stride,
-                                             padding, dilation, groups, save_hd)
+    validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation,
+                       groups, False)
+    return _hyper_outputs(x, weight, stride, padding, dilation, save_hd)
 
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp_train")
 def _hyper_batch_ensemble_conv2d_hp_train_fake(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
                                                stride, padding, dilation, groups, save_hd):
-    return _hyper_batch_ensemble_conv2d_train_fake(x, weight, delta, r, s, u, v, None, bias, delta_bias, None, stride,
-                                                   padding, dilation, groups, save_hd)
+    validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation,
+                       groups, False)
+    return _hyper_train_outputs(x, weight, r, stride, padding, dilation, save_hd)
 
 
 @torch.library.register_fake("hyperkern::hyper_batch_ensemble_conv2d_hp_backward")
@@ -203,3 +224,9 @@ def hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedd
     y, _ = _ops.hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
                                                list(stride), list(padding), list(dilation), groups, save_hd)
     return y
+
+
+# The C++ ops check their arguments (csrc/rank1_conv.h): hyperkern.ops.conv runs them before its Python
+# validation, which then only runs when one raises (hyperkern._backends.kernel_checked).
+for _fn in (batch_ensemble_conv2d, hyper_batch_ensemble_conv2d, hyper_batch_ensemble_conv2d_hp):
+    _fn.checks_arguments = True

@@ -49,6 +49,12 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
     return E
 
 
+# What a kernel-checked call (hyperkern._backends.kernel_checked) raises for arguments its kernel refuses:
+# the op's TORCH_CHECKs and schema (RuntimeError, TypeError), or the Python around it meeting a
+# non-tensor (AttributeError, IndexError). Those calls then validate, which names the argument.
+KERNEL_REFUSALS = (RuntimeError, TypeError, AttributeError, IndexError)
+
+
 def all_finite(t) -> bool:
     """Whether t holds no NaN / Inf. Reads the values (a device sync on CUDA); True under torch.compile
     and for meta tensors, which have no values (shape inference runs on them)."""
@@ -268,14 +274,20 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta=None, u=None, v=None, e1=None,
-                    delta_bias=None, e2=None, hyper: bool = False, check_embeddings: bool = True):
-    """Validate the conv ops' arguments; return (E, stride, padding, dilation, groups) normalised."""
+def conv_geometry(stride, padding, dilation, groups) -> tuple:
+    """(stride, padding, dilation) as pairs of ints and groups, checked: the conv ops' non-tensor arguments."""
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", padding, 0)
     dilation = _pair("dilation", dilation, 1)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    return stride, padding, dilation, groups
+
+
+def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta=None, u=None, v=None, e1=None,
+                    delta_bias=None, e2=None, hyper: bool = False, check_embeddings: bool = True):
+    """Validate the conv ops' arguments; return (E, stride, padding, dilation, groups) normalised."""
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4:
         out_c, cg, kh, kw = weight.shape
         if out_c % groups == 0 and x.shape[1] == cg * groups \
@@ -323,11 +335,7 @@ def validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, d
     normalised: those of the hyper conv op, with hparams (E*B, m) and the embedding weight (O, m), or
     (2*O, m) with delta_bias, in place of e1 / e2. check_hparams: refuse NaN / Inf in hparams and embedding
     (reads the values: a device sync on CUDA)."""
-    stride = _pair("stride", stride, 1)
-    padding = _pair("padding", padding, 0)
-    dilation = _pair("dilation", dilation, 1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4 \
             and delta is not None and u is not None and v is not None and embedding is not None \
             and isinstance(hparams, torch.Tensor) and hparams.dim() == 2:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import implementation
-from hyperkern.ops._validate import validate_conv2d, validate_conv2d_hp
+from hyperkern._backends import implementation, kernel_checked
+from hyperkern.ops._validate import (KERNEL_REFUSALS, all_finite, check_finite, conv_geometry, validate_conv2d,
+                                     validate_conv2d_hp)
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
 
@@ -115,7 +116,14 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         or with a 1x1 kernel at stride > 1, is convolved as a contiguous copy (torch's CPU
         convolution is wrong there); the output and x's gradient still come back channels-last.
     """
-    _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
+    run = kernel_checked("conv", "batch_ensemble_conv2d", backend, x, _torch_batch_ensemble_conv2d)
+    if run is not None:  # the kernel checks the tensors: the Python checks run only if it refuses them
+        try:
+            return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
+        except KERNEL_REFUSALS:
+            pass  # the validated call below names what is wrong, or raises the kernel's error again
+    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
     run = implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d)
     return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
 
@@ -140,9 +148,23 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
                                  groups, backend: str, check_embeddings: bool) -> torch.Tensor:
     """hyper_batch_ensemble_conv2d; check_embeddings=False skips the finiteness check of e1 and e2 (a
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
-    _, stride, padding, dilation, groups = validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups,
-                                                           delta, u, v, e1, delta_bias, e2, hyper=True,
-                                                           check_embeddings=check_embeddings)
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
+    run = kernel_checked("conv", "hyper_batch_ensemble_conv2d", backend, x, _torch_hyper_batch_ensemble_conv2d)
+    if run is not None:  # as in batch_ensemble_conv2d
+        try:
+            y = _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
+                              groups, stride=stride)
+        except KERNEL_REFUSALS:
+            pass
+        else:
+            # a NaN / Inf in e1 or e2 makes its whole output plane NaN / Inf (hyperkern.ops.linear has why):
+            # one read of y clears both
+            if check_embeddings and not all_finite(y):
+                check_finite("e1", e1)
+                check_finite("e2", e2)
+            return y
+    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias, e2,
+                    hyper=True, check_embeddings=check_embeddings)
     run = implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device, _torch_hyper_batch_ensemble_conv2d)
     return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
                          groups, stride=stride)
@@ -191,9 +213,21 @@ def _hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embed
                                     padding, dilation, groups, backend: str, check_hparams: bool) -> torch.Tensor:
     """hyper_batch_ensemble_conv2d_hp; check_hparams=False skips the finiteness check of hparams and
     embedding (a device sync on CUDA), for callers that checked them (the layers)."""
-    _, stride, padding, dilation, groups = validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias,
-                                                              delta_bias, stride, padding, dilation, groups,
-                                                              check_hparams)
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
+    run = kernel_checked("conv", "hyper_batch_ensemble_conv2d_hp", backend, x, _torch_hyper_batch_ensemble_conv2d_hp)
+    if run is not None:  # as in batch_ensemble_conv2d
+        try:
+            y = _guard_layout(run, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
+                              padding, dilation, groups, stride=stride)
+        except KERNEL_REFUSALS:
+            pass
+        else:
+            if check_hparams:
+                check_finite("hparams", hparams, "the hyperparameters")
+                check_finite("embedding", embedding, "the embedding weight")
+            return y
+    validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation,
+                       groups, check_hparams)
     run = implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
                          _torch_hyper_batch_ensemble_conv2d_hp)
     return _guard_layout(run, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,

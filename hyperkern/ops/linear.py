@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperkern._backends import implementation, kernel_checked
-from hyperkern.ops._validate import all_finite, check_finite, validate_linear, validate_linear_hp
+from hyperkern.ops._validate import KERNEL_REFUSALS, all_finite, check_finite, validate_linear, validate_linear_hp
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
@@ -71,7 +71,7 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     if run is not None:  # the kernel checks the arguments: the Python checks run only if it refuses them
         try:
             return run(x, weight, r, s, bias)
-        except (RuntimeError, TypeError):
+        except KERNEL_REFUSALS:
             pass  # the validated call below names what is wrong, or raises the kernel's error again
     validate_linear(x, weight, r, s, bias)
     run = implementation("linear", "batch_ensemble_linear", backend, x.device, _torch_batch_ensemble_linear)
@@ -107,7 +107,7 @@ def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_b
     if run is not None:  # as in batch_ensemble_linear; the values are checked once the shapes are known good
         try:
             y = run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
-        except (RuntimeError, TypeError):
+        except KERNEL_REFUSALS:
             pass
         else:
             # A NaN / Inf in e1 or e2 makes y's element at the same place NaN / Inf (e1 multiplies
@@ -179,7 +179,7 @@ def _hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embed
     if run is not None:  # as in _hyper_batch_ensemble_linear
         try:
             y = run(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
-        except (RuntimeError, TypeError):
+        except KERNEL_REFUSALS:
             pass
         else:
             if check_hparams:
