@@ -753,30 +753,63 @@ hyper_batch_ensemble_linear_hp_backward_cpu(const Tensor& grad_in, const Tensor&
   const bool has_e2 = delta_bias.defined();
   const Tensor embT = transposed_embedding(embedding_in);
   const MemberTiling tiling(d.E, d.B, d.out);
-  const auto acc_opts = x_in.options().dtype(at::toOpMathType(x_in.scalar_type()));
-  Tensor demb1_partial = at::zeros({tiling.E * tiling.row_chunks, m, d.out}, acc_opts);
-  Tensor demb2_partial = has_e2 ? at::zeros({tiling.E * tiling.row_chunks, m, d.out}, acc_opts) : Tensor();
-  Tensor dhp_partial = compute_grad_hparams ? at::zeros({tiling.col_chunks, d.N, m}, acc_opts) : Tensor();
+  // One zeroed buffer of the compute type for every partial sum: [d(emb1) | d(emb2) | d(hparams)], the
+  // d(embedding) slices (E * row_chunks, m, out) each and the d(hparams) slices (col_chunks, E*B, m).
+  const int64_t slices = tiling.E * tiling.row_chunks, emb_part = slices * m * d.out;
+  const int64_t hp_part = compute_grad_hparams ? tiling.col_chunks * d.N * m : 0;
+  const Tensor partials = at::zeros({emb_part * (has_e2 ? 2 : 1) + hp_part},
+                                    x_in.options().dtype(at::toOpMathType(x_in.scalar_type())));
   const HyperGrads gr = hyper_backward(
       grad_in.contiguous(), x_in.contiguous(), weight_in.contiguous(), delta_in.contiguous(), r_in.contiguous(),
       s_in.contiguous(), u_in.contiguous(), v_in.contiguous(), delta_out_in.contiguous(), delta_bias, has_bias,
       compute_grad_x, d, tiling, [&](auto tag) {
         using scalar_t = decltype(tag);
         using opmath_t = at::opmath_type<scalar_t>;
+        opmath_t* base = partials.data_ptr<opmath_t>();
         return EmbeddedE<scalar_t>{hparams.const_data_ptr<scalar_t>(),
                                    embT.const_data_ptr<opmath_t>(),
                                    m,
                                    has_e2,
-                                   demb1_partial.data_ptr<opmath_t>(),
-                                   has_e2 ? demb2_partial.data_ptr<opmath_t>() : nullptr,
-                                   compute_grad_hparams ? dhp_partial.data_ptr<opmath_t>() : nullptr};
+                                   base,
+                                   has_e2 ? base + emb_part : nullptr,
+                                   compute_grad_hparams ? base + emb_part * (has_e2 ? 2 : 1) : nullptr};
       });
-  // (slices, m, out) partials -> (out, m) rows of d(embedding); e2's rows follow e1's.
-  Tensor grad_embedding = demb1_partial.sum(0).t();
-  if (has_e2) grad_embedding = at::cat({grad_embedding, demb2_partial.sum(0).t()}, 0);
-  grad_embedding = grad_embedding.to(x_in.scalar_type()).contiguous();
-  Tensor grad_hparams =
-      compute_grad_hparams ? dhp_partial.sum(0).to(x_in.scalar_type()) : at::empty({0}, x_in.options());
+  // Sum the slices straight into the outputs: d(embedding) rows [0, out) from the e1 partials, rows
+  // [out, 2*out) from the e2 ones (row o, column p = sum over slices of partial[slice, p, o]), and
+  // d(hparams) over the column chunks.
+  Tensor grad_embedding = at::empty({(has_e2 ? 2 : 1) * d.out, m}, x_in.options());
+  Tensor grad_hparams = compute_grad_hparams ? at::empty({d.N, m}, x_in.options()) : at::empty({0}, x_in.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "hyper_linear_hp_partials", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* base = partials.const_data_ptr<opmath_t>();
+    scalar_t* gemb = grad_embedding.data_ptr<scalar_t>();
+    const int64_t plane = m * d.out;
+    const int64_t grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(1, slices * m));
+    at::parallel_for(0, (has_e2 ? 2 : 1) * d.out, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const bool e2_row = row >= d.out;
+        const opmath_t* part = base + (e2_row ? emb_part : 0);
+        const int64_t o = e2_row ? row - d.out : row;
+        for (int64_t p = 0; p < m; ++p) {
+          opmath_t acc = 0;
+          for (int64_t sl = 0; sl < slices; ++sl) acc += part[sl * plane + p * d.out + o];
+          gemb[row * m + p] = static_cast<scalar_t>(acc);
+        }
+      }
+    });
+    if (compute_grad_hparams) {
+      const opmath_t* dhp = base + emb_part * (has_e2 ? 2 : 1);
+      scalar_t* ghp = grad_hparams.data_ptr<scalar_t>();
+      const int64_t n = d.N * m;
+      at::parallel_for(0, n, kElementGrain, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          opmath_t acc = 0;
+          for (int64_t c = 0; c < tiling.col_chunks; ++c) acc += dhp[c * n + i];
+          ghp[i] = static_cast<scalar_t>(acc);
+        }
+      });
+    }
+  });
   return {gr.x, gr.weight, gr.delta, gr.r, gr.s, gr.u, gr.v, grad_hparams, grad_embedding, gr.bias, gr.delta_bias};
 }
 
