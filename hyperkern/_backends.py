@@ -222,6 +222,24 @@ def kernel_checked(family: str, op: str, backend: str, x, torch_impl):
 _MISSING = object()
 _KERNEL_CHECKED: dict[tuple, object] = {}
 
+# What a kernel-checked call raises for arguments its kernel refuses: the op's TORCH_CHECKs and schema
+# (RuntimeError, TypeError), or the Python around it meeting a non-tensor (AttributeError, IndexError).
+KERNEL_REFUSALS = (RuntimeError, TypeError, AttributeError, IndexError)
+
+
+def kernel_first(family: str, op: str, backend: str, x, torch_impl, args: tuple, call=None):
+    """Run `op` on args without the Python checks when its kernel checks them (kernel_checked):
+    call(run, *args), or run(*args) without call. None when the call must be validated first instead, or
+    when the kernel refused the arguments; the caller then validates, which names what is wrong, and runs
+    the op again (which raises the kernel's own error if the validation found nothing)."""
+    run = kernel_checked(family, op, backend, x, torch_impl)
+    if run is None:
+        return None
+    try:
+        return run(*args) if call is None else call(run, *args)
+    except KERNEL_REFUSALS:
+        return None
+
 
 _AUTO_TABLE: list[dict] | None = None
 _DEVICE_NAMES: dict[int, str] = {}

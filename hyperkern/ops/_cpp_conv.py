@@ -77,7 +77,7 @@ def _kept(x, y, one_conv):
 
 # _fake_checks: the fake (meta) kernels check the arguments as the CPU and CUDA kernels do. They also
 # serve a call with one meta tensor among CPU ones (the dispatcher picks the Meta kernel), which
-# hyperkern.ops.conv runs without its Python checks first (hyperkern._backends.kernel_checked).
+# hyperkern.ops.conv runs without its Python checks first (hyperkern._backends.kernel_first).
 
 # ---- batch_ensemble_conv2d ------------------------------------------------------------------------
 
@@ -227,6 +227,6 @@ def hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedd
 
 
 # The C++ ops check their arguments (csrc/rank1_conv.h): hyperkern.ops.conv runs them before its Python
-# validation, which then only runs when one raises (hyperkern._backends.kernel_checked).
+# validation, which then only runs when one raises (hyperkern._backends.kernel_first).
 for _fn in (batch_ensemble_conv2d, hyper_batch_ensemble_conv2d, hyper_batch_ensemble_conv2d_hp):
     _fn.checks_arguments = True

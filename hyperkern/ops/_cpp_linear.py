@@ -29,7 +29,7 @@ _ops = torch.ops.hyperkern
 
 # _fake_checks: the fake (meta) kernels check the arguments as the CPU and CUDA kernels do. They also
 # serve a call with one meta tensor among CPU ones (the dispatcher picks the Meta kernel), which
-# hyperkern.ops.linear runs without its Python checks first (hyperkern._backends.kernel_checked).
+# hyperkern.ops.linear runs without its Python checks first (hyperkern._backends.kernel_first).
 
 # ---------------------------------------------------------------------------------------------
 # batch_ensemble_linear
@@ -133,6 +133,6 @@ def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta:
 
 
 # The C++ ops check their arguments (csrc/rank1_linear.h): hyperkern.ops.linear runs them before its
-# Python validation, which then only runs when one raises (hyperkern._backends.kernel_checked).
+# Python validation, which then only runs when one raises (hyperkern._backends.kernel_first).
 for _fn in (batch_ensemble_linear, hyper_batch_ensemble_linear, hyper_batch_ensemble_linear_hp):
     _fn.checks_arguments = True

@@ -49,12 +49,6 @@ def ensemble_size(x: torch.Tensor, r: torch.Tensor, r_name: str = "r") -> int:
     return E
 
 
-# What a kernel-checked call (hyperkern._backends.kernel_checked) raises for arguments its kernel refuses:
-# the op's TORCH_CHECKs and schema (RuntimeError, TypeError), or the Python around it meeting a
-# non-tensor (AttributeError, IndexError). Those calls then validate, which names the argument.
-KERNEL_REFUSALS = (RuntimeError, TypeError, AttributeError, IndexError)
-
-
 def all_finite(t) -> bool:
     """Whether t holds no NaN / Inf. Reads the values (a device sync on CUDA); True under torch.compile
     and for meta tensors, which have no values (shape inference runs on them)."""
@@ -71,6 +65,24 @@ def check_finite(name: str, t, what: str = "the hyperparameter embedding"):
     """Refuse NaN / Inf in t (see all_finite)."""
     if t is not None and not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf; {what} must be finite")
+
+
+def check_embeddings_finite(e1, e2, y=None):
+    """Refuse NaN / Inf in the per-row embeddings e1, e2 of a hyper op. Given the op's output y, read y
+    first and e1, e2 only when y is not finite: a NaN / Inf in e1 or e2 makes y non-finite at the same
+    row and column (linear) or over that channel's plane (conv), since e1 multiplies v_k * delta_out
+    (inf * 0 is NaN) and e2 multiplies delta_bias_k, and a NaN absorbs every sum. One read instead of two
+    (one device sync on CUDA). A NaN in x or the weights also makes y non-finite; then e1 and e2 are read,
+    and the op returns y as torch would."""
+    if y is None or not all_finite(y):
+        check_finite("e1", e1)
+        check_finite("e2", e2)
+
+
+def check_hparams_finite(hparams, embedding):
+    """Refuse NaN / Inf in the hp ops' hyperparameters and embedding weight."""
+    check_finite("hparams", hparams, "the hyperparameters")
+    check_finite("embedding", embedding, "the embedding weight")
 
 
 def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, row, hyper,
@@ -105,8 +117,7 @@ def _check_members_and_hyper(x, weight, r, s, bias, E, in_dim, out_dim, unit, ro
     named.update(delta=delta, u=u, v=v, e1=e1, delta_bias=delta_bias, e2=e2)
     check_same(named)
     if check_embeddings:
-        check_finite("e1", e1)
-        check_finite("e2", e2)
+        check_embeddings_finite(e1, e2)
     return named
 
 
@@ -164,8 +175,7 @@ def validate_linear(x, weight, r, s, bias, delta=None, u=None, v=None, e1=None, 
             and _fast_ok_rank1(x, weight, r, s, bias, 2, weight.shape[1], weight.shape[0], hyper, delta, u, v, e1,
                                delta_bias, e2):
         if hyper and check_embeddings:
-            check_finite("e1", e1)
-            check_finite("e2", e2)
+            check_embeddings_finite(e1, e2)
         return r.shape[0]
     return _validate_linear_in_full(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper, check_embeddings)
 
@@ -220,8 +230,7 @@ def _check_hp_rest(x, weight, E, in_size, out_size, unit, row, delta, u, v, hpar
     check_same({"x": x, "weight": weight, "r": r, "s": s, "bias": bias, "delta": delta, "u": u, "v": v,
                 "hparams": hparams, "embedding": embedding, "delta_bias": delta_bias})
     if check_hparams:
-        check_finite("hparams", hparams, "the hyperparameters")
-        check_finite("embedding", embedding, "the embedding weight")
+        check_hparams_finite(hparams, embedding)
 
 
 def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
@@ -240,8 +249,7 @@ def validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, d
                     members=((bias, out_f), (u, in_f), (v, out_f), (delta_bias, out_f)), rows=((hparams, m),),
                     fixed=((delta, weight.shape), (embedding, (rows, m)))):
             if check_hparams:
-                check_finite("hparams", hparams, "the hyperparameters")
-                check_finite("embedding", embedding, "the embedding weight")
+                check_hparams_finite(hparams, embedding)
             return r.shape[0]
     return _validate_linear_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias,
                                        check_hparams)
@@ -296,8 +304,7 @@ def validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, de
                 and _fast_ok_rank1(x, weight, r, s, bias, 4, cg * groups, out_c, hyper, delta, u, v, e1,
                                    delta_bias, e2):
             if hyper and check_embeddings:
-                check_finite("e1", e1)
-                check_finite("e2", e2)
+                check_embeddings_finite(e1, e2)
             return r.shape[0], stride, padding, dilation, groups
     return _validate_conv2d_in_full(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1,
                                     delta_bias, e2, hyper, check_embeddings)
@@ -349,8 +356,7 @@ def validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, d
                              members=((bias, out_c), (u, cg * groups), (v, out_c), (delta_bias, out_c)),
                              rows=((hparams, m),), fixed=((delta, weight.shape), (embedding, (rows, m)))):
             if check_hparams:
-                check_finite("hparams", hparams, "the hyperparameters")
-                check_finite("embedding", embedding, "the embedding weight")
+                check_hparams_finite(hparams, embedding)
             return r.shape[0], stride, padding, dilation, groups
     return _validate_conv2d_hp_in_full(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
                                        padding, dilation, groups, check_hparams)

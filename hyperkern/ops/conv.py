@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import implementation, kernel_checked
-from hyperkern.ops._validate import (KERNEL_REFUSALS, all_finite, check_finite, conv_geometry, validate_conv2d,
+from hyperkern._backends import implementation, kernel_first
+from hyperkern.ops._validate import (check_embeddings_finite, check_hparams_finite, conv_geometry, validate_conv2d,
                                      validate_conv2d_hp)
 
 __all__ = ["batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d", "hyper_batch_ensemble_conv2d_hp"]
@@ -117,15 +117,15 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         convolution is wrong there); the output and x's gradient still come back channels-last.
     """
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    run = kernel_checked("conv", "batch_ensemble_conv2d", backend, x, _torch_batch_ensemble_conv2d)
-    if run is not None:  # the kernel checks the tensors: the Python checks run only if it refuses them
-        try:
-            return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
-        except KERNEL_REFUSALS:
-            pass  # the validated call below names what is wrong, or raises the kernel's error again
-    validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups)
-    run = implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d)
-    return _guard_layout(run, x, weight, r, s, bias, stride, padding, dilation, groups, stride=stride)
+    args = (x, weight, r, s, bias, stride, padding, dilation, groups)
+    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
+    # The cpp kernels check the tensors: the Python checks run only if one refuses them (kernel_first).
+    y = kernel_first("conv", "batch_ensemble_conv2d", backend, x, _torch_batch_ensemble_conv2d, args, guarded)
+    if y is not None:
+        return y
+    validate_conv2d(*args)
+    return guarded(implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d),
+                   *args)
 
 
 def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -149,25 +149,18 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     """hyper_batch_ensemble_conv2d; check_embeddings=False skips the finiteness check of e1 and e2 (a
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    run = kernel_checked("conv", "hyper_batch_ensemble_conv2d", backend, x, _torch_hyper_batch_ensemble_conv2d)
-    if run is not None:  # as in batch_ensemble_conv2d
-        try:
-            y = _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
-                              groups, stride=stride)
-        except KERNEL_REFUSALS:
-            pass
-        else:
-            # a NaN / Inf in e1 or e2 makes its whole output plane NaN / Inf (hyperkern.ops.linear has why):
-            # one read of y clears both
-            if check_embeddings and not all_finite(y):
-                check_finite("e1", e1)
-                check_finite("e2", e2)
-            return y
+    args = (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups)
+    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
+    y = kernel_first("conv", "hyper_batch_ensemble_conv2d", backend, x, _torch_hyper_batch_ensemble_conv2d, args,
+                     guarded)
+    if y is not None:  # the kernel accepted the shapes; the values are checked through y
+        if check_embeddings:
+            check_embeddings_finite(e1, e2, y)
+        return y
     validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias, e2,
                     hyper=True, check_embeddings=check_embeddings)
-    run = implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device, _torch_hyper_batch_ensemble_conv2d)
-    return _guard_layout(run, x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation,
-                         groups, stride=stride)
+    return guarded(implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device,
+                                  _torch_hyper_batch_ensemble_conv2d), *args)
 
 
 def hyper_batch_ensemble_conv2d_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -214,21 +207,14 @@ def _hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embed
     """hyper_batch_ensemble_conv2d_hp; check_hparams=False skips the finiteness check of hparams and
     embedding (a device sync on CUDA), for callers that checked them (the layers)."""
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    run = kernel_checked("conv", "hyper_batch_ensemble_conv2d_hp", backend, x, _torch_hyper_batch_ensemble_conv2d_hp)
-    if run is not None:  # as in batch_ensemble_conv2d
-        try:
-            y = _guard_layout(run, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride,
-                              padding, dilation, groups, stride=stride)
-        except KERNEL_REFUSALS:
-            pass
-        else:
-            if check_hparams:
-                check_finite("hparams", hparams, "the hyperparameters")
-                check_finite("embedding", embedding, "the embedding weight")
-            return y
-    validate_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation,
-                       groups, check_hparams)
-    run = implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
-                         _torch_hyper_batch_ensemble_conv2d_hp)
-    return _guard_layout(run, x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding,
-                         dilation, groups, stride=stride)
+    args = (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation, groups)
+    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
+    y = kernel_first("conv", "hyper_batch_ensemble_conv2d_hp", backend, x, _torch_hyper_batch_ensemble_conv2d_hp,
+                     args, guarded)
+    if y is not None:
+        if check_hparams:
+            check_hparams_finite(hparams, embedding)
+        return y
+    validate_conv2d_hp(*args, check_hparams)
+    return guarded(implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
+                                  _torch_hyper_batch_ensemble_conv2d_hp), *args)

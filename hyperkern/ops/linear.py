@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperkern._backends import implementation, kernel_checked
-from hyperkern.ops._validate import KERNEL_REFUSALS, all_finite, check_finite, validate_linear, validate_linear_hp
+from hyperkern._backends import implementation, kernel_first
+from hyperkern.ops._validate import check_embeddings_finite, check_hparams_finite, validate_linear, validate_linear_hp
 
 __all__ = ["batch_ensemble_linear", "hyper_batch_ensemble_linear", "hyper_batch_ensemble_linear_hp"]
 
@@ -67,15 +67,13 @@ def batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     Returns:
         (E*B, out) member-major outputs.
     """
-    run = kernel_checked("linear", "batch_ensemble_linear", backend, x, _torch_batch_ensemble_linear)
-    if run is not None:  # the kernel checks the arguments: the Python checks run only if it refuses them
-        try:
-            return run(x, weight, r, s, bias)
-        except KERNEL_REFUSALS:
-            pass  # the validated call below names what is wrong, or raises the kernel's error again
-    validate_linear(x, weight, r, s, bias)
-    run = implementation("linear", "batch_ensemble_linear", backend, x.device, _torch_batch_ensemble_linear)
-    return run(x, weight, r, s, bias)
+    args = (x, weight, r, s, bias)
+    # The cpp kernels check the arguments: the Python checks run only if one refuses them (kernel_first).
+    y = kernel_first("linear", "batch_ensemble_linear", backend, x, _torch_batch_ensemble_linear, args)
+    if y is not None:
+        return y
+    validate_linear(*args)
+    return implementation("linear", "batch_ensemble_linear", backend, x.device, _torch_batch_ensemble_linear)(*args)
 
 
 def hyper_batch_ensemble_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -103,24 +101,16 @@ def _hyper_batch_ensemble_linear(x, weight, delta, r, s, u, v, e1, bias, delta_b
                                  check_embeddings: bool) -> torch.Tensor:
     """hyper_batch_ensemble_linear; check_embeddings=False skips the finiteness check of e1 and e2 (a
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
-    run = kernel_checked("linear", "hyper_batch_ensemble_linear", backend, x, _torch_hyper_batch_ensemble_linear)
-    if run is not None:  # as in batch_ensemble_linear; the values are checked once the shapes are known good
-        try:
-            y = run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
-        except KERNEL_REFUSALS:
-            pass
-        else:
-            # A NaN / Inf in e1 or e2 makes y's element at the same place NaN / Inf (e1 multiplies
-            # v_k * delta_out, where inf * 0 is NaN; e2 multiplies delta_bias_k), so one read of y clears
-            # both; e1 and e2 are read only when y is not finite (a NaN in x or the weights does that too).
-            if check_embeddings and not all_finite(y):
-                check_finite("e1", e1)
-                check_finite("e2", e2)
-            return y
+    args = (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    y = kernel_first("linear", "hyper_batch_ensemble_linear", backend, x, _torch_hyper_batch_ensemble_linear, args)
+    if y is not None:  # the kernel accepted the shapes; the values are checked through y
+        if check_embeddings:
+            check_embeddings_finite(e1, e2, y)
+        return y
     validate_linear(x, weight, r, s, bias, delta, u, v, e1, delta_bias, e2, hyper=True,
                     check_embeddings=check_embeddings)
     run = implementation("linear", "hyper_batch_ensemble_linear", backend, x.device, _torch_hyper_batch_ensemble_linear)
-    return run(x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2)
+    return run(*args)
 
 
 def hyper_batch_ensemble_linear_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -175,18 +165,13 @@ def _hyper_batch_ensemble_linear_hp(x, weight, delta, r, s, u, v, hparams, embed
                                     check_hparams: bool) -> torch.Tensor:
     """hyper_batch_ensemble_linear_hp; check_hparams=False skips the finiteness check of hparams and
     embedding (a device sync on CUDA), for callers that checked them (the layers)."""
-    run = kernel_checked("linear", "hyper_batch_ensemble_linear_hp", backend, x, _torch_hyper_batch_ensemble_linear_hp)
-    if run is not None:  # as in _hyper_batch_ensemble_linear
-        try:
-            y = run(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
-        except KERNEL_REFUSALS:
-            pass
-        else:
-            if check_hparams:
-                check_finite("hparams", hparams, "the hyperparameters")
-                check_finite("embedding", embedding, "the embedding weight")
-            return y
-    validate_linear_hp(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, check_hparams)
-    run = implementation("linear", "hyper_batch_ensemble_linear_hp", backend, x.device,
-                         _torch_hyper_batch_ensemble_linear_hp)
-    return run(x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
+    args = (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias)
+    y = kernel_first("linear", "hyper_batch_ensemble_linear_hp", backend, x, _torch_hyper_batch_ensemble_linear_hp,
+                     args)
+    if y is not None:
+        if check_hparams:
+            check_hparams_finite(hparams, embedding)
+        return y
+    validate_linear_hp(*args, check_hparams)
+    return implementation("linear", "hyper_batch_ensemble_linear_hp", backend, x.device,
+                          _torch_hyper_batch_ensemble_linear_hp)(*args)
