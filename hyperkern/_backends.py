@@ -193,9 +193,9 @@ def kernel_checked(family: str, op: str, backend: str, x, torch_impl):
     """The implementation of `op` for this call when its kernel checks the arguments itself, else None.
 
     The cpp backend's ops check every shape, dtype and device that the Python validation checks
-    (csrc/rank1_linear.h), and refuse what it refuses with an error. So a call can run the op first and
-    validate only when the op raises (to replace the kernel's error with the readable one): on a small
-    layer the Python checks cost as much as the kernel (docs/benchmark-history.md). Functions that may
+    (csrc/rank1_linear.h, csrc/rank1_conv.h), and refuse what it refuses with an error. So a call can run
+    the op first and validate only when the op raises (to replace the kernel's error with the readable
+    one): on a small layer the Python checks cost as much as the kernel (docs/benchmark-history.md). Functions that may
     be called this way carry `checks_arguments = True`. None for everything else, which validates first:
     the other backends, tensor subclasses (fake and functional tensors), meta tensors, torch.compile,
     and the per-size choice of backend="auto" on CUDA. Kept per (op, backend, CUDA device) in a dict of
