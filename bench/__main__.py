@@ -137,8 +137,10 @@ def _run_conv(mod, args, dtype, device, log) -> list[dict]:
     return mod.run(**kw)
 
 
-def run_op_suite(args, log=print) -> dict:
-    """Run every op benchmark module present in this tree; returns {"rows", "modules", "missing"}."""
+def run_op_suite(args, log=print, on_progress=None) -> dict:
+    """Run every op benchmark module present in this tree; returns {"rows", "modules", "missing"}.
+    on_progress(the same dict so far) runs after each module and dtype, so that a run stopped part way
+    (a time-boxed GPU call) still leaves the rows it measured."""
     device = torch.device(args.device)
     rows, used, missing = [], [], []
     for modname in _OP_MODULES:
@@ -167,6 +169,8 @@ def run_op_suite(args, log=print) -> dict:
                 r["suite"] = "ops"
                 r["source"] = modname
                 rows.append(r)
+            if on_progress is not None:
+                on_progress({"rows": rows, "modules": used, "missing": missing})
     if missing:
         log(f"[ops] not in this tree (skipped): {', '.join(missing)}")
     return {"rows": rows, "modules": used, "missing": missing}
@@ -321,7 +325,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     if args.suite in ("ops", "all"):
-        ops_result = run_op_suite(args)
+        def progress(partial):  # the JSON so far, marked partial, rewritten after each module and dtype
+            if args.json:
+                _write_json(args.json, {**result, "suites": {**result["suites"], "ops": partial}, "partial": True,
+                                        "targets": result["targets"] + check_op_targets(partial["rows"], args.device)})
+
+        ops_result = run_op_suite(args, on_progress=progress)
         result["suites"]["ops"] = ops_result
         print("\n## Op level\n")
         print("floor = one plain F.linear / conv2d over the same E*B rows (2*out outputs for the hyper ops); "
@@ -396,11 +405,19 @@ def main(argv=None) -> int:
             print(format_target(t))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        _write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _write_json(path: str, result: dict):
+    """result as JSON at path, replaced whole (written to a temporary file first): a run killed while
+    writing leaves the previous version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@
 #   GPU_SUITE_LIMITS  per-step wall-clock limits in seconds, e.g. "build=120 tests=150 ops=120"
 #                (keys: the step names of GPU_SUITE_STEPS); a step past its limit is killed, reported
 #                as FAILED (exit 124) and the suite goes on, so a time-boxed call still gets the later
-#                steps and targets.md
+#                steps and targets.md. The op step rewrites bench-ops.json after each op module and dtype
+#                (marked "partial" until the end), so a killed op step still reports the rows it measured
 #   GPU_SUITE_STEPS  which steps to run (default "build tests ops models graphs host profile"; "ops" includes the conv
 #                strategies A/B of bench/ops_conv.py). The environment and the extension check
 #                always run. To split the suite over calls with a time limit, on machines that start

@@ -310,3 +310,33 @@ def test_linear_step_runs_every_variant_and_accumulates_gradients():
         assert any(g.abs().sum() > 0 for g in first)
     with pytest.raises(ValueError, match="variant must be one of"):
         linear_step.make_step("nope")
+
+
+def test_op_suite_stopped_in_its_conv_rows_leaves_the_linear_rows_in_the_json(tmp_path):
+    """A time-boxed GPU call kills the op suite where its limit falls (bench/gpu_suite.sh, GPU run 4:
+    in the conv rows). The JSON must already hold every finished module's rows, marked partial, and the
+    final write must drop the mark."""
+    out = tmp_path / "ops.json"
+    code = ("import sys, bench.ops_conv as c\n"
+            "def stop(**kw):\n"
+            "    raise SystemExit(3)  # as if killed at the conv rows\n"
+            "c.run = stop\n"
+            "from bench.__main__ import main\n"
+            f"main(['--quick', '--tiny', '--threads', '1', '--suite', 'ops', '--json', {str(out)!r}])\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["partial"] is True
+    rows = data["suites"]["ops"]["rows"]
+    assert rows and {r["source"] for r in rows} == {"bench.ops"}
+    assert {"floor", "cpp"} <= {r["variant"] for r in rows}
+    assert not (tmp_path / "ops.json.tmp").exists()
+
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "--threads", "1", "--suite", "ops",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "partial" not in data
+    assert {r["source"] for r in data["suites"]["ops"]["rows"]} == {"bench.ops", "bench.ops_conv"}
