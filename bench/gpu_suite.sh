@@ -148,8 +148,9 @@ PY
 }
 
 gpu_tests() {
-  # The tests that put tensors on the GPU: the cpp backend's CUDA kernels, the Triton kernels, and the
-  # raw-op error paths (which crashed with one image's default compiler). Parallel workers when
+  # The tests that put tensors on the GPU: the cpp backend's CUDA kernels, the Triton kernels, the
+  # raw-op error paths (which crashed with one image's default compiler), and the public ops' errors
+  # when the CUDA kernels' checks stand in for the Python ones (test_ops_validate_fast_path.py, its cuda cases). Parallel workers when
   # pytest-xdist is there: on an H200 with 14 workers the CUDA kernel tests take about 95 s and the
   # Triton tests about 60 s (mostly compiling); a worker that crashes is reported and replaced.
   local parallel=()
@@ -161,7 +162,8 @@ gpu_tests() {
   "$PYTHON" -m pytest -v -p no:cacheprovider -rfE "${parallel[@]}" --junitxml="$OUT/gpu-tests-junit.xml" \
     "$ROOT/tests/test_ops_cpp_cuda.py" "$ROOT/tests/test_ops_linear_triton.py" "$ROOT/tests/test_ops_conv_triton.py" \
     "$ROOT/tests/test_ops_linear_cpp.py::test_direct_op_call_with_bad_shapes_raises" \
-    "$ROOT/tests/test_ops_conv_cpp.py::test_bad_inputs_raise_instead_of_crashing"
+    "$ROOT/tests/test_ops_conv_cpp.py::test_bad_inputs_raise_instead_of_crashing" \
+    "$ROOT/tests/test_ops_validate_fast_path.py"
 }
 
 # the functions and variables that `step` may run in a child bash (under a limit)

@@ -162,7 +162,7 @@ def test_conv_hp_fast_path_matches_the_full_checks(bias):
             assert results[0] == results[1], (name, bad.shape if isinstance(bad, torch.Tensor) else bad)
 
 
-# ---- the cpp ops run before the Python checks (hyperkern._backends.kernel_checked) -----------------
+# ---- the cpp ops run before the Python checks (hyperkern._backends.kernel_first) -------------------
 
 def _linear_ops():
     """(name, public op, its full Python check, valid keyword arguments) for the three linear ops."""
@@ -179,23 +179,39 @@ def _linear_ops():
     ]
 
 
-def _cpp_cpu():
+def _cpp_cpu(device="cpu"):
     import hyperkern
 
-    if "cpp" not in hyperkern.available_backends("cpu"):
-        pytest.skip("the cpp extension is not built")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if "cpp" not in hyperkern.available_backends(device):
+        pytest.skip(f"the cpp extension has no {device} kernels")
 
 
+def _on(device, args):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _device_mutations(t, device):
+    """_mutations, plus on CUDA the argument left on the CPU (the CUDA kernels' device check)."""
+    out = _mutations(t)
+    if device == "cuda" and isinstance(t, torch.Tensor):
+        out.append(t.cpu())
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
-def test_cpp_ops_refuse_what_the_python_checks_refuse_with_their_errors(which):
+def test_cpp_ops_refuse_what_the_python_checks_refuse_with_their_errors(which, device):
     """The public linear ops call the C++ op first and validate only when it raises. So the kernel must
     refuse every argument the Python checks refuse, and the error users see must be the Python one
     (TypeError / ValueError naming the argument), never the kernel's RuntimeError, and never an output."""
-    _cpp_cpu()
+    _cpp_cpu(device)
     name, op, full, base = next(c for c in _linear_ops() if c[0] == which)
+    base = _on(device, base)
     assert op(**base, backend="cpp").shape == (6, 4)
     for arg in base:
-        for bad in _mutations(base[arg]):
+        for bad in _device_mutations(base[arg], device):
             kwargs = dict(base, **{arg: bad})
             try:
                 full(**kwargs)
@@ -279,16 +295,18 @@ def _conv_ops():
     ]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("which", ["batch", "hyper", "hp"])
-def test_cpp_conv_ops_refuse_what_the_python_checks_refuse_with_their_errors(which):
+def test_cpp_conv_ops_refuse_what_the_python_checks_refuse_with_their_errors(which, device):
     """As test_cpp_ops_refuse_what_the_python_checks_refuse_with_their_errors, for the conv ops, plus
     geometry that only the full checks name and non-tensor arguments the kernel call never sees."""
-    _cpp_cpu()
+    _cpp_cpu(device)
     geo, cases = _conv_ops()
     name, op, full, base = next(c for c in cases if c[0] == which)
+    base = _on(device, base)
     assert op(**base, **geo, backend="cpp").shape == (6, 6, 5, 5)
     for arg in base:
-        for bad in _mutations(base[arg]):
+        for bad in _device_mutations(base[arg], device):
             kwargs = dict(base, **{arg: bad})
             try:
                 full(**kwargs)
@@ -299,7 +317,7 @@ def test_cpp_conv_ops_refuse_what_the_python_checks_refuse_with_their_errors(whi
                 op(**kwargs, **geo, backend="cpp")
             assert str(got.value) == str(expected), (arg, got.value)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):  # the kernel refuses it too
-        op(**dict(base, x=torch.randn(6, 4, 1, 1)), **dict(geo, padding=0), backend="cpp")
+        op(**dict(base, x=torch.randn(6, 4, 1, 1, device=device)), **dict(geo, padding=0), backend="cpp")
     for key, value in (("stride", True), ("groups", 0), ("padding", (1, 2, 3))):
         with pytest.raises((TypeError, ValueError), match=key):
             op(**base, **dict(geo, **{key: value}), backend="cpp")
