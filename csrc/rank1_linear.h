@@ -117,5 +117,24 @@ inline void check_backward_rows(const Dims& d, const at::Tensor& x, const at::Te
   }
 }
 
+// The hp op's dimensions and its number of hyperparameters m.
+struct HpDims : Dims {
+  int64_t m;
+};
+
+// Every check of the hp op's forward (bias given, grad_out null) or backward (bias nullopt, grad_out and
+// delta_out given), shared by the CPU and CUDA entry points.
+inline HpDims check_hp(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta, const at::Tensor& r,
+                       const at::Tensor& s, const at::Tensor& u, const at::Tensor& v, const at::Tensor& hparams,
+                       const at::Tensor& embedding, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& delta_bias, const at::Tensor* grad_out = nullptr,
+                       const at::Tensor* delta_out = nullptr) {
+  HpDims h{check_linear(x, weight, r, s), 0};
+  check_optional(bias, x, h.E, h.out, "bias");
+  h.m = check_hyper_embedding(h, x, delta, u, v, hparams, embedding, delta_bias);
+  if (grad_out != nullptr) check_backward_rows(h, x, *grad_out, delta_out);
+  return h;
+}
+
 }  // namespace rank1_linear
 }  // namespace hyperkern

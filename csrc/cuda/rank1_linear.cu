@@ -884,10 +884,9 @@ std::tuple<Tensor, Tensor> hyper_batch_ensemble_linear_hp_cuda(
     const Tensor& x_in, const Tensor& weight_in, const Tensor& delta_in, const Tensor& r_in, const Tensor& s_in,
     const Tensor& u_in, const Tensor& v_in, const Tensor& hparams_in, const Tensor& embedding_in,
     const std::optional<Tensor>& bias_in, const std::optional<Tensor>& delta_bias_in) {
-  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
-  rank1_linear::check_optional(bias_in, x_in, d.E, d.out, "bias");
-  const int64_t m =
-      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
+  const rank1_linear::HpDims d = rank1_linear::check_hp(x_in, weight_in, delta_in, r_in, s_in, u_in, v_in, hparams_in,
+                                                        embedding_in, bias_in, delta_bias_in);
+  const int64_t m = d.m;
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   if (m < 1 || m > kMaxFusedM) {
     auto [e1, e2] = embed_rows(hparams_in, embedding_in, d.out, present(delta_bias_in));
@@ -943,10 +942,10 @@ hyper_batch_ensemble_linear_hp_backward_cuda(const Tensor& grad_in, const Tensor
                                              const Tensor& embedding_in, const std::optional<Tensor>& delta_bias_in,
                                              const Tensor& delta_out_in, bool has_bias, bool compute_grad_x,
                                              bool compute_grad_hparams) {
-  const Dims d = rank1_linear::check_linear(x_in, weight_in, r_in, s_in);
-  const int64_t m =
-      rank1_linear::check_hyper_embedding(d, x_in, delta_in, u_in, v_in, hparams_in, embedding_in, delta_bias_in);
-  rank1_linear::check_backward_rows(d, x_in, grad_in, &delta_out_in);
+  const rank1_linear::HpDims d = rank1_linear::check_hp(x_in, weight_in, delta_in, r_in, s_in, u_in, v_in, hparams_in,
+                                                        embedding_in, std::nullopt, delta_bias_in, &grad_in,
+                                                        &delta_out_in);
+  const int64_t m = d.m;
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   if (m < 1 || m > kMaxFusedM) {
     return hyper_hp_backward_transient(grad_in, x_in, weight_in, delta_in, r_in, s_in, u_in, v_in, hparams_in,
