@@ -93,7 +93,10 @@ def _cpu_channels_last_is_unsafe(x: torch.Tensor, weight: torch.Tensor, stride) 
     return x.dtype == torch.bfloat16 or pointwise_strided
 
 
-def _guard_layout(run, x, weight, *rest, stride):
+def _guard_layout(run, x, weight, *rest):
+    """run(x, weight, *rest), through a contiguous copy of x where _cpu_channels_last_is_unsafe; every conv
+    op's arguments end with (stride, padding, dilation, groups)."""
+    stride = rest[-4]
     if not _cpu_channels_last_is_unsafe(x, weight, stride):
         return run(x, weight, *rest)
     return run(_ContiguousCopy.apply(x), weight, *rest).contiguous(memory_format=torch.channels_last)
@@ -118,14 +121,13 @@ def batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
     """
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
     args = (x, weight, r, s, bias, stride, padding, dilation, groups)
-    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
     # The cpp kernels check the tensors: the Python checks run only if one refuses them (kernel_first).
-    y = kernel_first("conv", "batch_ensemble_conv2d", backend, x, _torch_batch_ensemble_conv2d, args, guarded)
+    y = kernel_first("conv", "batch_ensemble_conv2d", backend, x, _torch_batch_ensemble_conv2d, args, _guard_layout)
     if y is not None:
         return y
     validate_conv2d(*args)
-    return guarded(implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d),
-                   *args)
+    run = implementation("conv", "batch_ensemble_conv2d", backend, x.device, _torch_batch_ensemble_conv2d)
+    return _guard_layout(run, *args)
 
 
 def hyper_batch_ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -150,17 +152,16 @@ def _hyper_batch_ensemble_conv2d(x, weight, delta, r, s, u, v, e1, bias, delta_b
     device sync on CUDA), for callers that computed them from checked hyperparameters (the layers)."""
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
     args = (x, weight, delta, r, s, u, v, e1, bias, delta_bias, e2, stride, padding, dilation, groups)
-    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
     y = kernel_first("conv", "hyper_batch_ensemble_conv2d", backend, x, _torch_hyper_batch_ensemble_conv2d, args,
-                     guarded)
+                     _guard_layout)
     if y is not None:  # the kernel accepted the shapes; the values are checked through y
         if check_embeddings:
             check_embeddings_finite(e1, e2, y)
         return y
     validate_conv2d(x, weight, r, s, bias, stride, padding, dilation, groups, delta, u, v, e1, delta_bias, e2,
                     hyper=True, check_embeddings=check_embeddings)
-    return guarded(implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device,
-                                  _torch_hyper_batch_ensemble_conv2d), *args)
+    run = implementation("conv", "hyper_batch_ensemble_conv2d", backend, x.device, _torch_hyper_batch_ensemble_conv2d)
+    return _guard_layout(run, *args)
 
 
 def hyper_batch_ensemble_conv2d_hp(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, r: torch.Tensor,
@@ -208,13 +209,13 @@ def _hyper_batch_ensemble_conv2d_hp(x, weight, delta, r, s, u, v, hparams, embed
     embedding (a device sync on CUDA), for callers that checked them (the layers)."""
     stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
     args = (x, weight, delta, r, s, u, v, hparams, embedding, bias, delta_bias, stride, padding, dilation, groups)
-    guarded = lambda run, *a: _guard_layout(run, *a, stride=stride)  # noqa: E731
     y = kernel_first("conv", "hyper_batch_ensemble_conv2d_hp", backend, x, _torch_hyper_batch_ensemble_conv2d_hp,
-                     args, guarded)
+                     args, _guard_layout)
     if y is not None:
         if check_hparams:
             check_hparams_finite(hparams, embedding)
         return y
     validate_conv2d_hp(*args, check_hparams)
-    return guarded(implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
-                                  _torch_hyper_batch_ensemble_conv2d_hp), *args)
+    run = implementation("conv", "hyper_batch_ensemble_conv2d_hp", backend, x.device,
+                         _torch_hyper_batch_ensemble_conv2d_hp)
+    return _guard_layout(run, *args)
