@@ -134,6 +134,40 @@ def test_tied_fast_weights(backend):
             assert_scaled_close(a.grad, b.grad, 1e-12, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tied_backward_at_gemm_size(dtype):
+    """The CPU backward's tied path (u IS r, float / double, (E*B, in) at least 64K elements): both dx
+    GEMMs accumulate into one buffer and du comes out as colsum(x * P) - dr. Against the float64 member
+    loop; and the backward op itself returns, in the r and u slots, what it returns for an untied copy
+    of the same values (the subtraction makes du exact, not only the sum)."""
+    if _CPU["cpp"] is not None:
+        pytest.skip(_CPU["cpp"])
+    args = hp_args(2, 160, 256, 48, 3, dtype=dtype)
+    args[5] = args[3]
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    leaves[5] = leaves[3]
+    ref_leaves = [a.detach().clone().requires_grad_() for a in args]
+    ref_leaves[5] = ref_leaves[3]
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(320, 48, generator=g, dtype=torch.float64)
+    y = hyperkern.ops.hyper_batch_ensemble_linear_hp(*leaves, backend="cpp")
+    y.backward(grad_out.to(dtype))
+    y_ref = ref.hyper_batch_ensemble_linear_hp_reference(*ref_leaves)
+    y_ref.backward(grad_out)
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        assert_scaled_close(a.grad, b.grad, TOLERANCE[dtype], f"grad {name}")
+
+    x, w, d, r, s, u, v, hp, emb, bias, db = (a.detach() for a in args)
+    _, delta_out = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp(x, w, d, r, s, r, v, hp, emb, bias, db)
+    gy = grad_out.to(dtype)
+    tied = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_backward(gy, x, w, d, r, s, r, v, hp, emb, db,
+                                                                       delta_out, True, True, True)
+    untied = torch.ops.hyperkern.hyper_batch_ensemble_linear_hp_backward(gy, x, w, d, r, s, r.clone(), v, hp,
+                                                                         emb, db, delta_out, True, True, True)
+    for name, a, b in zip(("x", "weight", "delta", "r", "s", "u", "v"), tied, untied):
+        assert_scaled_close(a, b, TOLERANCE[dtype], f"backward op, tied against untied: {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_hparams_grad(backend):
     """hparams not requiring grad (the weight step of the trainer): its gradient is skipped, the rest holds."""

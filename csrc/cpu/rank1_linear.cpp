@@ -518,6 +518,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_ensemble_linear_backwar
 // backward's pass over g) and in what the backward returns for them (de1, de2 vs d(hparams),
 // d(embedding), reduced inside that pass).
 
+// u is r (the hyper layers' default fast weights, the reference's fast_weights_eq_contraint).
+bool same_tensor(const Tensor& a, const Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
 // The forward's GEMMs: delta_out = (x * u_k) @ Delta^T and y = (x * r_k) @ W^T (the epilogue follows).
 void hyper_forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& delta, const Tensor& r, const Tensor& u,
                          const Dims& d, Tensor& y, Tensor& delta_out) {
@@ -529,7 +534,7 @@ void hyper_forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& de
   // One scratch buffer for both prologues: x * u_k feeds the Delta GEMM, then x * r_k the W GEMM. With
   // tied fast weights (u is r: the hyper layers' default, the reference's fast_weights_eq_contraint)
   // the first prologue serves both GEMMs.
-  const bool tied = u.data_ptr() == r.data_ptr() && u.sizes() == r.sizes() && u.strides() == r.strides();
+  const bool tied = same_tensor(u, r);
   Tensor x_scaled = scratch(kScaledInput, x.sizes(), x.options());
   auto prologue = [&](const Tensor& scale) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hyper_linear_prologue", [&] {
@@ -666,13 +671,21 @@ HyperGrads hyper_backward(const Tensor& g, const Tensor& x, const Tensor& weight
 
   // Delta side: B_d = (g * v_k * e1) @ Delta; dx += u_k * B_d; du_k = colsum(x * B_d); then B_d's
   // buffer is overwritten with x * u_k for dDelta = (g * v_k * e1)^T (x * u_k).
+  // Tied (u is r; float / double): both GEMMs accumulate into one P = (g * s_k) @ W + B_d, dx = r_k * P,
+  // and colsum(x * P) = dr_k + du_k, from which dr_k (the weight pass's) is subtracted at the end: one
+  // (E*B, in) buffer less to zero, write and read back.
   out.x = compute_grad_x ? at::empty({d.N, d.in}, opts) : at::empty({0}, opts);
   out.u = at::empty({d.E, d.in}, opts);
   out.delta = at::empty({d.out, d.in}, opts);
+  const bool tied = compute_grad_x && d.out > 0 && d.N * d.in > 0 && same_tensor(u, r) &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
   Tensor delta_side = scratch(kDeltaSide, {d.N, d.in}, opts);
   if (d.out == 0) {
     delta_side.zero_();
     if (compute_grad_x) out.x.zero_();
+  } else if (tied) {
+    mm_into(out.x, g_s, weight);
+    out.x.addmm_(g_ve, delta);
   } else if (d.N * d.in > 0) {
     mm_into(delta_side, g_ve, delta);
     if (compute_grad_x) mm_into(out.x, g_s, weight);
@@ -688,7 +701,8 @@ HyperGrads hyper_backward(const Tensor& g, const Tensor& x, const Tensor& weight
                                      compute_grad_x ? out.x.data_ptr<scalar_t>() : nullptr,
                                      delta_side.data_ptr<scalar_t>(),
                                      du_partial.data(),
-                                     d.in};
+                                     d.in,
+                                     tied};
     dx_tiling.run([&](const MemberTiling::Task& t) { hyper_dx(args, t); });
     dx_tiling.reduce(du_partial, out.u.data_ptr<scalar_t>());
   });
@@ -701,6 +715,7 @@ HyperGrads hyper_backward(const Tensor& g, const Tensor& x, const Tensor& weight
   g_ve.reset();
 
   std::tie(out.weight, out.s, out.r) = rank1_weight_grads(g, x, weight, r, s, d);
+  if (tied) out.u.sub_(out.r);
   return out;
 }
 

@@ -673,12 +673,16 @@ HYPERKERN_TASK_KERNEL(hyper_grad, HyperGradEmbeddedArgs)
 
 // The hyper backward's pass over the Delta side: dx = r_k * dx + u_k * bd (if dx), du += x * bd,
 // then bd <- x * u_k (the dDelta GEMM's input).
+// tied (u is r, both GEMMs accumulated into dx: dx holds P = (g * s_k) @ W + (g * v_k * e1) @ Delta):
+// du += x * P (the sum of dr and du, dr subtracted by the caller), dx = r_k * P, bd <- x * u_k (bd is
+// only written).
 template <typename scalar_t>
 struct HyperDxArgs {
   const scalar_t *x, *r, *u;
   scalar_t *dx, *bd;
   at::opmath_type<scalar_t>* du_partial;
   int64_t D;
+  bool tied;
 };
 template <typename scalar_t>
 HYPERKERN_INLINE void hyper_dx_body(const HyperDxArgs<scalar_t>& a, const MemberTiling::Task& t) {
@@ -686,6 +690,21 @@ HYPERKERN_INLINE void hyper_dx_body(const HyperDxArgs<scalar_t>& a, const Member
   const int64_t c0 = t.col_begin, width = t.col_end - t.col_begin, mem = t.k * a.D + c0;
   opmath_t* du = a.du_partial + t.partial_offset + c0;
   const scalar_t *rk = a.r + mem, *uk = a.u + mem;
+  if (a.tied) {
+    for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+      const int64_t row = i * a.D + c0;
+      const scalar_t* x = a.x + row;
+      scalar_t *bd = a.bd + row, *dx = a.dx + row;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const opmath_t xv = widen(x[j]), pv = widen(dx[j]);
+        du[j] += xv * pv;
+        dx[j] = narrow_to<scalar_t>(widen(rk[j]) * pv);
+        bd[j] = narrow_to<scalar_t>(xv * widen(uk[j]));
+      }
+    }
+    return;
+  }
   for (int64_t i = t.row_begin; i < t.row_end; ++i) {
     const int64_t row = i * a.D + c0;
     const scalar_t* x = a.x + row;
